@@ -1,0 +1,179 @@
+"""`nanoseek` command line: one command, one subcommand per stage.
+
+Each subcommand lives in its own module, which defines
+  * `Options`: a dataclass; every field has a default and a `help` in its metadata,
+  * `run(opts: Options) -> None`.
+Flags are generated from the dataclass, `--config FILE` (YAML or JSON) fills fields, and flags
+given on the command line override the file. The resolved options are what a stage saves in
+its run folder, so a run is fully described by one config file.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+# subcommand -> (module, one-line description)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "speedrun": ("nanoseek.speedrun", "the whole R1 recipe end to end, with a report"),
+    "pretrain": ("nanoseek.train.pretrain", "pretrain the MoE model (next-token + MTP loss)"),
+    "sft": ("nanoseek.train.sft", "supervised fine-tuning on chat data (cold start, rejection-sampling SFT)"),
+    "grpo": ("nanoseek.train.grpo", "reinforcement learning with GRPO and rule rewards (R1 / R1-Zero)"),
+    "rejection-sample": ("nanoseek.train.rejection", "sample k answers per prompt, keep correct ones as SFT data"),
+    "distill": ("nanoseek.train.distill", "distil a teacher into the dense Qwen2-style student"),
+    "eval": ("nanoseek.eval", "pass@1 / cons@k / format rate on held-out tasks"),
+    "generate": ("nanoseek.infer.generate", "generate completions for prompts"),
+    "chat": ("nanoseek.infer.chat", "chat with a model in the terminal"),
+    "serve": ("nanoseek.infer.server", "OpenAI-compatible API server with a web chat"),
+    "export": ("nanoseek.export", "convert / export a checkpoint to HF layout"),
+    "cost": ("nanoseek.cost", "FLOPs, GPU-hours, dollars and memory of a config"),
+    "bench": ("nanoseek.bench", "benchmarks against HF transformers / TRL"),
+    "data": ("nanoseek.data.cli", "print and export samples of the reasoning tasks"),
+    "tokenizer": ("nanoseek.tokenizer", "train the byte-level BPE tokenizer"),
+}
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", ())) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else str), True
+    return tp, False
+
+
+def _parse_bool(s: str) -> bool:
+    v = s.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {s!r}")
+
+
+def _converter(tp: Any):
+    tp, optional = _unwrap_optional(tp)
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        base = _parse_bool
+    elif tp in (int, float, str):
+        base = tp
+    elif origin in (list, tuple):
+        inner = (typing.get_args(tp) or (str,))[0]
+        base = lambda s, f=inner: [f(x) for x in s.split(",") if x.strip()]  # noqa: E731
+    else:  # dicts and the rest: JSON
+        base = json.loads
+    if optional:
+        return lambda s: None if s.strip().lower() in ("none", "null", "") else base(s)
+    return base
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init or f.name.startswith("_"):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        help_ = f.metadata.get("help", "")
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_converter(hints[f.name]),
+                            default=argparse.SUPPRESS, metavar=f.metadata.get("metavar", f.name.upper()),
+                            help=f"{help_} (default: {default!r})")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.exists():
+        raise SystemExit(f"error: config file {p} does not exist")
+    text = p.read_text()
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - report any parse error the same way
+        raise SystemExit(f"error: cannot parse config file {p}: {e}")
+    if not isinstance(data, dict):
+        raise SystemExit(f"error: config file {p} must hold a mapping of option: value")
+    return data
+
+
+def build_options(cls: type, namespace: argparse.Namespace, config_path: str | None = None):
+    """Defaults < config file < command-line flags."""
+    values: dict[str, Any] = {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    if config_path:
+        file_values = read_config_file(config_path)
+        unknown = sorted(set(k.replace("-", "_") for k in file_values) - names)
+        if unknown:
+            raise SystemExit(f"error: unknown option(s) in {config_path}: {', '.join(unknown)}")
+        values.update({k.replace("-", "_"): v for k, v in file_values.items()})
+    values.update({k: v for k, v in vars(namespace).items() if k in names})
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+
+
+def options_to_dict(opts: Any) -> dict[str, Any]:
+    return dataclasses.asdict(opts)
+
+
+def save_options(opts: Any, path: str | Path) -> Path:
+    import yaml
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(yaml.safe_dump(options_to_dict(opts), sort_keys=False))
+    return p
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nanoseek",
+        description="nanoseek: DeepSeek-V3 / R1 — pretrain, SFT, GRPO, distil, evaluate and serve, on a laptop CPU or many GPUs.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, desc) in COMMANDS.items():
+        sub.add_parser(name, help=desc, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = make_parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        top.print_help()
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        top.print_usage(sys.stderr)
+        print(f"nanoseek: error: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module_name, desc = COMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and (e.name == module_name or module_name.startswith(e.name + ".")):
+            print(f"nanoseek: the '{name}' command is not available in this build ({module_name} missing)", file=sys.stderr)
+            return 2
+        raise SystemExit(f"nanoseek {name}: missing dependency '{e.name}'. Install the extras: pip install 'nanoseek[dev]'")
+    parser = argparse.ArgumentParser(prog=f"nanoseek {name}", description=getattr(module, "__doc__", None) or desc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for pos in getattr(module, "POSITIONAL", ()):  # e.g. ("model", "model directory")
+        parser.add_argument(pos[0], nargs="?" if len(pos) > 2 and pos[2] else None, help=pos[1],
+                            default=argparse.SUPPRESS)
+    parser.add_argument("--config", metavar="FILE", help="YAML/JSON file of options; flags override it")
+    add_dataclass_arguments(parser, module.Options)
+    ns = parser.parse_args(argv[1:])
+    opts = build_options(module.Options, ns, ns.config)
+    module.run(opts)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
