@@ -19,6 +19,20 @@ def _check(cond: bool, field_name: str, why: str) -> None:
         raise ValueError(f"invalid config: {field_name}: {why}")
 
 
+def _rope_from_parameters(d: dict[str, Any]) -> dict[str, Any]:
+    """transformers >= 5 nests rope_theta / scaling in `rope_parameters`; map back to the flat fields."""
+    rp = d.get("rope_parameters")
+    if not isinstance(rp, dict):
+        return {}
+    out: dict[str, Any] = {}
+    if "rope_theta" in rp:
+        out["rope_theta"] = rp["rope_theta"]
+    kind = rp.get("rope_type", rp.get("type", "default"))
+    if kind not in ("default", None) and not d.get("rope_scaling"):
+        out["rope_scaling"] = {k: v for k, v in rp.items() if k not in ("rope_theta", "rope_type")} | {"type": kind}
+    return out
+
+
 @dataclass
 class ModelConfig:
     """DeepSeek-V3: MLA attention, DeepSeekMoE feed-forward, multi-token prediction."""
@@ -29,7 +43,7 @@ class ModelConfig:
     moe_intermediate_size: int = 128  # one routed / shared expert
     num_hidden_layers: int = 4
     num_attention_heads: int = 8
-    num_key_value_heads: int = 8  # MLA: every head has its own K/V; kept for HF parity
+    num_key_value_heads: int = 8  # unused by MLA (every head has its own K/V); saved = num_attention_heads
     # MLA
     q_lora_rank: int | None = 128  # None: plain q_proj
     kv_lora_rank: int = 64
@@ -111,8 +125,6 @@ class ModelConfig:
         _check(self.qk_nope_head_dim >= 0, "qk_nope_head_dim", "must be >= 0")
         _check(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", f"must be even, got {self.qk_rope_head_dim}")
         _check(self.q_lora_rank is None or self.q_lora_rank > 0, "q_lora_rank", "must be None or > 0")
-        _check(self.num_key_value_heads > 0 and self.num_attention_heads % self.num_key_value_heads == 0,
-               "num_key_value_heads", f"must divide num_attention_heads={self.num_attention_heads}")
         _check(0 <= self.first_k_dense_replace <= self.num_hidden_layers, "first_k_dense_replace",
                f"must be in [0, num_hidden_layers={self.num_hidden_layers}]")
         _check(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
@@ -147,6 +159,12 @@ class ModelConfig:
         d["model_type"] = self.model_type
         d["architectures"] = [self.architecture]
         d["head_dim"] = self.qk_rope_head_dim  # what HF's DeepseekV3Config derives
+        d["num_key_value_heads"] = self.num_attention_heads
+        # transformers >= 5 reads rope_parameters; DeepSeek's own format and vLLM read rope_scaling.
+        d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling:
+            d["rope_parameters"] = {**self.rope_scaling, "rope_type": self.rope_scaling.get("rope_type", self.rope_scaling.get("type")),
+                                    "rope_theta": self.rope_theta}
         if self.n_routed_experts:
             # vLLM/SGLang read DeepSeek's original fields to enable e_score_correction_bias.
             d.update(topk_method="noaux_tc", scoring_func="sigmoid", seq_aux=True)
@@ -156,6 +174,9 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
+        kw.update(_rope_from_parameters(d))
+        if "num_mtp_layers" in d and "num_nextn_predict_layers" not in d:
+            kw["num_nextn_predict_layers"] = d["num_mtp_layers"]
         if kw.get("num_key_value_heads") is None and "num_attention_heads" in kw:
             kw["num_key_value_heads"] = kw["num_attention_heads"]
         return cls(**kw)
@@ -210,13 +231,16 @@ class DenseConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d.update(model_type=self.model_type, architectures=[self.architecture], use_sliding_window=False)
+        d.update(model_type=self.model_type, architectures=[self.architecture], use_sliding_window=False,
+                 rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta})
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DenseConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
+        kw.update(_rope_from_parameters(d))
+        kw.pop("rope_scaling", None)
         if kw.get("num_key_value_heads") is None and "num_attention_heads" in kw:
             kw["num_key_value_heads"] = kw["num_attention_heads"]
         return cls(**kw)

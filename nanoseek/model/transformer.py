@@ -1,0 +1,180 @@
+"""DeepSeek-V3 transformer: embedding, N blocks (MLA + dense FFN or DeepSeekMoE), norm, head, MTP."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.cache import KVCache
+from nanoseek.model.mla import MLA
+from nanoseek.model.moe import MLP, MoE, balance_losses
+from nanoseek.model.mtp import MTPModule
+from nanoseek.model.norm import RMSNorm
+from nanoseek.model.rope import RotaryEmbedding
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = MLA(cfg, layer_idx)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, **attn_kw) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), **attn_kw)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def attention_mask(positions: torch.Tensor, kv_len: int | None, doc_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """Bool mask [B, 1, T, S] (True = attend), or None when plain causal SDPA suffices.
+
+    With a cache (kv_len given) key j is visible to a query at position p iff j <= p.
+    With packed documents (doc_ids [B, T]) attention stays inside each document.
+    """
+    if kv_len is not None:
+        keys = torch.arange(kv_len, device=positions.device)
+        return (keys.view(1, 1, -1) <= positions.unsqueeze(-1)).unsqueeze(1)
+    if doc_ids is not None:
+        T = doc_ids.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+        return (causal & (doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1))).unsqueeze(1)
+    return None
+
+
+class Transformer(nn.Module):
+    config_class = ModelConfig
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        n = cfg.num_hidden_layers
+        self.mtp = nn.ModuleList(MTPModule(cfg, n + k, Block(cfg, n + k)) for k in range(cfg.num_nextn_predict_layers))
+        self.rotary = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling,
+                                      cfg.max_position_embeddings, cfg.rope_interleave)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif hasattr(m, "gate_proj") and isinstance(m.gate_proj, nn.Parameter):  # stacked experts
+            for p in (m.gate_proj, m.up_proj, m.down_proj):
+                nn.init.normal_(p, std=std)
+        elif hasattr(m, "e_score_correction_bias"):
+            nn.init.normal_(m.weight, std=std)
+
+    # ------------------------------------------------------------------ forward
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                      cache: KVCache | None = None, doc_ids: torch.Tensor | None = None,
+                      absorb: bool | None = None) -> tuple[torch.Tensor, dict]:
+        """input_ids [B, T] -> final normed hidden [B, T, D], and the attention kwargs used."""
+        B, T = input_ids.shape
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        kv_len = None
+        if cache is not None:
+            kv_len = int(positions.max()) + 1
+            if kv_len > cache.max_len:
+                raise ValueError(f"position {kv_len - 1} is past the cache length {cache.max_len}")
+            cache.limit = kv_len
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions, x.dtype)
+        kw = dict(rotary=self.rotary, cos=cos, sin=sin, positions=positions,
+                  mask=attention_mask(positions, kv_len, doc_ids), absorb=absorb)
+        for layer in self.layers:
+            x = layer(x, cache=cache, **kw)
+        return self.norm(x), kw
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None, doc_ids: torch.Tensor | None = None,
+                absorb: bool | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab]."""
+        h, _ = self.hidden_states(input_ids, positions, cache, doc_ids, absorb)
+        return self.lm_head(h)
+
+    def mtp_hidden(self, k: int, h_prev: torch.Tensor, next_ids: torch.Tensor, **attn_kw) -> torch.Tensor:
+        """Depth-k MTP representation from h^{k-1} [B, T, D] and the tokens t_{i+k} [B, T]."""
+        return self.mtp[k - 1](h_prev, self.embed_tokens(next_ids), **attn_kw)
+
+    def mtp_logits(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.mtp[k - 1].head_norm(h))
+
+    # ------------------------------------------------------------------ training loss
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None = None,
+             doc_ids: torch.Tensor | None = None, mtp_weight: float = 0.3) -> dict[str, torch.Tensor]:
+        """Next-token CE + lambda * mean_k MTP CE + sequence-wise balance loss.
+
+        input_ids, targets [B, T]: targets[:, i] is the token after input_ids[:, i].
+        loss_mask [B, T] (1 = train on this target). MTP depth k predicts targets[:, i+k] at
+        position i, so its inputs/targets are the sequence shifted by k (within one document).
+        """
+        B, T = input_ids.shape
+        mask = torch.ones_like(targets, dtype=torch.float32) if loss_mask is None else loss_mask.float()
+        h, kw = self.hidden_states(input_ids, doc_ids=doc_ids)
+        lm = _masked_ce(self.lm_head(h), targets, mask)
+        out = {"lm_loss": lm}
+        total = lm
+        mtp_losses = []
+        h_prev = h
+        for k in range(1, len(self.mtp) + 1):
+            if T - k < 1:
+                break
+            # position i (< T-k) sees token t_{i+k} = input_ids[:, i+k] and predicts targets[:, i+k]
+            m = mask[:, k:]
+            d = None
+            if doc_ids is not None:
+                d = doc_ids[:, :T - k]
+                m = m * (doc_ids[:, k:] == d).float()
+            sub_pos = kw["positions"][:, :T - k]
+            cos, sin = kw["cos"][:, :T - k], kw["sin"][:, :T - k]
+            h_k = self.mtp_hidden(k, h_prev[:, :T - k], input_ids[:, k:], rotary=self.rotary, cos=cos, sin=sin,
+                                  positions=sub_pos, mask=attention_mask(sub_pos, None, d), absorb=None)
+            mtp_losses.append(_masked_ce(self.mtp_logits(k, h_k), targets[:, k:], m))
+            h_prev = h_k
+        if mtp_losses:
+            out["mtp_loss"] = torch.stack(mtp_losses).mean()
+            total = total + mtp_weight * out["mtp_loss"]
+        bal = balance_losses(self)
+        if bal is not None:
+            out["balance_loss"] = bal
+            total = total + bal
+        out["loss"] = total
+        return out
+
+    # ------------------------------------------------------------------ sizes & I/O
+    def num_parameters(self, active: bool = False, include_mtp: bool = False) -> int:
+        """Parameter count; `active`: per token (only top-k of the routed experts count)."""
+        total = 0
+        for name, p in self.named_parameters():
+            if not include_mtp and name.startswith("mtp."):
+                continue
+            n = p.numel()
+            if active and ".experts." in name:
+                n = n * self.config.num_experts_per_tok // self.config.n_routed_experts
+            total += n
+        return total
+
+    def make_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        cfg = self.config
+        p = next(self.parameters())
+        return KVCache(cfg.num_hidden_layers, batch, max_len, ((cfg.kv_lora_rank,), (cfg.qk_rope_head_dim,)),
+                       dtype or p.dtype, p.device)
+
+    def save_pretrained(self, path, **kw) -> None:
+        from nanoseek.model.hf import save_pretrained
+        save_pretrained(self, path, **kw)
+
+
+def _masked_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return (ce * mask.reshape(-1)).sum() / mask.sum().clamp_min(1.0)
