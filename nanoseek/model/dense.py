@@ -105,7 +105,7 @@ class DenseTransformer(nn.Module):
     def num_parameters(self, active: bool = False, include_mtp: bool = False) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def make_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+    def make_cache(self, batch: int, max_len: int, dtype=None, mtp: bool = False) -> KVCache:
         cfg, p = self.config, next(self.parameters())
         shape = (cfg.num_key_value_heads, cfg.head_dim)
         return KVCache(cfg.num_hidden_layers, batch, max_len, (shape, shape), dtype or p.dtype, p.device)
