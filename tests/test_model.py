@@ -1,0 +1,203 @@
+"""Model internals: config checks, sizes, MLA paths, cache decoding, routing, MTP, packing."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nanoseek.config import DenseConfig, ModelConfig, get_preset
+from nanoseek.model.dense import DenseTransformer
+from nanoseek.model.moe import Gate
+from nanoseek.model.transformer import Transformer
+
+SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+             num_attention_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+             v_head_dim=8, n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2,
+             first_k_dense_replace=1, max_position_embeddings=64)
+
+
+@pytest.mark.parametrize("bad,field", [
+    (dict(topk_group=5), "topk_group"),
+    (dict(n_routed_experts=10), "n_group"),
+    (dict(num_experts_per_tok=9), "num_experts_per_tok"),
+    (dict(qk_rope_head_dim=7), "qk_rope_head_dim"),
+    (dict(first_k_dense_replace=4), "first_k_dense_replace"),
+    (dict(hidden_size=0), "hidden_size"),
+])
+def test_invalid_config_names_the_field(bad, field):
+    with pytest.raises(ValueError, match=field):
+        ModelConfig(**{**SMALL, **bad})
+
+
+def test_invalid_dense_config():
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        DenseConfig(num_attention_heads=8, num_key_value_heads=3)
+
+
+def test_deepseek_v3_parameter_counts_on_meta():
+    with torch.device("meta"):
+        m = Transformer(get_preset("deepseek-v3"))
+    total, active = m.num_parameters(), m.num_parameters(active=True)
+    print(f"deepseek-v3: total {total / 1e9:.1f}B, active {active / 1e9:.1f}B")
+    assert abs(total / 671e9 - 1) < 0.01
+    assert abs(active / 37e9 - 1) < 0.03
+    cfg = m.config
+    assert cfg.cache_values_per_token() == 576 and cfg.naive_cache_values_per_token() == 40960
+
+
+def test_absorbed_equals_expanded():
+    m = Transformer(ModelConfig(**SMALL)).eval()
+    x = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        a, b = m(x, absorb=False), m(x, absorb=True)
+    assert (a - b).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["moe", "dense"])
+def test_cached_decoding_matches_full_forward(kind):
+    """Prefill ragged prompts, then decode token by token through the cache (absorbed MLA path)."""
+    m = (Transformer(ModelConfig(**SMALL)) if kind == "moe" else
+         DenseTransformer(DenseConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2))).eval()
+    seq = torch.randint(0, 97, (2, 24))
+    lens = [9, 14]  # prompt lengths per row
+    cache = m.make_cache(batch=2, max_len=32)
+    with torch.no_grad():
+        full = m(seq)
+        for b, L in enumerate(lens):  # prefill each row separately into its slot
+            pos = torch.arange(L).unsqueeze(0)
+            row_cache_logits = m(seq[b:b + 1, :L], positions=pos, cache=_RowView(cache, b))
+            assert (row_cache_logits[0] - full[b, :L]).abs().max() < 1e-4
+        for step in range(24 - max(lens)):  # decode both rows together, at different positions
+            pos = torch.tensor([[lens[0] + step], [lens[1] + step]])
+            ids = seq.gather(1, pos)
+            out = m(ids, positions=pos, cache=cache)
+            ref = full.gather(1, pos.unsqueeze(-1).expand(-1, -1, full.shape[-1]))
+            assert (out - ref).abs().max() < 1e-4
+
+
+class _RowView:
+    """A one-row window onto a batched cache (to prefill slot b alone)."""
+
+    def __init__(self, cache, row):
+        self.cache, self.row, self.max_len = cache, row, cache.max_len
+
+    @property
+    def limit(self):
+        return self.cache.limit
+
+    @limit.setter
+    def limit(self, v):
+        self.cache.limit = v
+
+    def update(self, layer, positions, *values):
+        pos = positions.expand(self.cache.batch, -1)
+        vals = [v.expand(self.cache.batch, *v.shape[1:]) for v in values]
+        sel = torch.zeros(self.cache.batch, dtype=torch.bool)
+        sel[self.row] = True
+        saved = [buf[~sel].clone() for buf in self.cache.layers[layer]]
+        out = self.cache.update(layer, pos, *vals)
+        for buf, s in zip(self.cache.layers[layer], saved):
+            buf[~sel] = s
+        return tuple(o[self.row:self.row + 1] for o in out)
+
+
+def test_cache_bytes_per_token():
+    cfg = ModelConfig(**SMALL)
+    m = Transformer(cfg)
+    assert m.make_cache(1, 8).bytes_per_token() == (16 + 8) * 3 * 4
+    assert m.make_cache(1, 8, dtype=torch.bfloat16).bytes_per_token() == (16 + 8) * 3 * 2
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), n_group=st.sampled_from([1, 2, 4]), k=st.integers(1, 4),
+       bias_scale=st.sampled_from([0.0, 0.1, 10.0]))
+def test_routing_properties(seed, n_group, k, bias_scale):
+    topk_group = max(1, n_group // 2)
+    if topk_group * (8 // n_group) < k:
+        return
+    cfg = ModelConfig(**{**SMALL, "n_group": n_group, "topk_group": topk_group, "num_experts_per_tok": k})
+    g = Gate(cfg)
+    torch.manual_seed(seed)
+    torch.nn.init.normal_(g.weight)
+    g.e_score_correction_bias.normal_(0, 1).mul_(bias_scale)
+    x = torch.randn(16, 64)
+    w, idx, scores = g(x)
+    assert idx.shape == (16, k) and len({tuple(sorted(r)) for r in idx.tolist()}) >= 1
+    assert all(len(set(r)) == k for r in idx.tolist())  # distinct experts
+    # weights use the unbiased scores, normalized over the chosen k, times the routed scaling
+    assert torch.allclose(w.sum(-1), torch.full((16,), cfg.routed_scaling_factor), atol=1e-4)
+    assert torch.allclose(w, scores.gather(1, idx) / scores.gather(1, idx).sum(-1, keepdim=True) * 2.5, atol=1e-5)
+    # chosen experts lie in at most topk_group groups
+    groups = idx // (8 // n_group)
+    assert all(len(set(r)) <= topk_group for r in groups.tolist())
+    # within the allowed groups, the chosen experts are the top-k by biased score
+    biased = scores + g.e_score_correction_bias
+    for r in range(16):
+        allowed = [e for e in range(8) if e // (8 // n_group) in set(groups[r].tolist())]
+        best = sorted(allowed, key=lambda e: -biased[r, e].item())[:k]
+        assert set(best) == set(idx[r].tolist()) or math.isclose(
+            biased[r, best[-1]].item(), min(biased[r, e].item() for e in idx[r].tolist()), rel_tol=1e-6)
+
+
+def test_bias_steers_selection_not_weights():
+    cfg = ModelConfig(**{**SMALL, "n_group": 1, "topk_group": 1, "num_experts_per_tok": 1})
+    g = Gate(cfg)
+    x = torch.randn(32, 64)
+    g.e_score_correction_bias.zero_()
+    g.e_score_correction_bias[3] = 100.0  # forces expert 3
+    w, idx, scores = g(x)
+    assert (idx == 3).all()
+    assert torch.allclose(w[:, 0], torch.full((32,), 2.5))  # normalized over k=1, independent of the bias
+
+
+def test_packed_documents_do_not_attend_across():
+    m = Transformer(ModelConfig(**SMALL)).eval()
+    a, b = torch.randint(0, 97, (1, 10)), torch.randint(0, 97, (1, 7))
+    packed = torch.cat([a, b], 1)
+    doc = torch.tensor([[0] * 10 + [1] * 7])
+    pos = torch.cat([torch.arange(10), torch.arange(7)]).unsqueeze(0)
+    with torch.no_grad():
+        out = m(packed, positions=pos, doc_ids=doc)
+        assert (out[:, :10] - m(a)).abs().max() < 1e-4
+        assert (out[:, 10:] - m(b)).abs().max() < 1e-4
+
+
+def test_mtp_loss_targets_second_next_token():
+    """MTP depth 1 at position i sees t_{i+1} and must predict t_{i+2}: learnable on a fixed sequence."""
+    cfg = ModelConfig(**SMALL)
+    m = Transformer(cfg)
+    seq = torch.randint(0, 97, (4, 17))
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    first = None
+    for _ in range(60):
+        out = m.loss(seq[:, :-1], seq[:, 1:], mtp_weight=1.0)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        first = first or out["mtp_loss"].item()
+    assert out["mtp_loss"].item() < 0.3 * first
+    # and the trained MTP head predicts t_{i+2} from (h_i, t_{i+1}) on the training data
+    with torch.no_grad():
+        h, kw = m.hidden_states(seq[:, :-1])
+        T = h.shape[1]
+        h1 = m.mtp_hidden(1, h[:, :T - 1], seq[:, 1:T], rotary=kw["rotary"], cos=kw["cos"][:, :T - 1],
+                          sin=kw["sin"][:, :T - 1], positions=kw["positions"][:, :T - 1], mask=None, absorb=None)
+        acc = (m.mtp_logits(1, h1).argmax(-1) == seq[:, 2:T + 1]).float().mean().item()
+    assert acc > 0.8
+
+
+def test_tiny_preset_trains():
+    cfg = get_preset("tiny").replace(vocab_size=128, num_hidden_layers=2)
+    m = Transformer(cfg)
+    data = torch.randint(0, 128, (8, 33))
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss = m.loss(data[:, :-1], data[:, 1:])["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0]
