@@ -144,6 +144,7 @@ def test_routing_properties(seed, n_group, k, bias_scale):
 def test_bias_steers_selection_not_weights():
     cfg = ModelConfig(**{**SMALL, "n_group": 1, "topk_group": 1, "num_experts_per_tok": 1})
     g = Gate(cfg)
+    torch.nn.init.normal_(g.weight, std=0.02)
     x = torch.randn(32, 64)
     g.e_score_correction_bias.zero_()
     g.e_score_correction_bias[3] = 100.0  # forces expert 3
