@@ -52,7 +52,7 @@ CHAT_TEMPLATE = (
 
 @lru_cache(maxsize=8)
 def _compiled(template: str):
-    import jinja2
+    import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
     # the same environment options transformers uses, so both render identically
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,

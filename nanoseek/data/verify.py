@@ -119,6 +119,16 @@ def check_math(reference: str, text: str) -> Check:
     ref = reference.strip()
     if _PLAIN_INT.match(ref):
         return check_int(ref, text)
+    if not re.search(r",|;|\bor\b", ref):  # a single value: "0.7 or 0.5" must not pass
+        parts = [p for p in re.split(r",|;|\bor\b|\n", _final_part(text)) if p.strip()]
+        if len(parts) > 1:
+            checks = [_check_math_one(ref, p) for p in parts]
+            ok = all(c.correct for c in checks)
+            return Check(ok, "all parts equal" if ok else f"ambiguous: {len(parts)} candidate answers")
+    return _check_math_one(ref, text)
+
+
+def _check_math_one(ref: str, text: str) -> Check:
     try:
         import logging
         from math_verify import parse, verify
