@@ -72,17 +72,21 @@ def _converter(tp: Any):
     return base
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: set[str] = frozenset()) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if not f.init or f.name.startswith("_"):
+        if not f.init or f.name.startswith("_") or f.name in skip:
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        help_ = f.metadata.get("help", "")
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_converter(hints[f.name]),
-                            default=argparse.SUPPRESS, metavar=f.metadata.get("metavar", f.name.upper()),
-                            help=f"{help_} (default: {default!r})")
+        help_ = f"{f.metadata.get('help', '')} (default: {default!r})"
+        flag = "--" + f.name.replace("_", "-")
+        if hints[f.name] is bool:  # --flag / --no-flag
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_)
+            continue
+        parser.add_argument(flag, dest=f.name, type=_converter(hints[f.name]), default=argparse.SUPPRESS,
+                            metavar=f.metadata.get("metavar", f.name.upper()), help=help_)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -168,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(pos[0], nargs="?" if len(pos) > 2 and pos[2] else None, help=pos[1],
                             default=argparse.SUPPRESS)
     parser.add_argument("--config", metavar="FILE", help="YAML/JSON file of options; flags override it")
-    add_dataclass_arguments(parser, module.Options)
+    add_dataclass_arguments(parser, module.Options, skip={p[0] for p in getattr(module, "POSITIONAL", ())})
     ns = parser.parse_args(argv[1:])
     opts = build_options(module.Options, ns, ns.config)
     module.run(opts)
