@@ -74,6 +74,18 @@ class Tokenizer:
         text = render_chat(messages, add_generation_prompt, self.chat_template, BOS, EOS)
         return self.encode(text) if tokenize else text
 
+    def encode_chat(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        """(ids, loss_mask) for SFT on the last assistant turn: the prompt part is tokenized exactly
+        as at generation time (ending in `<think>\n`) and the completion separately, so training
+        and sampling see the same token boundary; mask is 1 on the completion (incl. eos)."""
+        if not messages or messages[-1].get("role") != "assistant":
+            raise ValueError("encode_chat needs a conversation that ends with an assistant turn")
+        prompt = self.apply_chat_template(messages[:-1], add_generation_prompt=True)
+        full = self.apply_chat_template(messages)
+        assert full.startswith(prompt), "chat template must render the prompt as a prefix"
+        p_ids, c_ids = self.encode(prompt), self.encode(full[len(prompt):])
+        return p_ids + c_ids, [0] * len(p_ids) + [1] * len(c_ids)
+
     def save(self, out_dir: str | Path) -> Path:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -107,7 +119,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, out_dir: str | Path | None = None,
                     min_frequency: int = 2) -> Tokenizer:
-    """Train byte-level BPE on an iterable of strings; optionally save to out_dir."""
+    """Train byte-level BPE on an iterable of strings; optionally save to out_dir.
+    vocab_size is an upper bound: training stops early when no pair occurs min_frequency
+    times (the synthetic task corpus saturates near 600 tokens; add real text for more)."""
     from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
     n_fixed = len(SPECIAL_TOKENS) + len(TAG_TOKENS) + 256
     if vocab_size < n_fixed:
@@ -158,7 +172,7 @@ def run(opts: Options) -> Tokenizer:
     sample = docs[0][:200]
     n_tokens = sum(len(ids) for ids in tok.encode_batch(docs[:1000]))
     n_chars = sum(len(d) for d in docs[:1000])
-    print(f"vocab {tok.vocab_size}, {n_chars / max(n_tokens, 1):.2f} characters/token, {time.time() - t0:.1f}s")
+    print(f"vocab {tok.vocab_size} (asked for at most {opts.vocab_size}), {n_chars / max(n_tokens, 1):.2f} characters/token, {time.time() - t0:.1f}s")
     print(f"example: {sample!r}\n  -> {tok.encode(sample)[:40]} ...")
     print(f"wrote {Path(opts.out) / 'tokenizer.json'}, tokenizer_config.json, chat_template.jinja")
     return tok

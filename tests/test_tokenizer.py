@@ -89,3 +89,14 @@ def test_transformers_parity(tok, tmp_path, messages, gen):
     assert list(ids) == tok.apply_chat_template(messages, add_generation_prompt=gen, tokenize=True)
     assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1
     assert hf.decode(ids) == ours
+
+
+def test_encode_chat_mask(tok):
+    ids, mask = tok.encode_chat(MESSAGES)
+    assert len(ids) == len(mask) and ids[-1] == tok.eos_id and mask[-1] == 1
+    prompt_ids = tok.apply_chat_template(MESSAGES[:-1], add_generation_prompt=True, tokenize=True)
+    assert ids[:len(prompt_ids)] == prompt_ids and sum(mask) == len(ids) - len(prompt_ids)
+    assert tok.decode(ids[len(prompt_ids):]) == "5 times 4\nis 20\n</think>\n\n20" + EOS
+    assert tok.decode(ids) == tok.apply_chat_template(MESSAGES)
+    with pytest.raises(ValueError):
+        tok.encode_chat(MESSAGES[:-1])
