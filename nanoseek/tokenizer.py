@@ -76,7 +76,7 @@ class Tokenizer:
 
     def encode_chat(self, messages: list[dict]) -> tuple[list[int], list[int]]:
         """(ids, loss_mask) for SFT on the last assistant turn: the prompt part is tokenized exactly
-        as at generation time (ending in `<think>\n`) and the completion separately, so training
+        as at generation time (ending in `<think>\\n`) and the completion separately, so training
         and sampling see the same token boundary; mask is 1 on the completion (incl. eos)."""
         if not messages or messages[-1].get("role") != "assistant":
             raise ValueError("encode_chat needs a conversation that ends with an assistant turn")

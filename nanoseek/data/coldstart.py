@@ -31,7 +31,7 @@ def _add(m: dict) -> str:
                      + (f", write {s % 10} carry 1" if s >= 10 else ""))
         carry = s // 10
     if carry:
-        lines.append(f"write the carry 1")
+        lines.append("write the carry 1")
     return "\n".join(lines + [f"so {a} + {b} = {a + b}"])
 
 
