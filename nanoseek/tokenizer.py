@@ -37,7 +37,7 @@ class Tokenizer:
         self.tk = tk
         self.chat_template = chat_template
         self.model_max_length = model_max_length
-        ids = {t: tk.token_to_id(t) for t in SPECIAL_TOKENS + TAG_TOKENS}
+        ids = {t: tk.token_to_id(t) for t in SPECIAL_TOKENS + TAG_TOKENS[:2]}  # <answer> tags optional
         missing = [t for t, i in ids.items() if i is None]
         if missing:
             raise ValueError(f"tokenizer lacks the special tokens {missing}")

@@ -96,6 +96,7 @@ def test_gym_tasks():
         assert not {s.prompt for s in train} & {s.prompt for s in test}
         for s in train[:5]:
             assert "<answer>" not in s.answer
+            s = Sample.from_dict(json.loads(json.dumps(s.to_dict())))  # graded from its JSON alone
             assert check_answer(s, s.answer).correct
             assert not check_answer(s, s.answer + "x").correct
 
@@ -119,3 +120,14 @@ def test_load_user_data(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"foo": 1}))
     with pytest.raises(ValueError):
         load_user_data(tmp_path / "bad.jsonl")
+
+
+def test_core_does_not_import_optional_libraries():
+    import subprocess
+    import sys
+    code = ("import sys, nanoseek.data.tasks, nanoseek.data.verify, nanoseek.rewards, nanoseek.data.coldstart;"
+            "from nanoseek.data.tasks import get_task; from nanoseek.rewards import compute_reward;"
+            "s = get_task('add').generate(1)[0]; assert compute_reward(s, 'r</think>' + s.answer).accuracy == 1;"
+            "print(sorted(m for m in ('reasoning_gym', 'math_verify', 'datasets', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
