@@ -1,0 +1,140 @@
+"""Data parallelism applied from outside the model, torchtitan-style.
+
+    rank, world, device = init_distributed()          # reads torchrun's env vars
+    model = parallelize(model, mode="fsdp", ep=world)  # "none" | "ddp" | "fsdp"
+    ... model.loss(...).backward(); opt.step()
+    update_balancing_bias(model, gamma, all_reduce=all_reduce_sum)
+    destroy_distributed()
+
+The model code knows nothing of this. Both modes use the composable FSDP2 machinery:
+"ddp" is `replicate` (every rank keeps full parameters, gradients are all-reduced),
+"fsdp" is `fully_shard` per transformer block + root (parameters, gradients and
+optimizer state sharded; each block's weights are all-gathered just for its forward and
+backward). Both average gradients over ranks, so the mean of the per-rank losses on equal
+shards of a batch trains exactly like one process on the whole batch.
+
+Expert parallelism (ep > 1, see expert_parallel.py) takes the routed experts out of the
+data-parallel wrapping: each rank owns E/ep experts and tokens travel to them.
+"""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+MODES = ("none", "ddp", "fsdp")
+
+
+# ---------------------------------------------------------------------- process group
+def init_distributed(backend: str | None = None, timeout_s: float = 600) -> tuple[int, int, torch.device]:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
+
+    Without those variables this is a single process: (0, 1, cuda:0 or cpu), no group.
+    nccl on GPUs, gloo on CPU (gloo also runs the CPU tests of the multi-process code).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        backend = backend or ("nccl" if cuda else "gloo")
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s),
+                                device_id=device if cuda else None)
+    return rank, world, device
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks in place (no-op in one process): pass to `update_balancing_bias` so the
+    expert loads are global and every rank applies the identical bias step."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+# ---------------------------------------------------------------------- parallelize
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The units FSDP shards one by one: transformer blocks, plus each MTP module's block.
+
+    Only the MTP *block*: the MTP module's head_norm is called outside its forward
+    (model.mtp_logits), so it must stay in the root's always-gathered-for-loss group.
+    """
+    blocks = list(getattr(model, "layers", []))
+    blocks += [m.block for m in getattr(model, "mtp", [])]
+    return blocks
+
+
+def parallelize(model: nn.Module, mode: str = "none", ep: int = 1, device: torch.device | str | None = None,
+                reshard_after_forward: bool = True, param_dtype: torch.dtype | None = None) -> nn.Module:
+    """Apply data (and expert) parallelism in place; returns the same model object.
+
+    mode: "none" (one process, or replicas kept in sync by the caller), "ddp", "fsdp".
+    ep: expert-parallel degree; 1 or the world size (experts sharded over all ranks).
+    param_dtype: FSDP/DDP mixed precision (e.g. torch.bfloat16 on GPUs); grads reduce in fp32.
+    `model.loss` is registered as a forward method so the wrappers' hooks run around it.
+    """
+    if mode not in MODES:
+        raise ValueError(f"parallel mode must be one of {MODES}, got {mode!r}")
+    if device is not None:
+        model.to(device)
+    world = world_size()
+    if world == 1:
+        if ep > 1:
+            raise ValueError(f"ep={ep} needs {ep} processes (launch with torchrun --nproc_per_node {ep})")
+        return model
+    if mode == "none" and ep == 1:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    dev_type = next(model.parameters()).device.type
+    mesh = init_device_mesh(dev_type, (world,), mesh_dim_names=("dp",))
+    ignored: set[nn.Parameter] = set()
+    if ep > 1:
+        if ep != world:
+            raise NotImplementedError(f"ep must be 1 or the world size ({world}); got {ep}")
+        from nanoseek.parallel.expert_parallel import apply_expert_parallel
+        ignored = apply_expert_parallel(model, mesh)
+        mode = "ddp" if mode == "none" else mode   # the rest of the model still needs its grads averaged
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
+    kw = dict(mesh=mesh, mp_policy=mp, ignored_params=ignored or None)
+    if mode == "ddp":
+        from torch.distributed._composable.replicate_with_fsdp import replicate
+        replicate(model, **kw)
+    else:
+        for block in _blocks(model):
+            fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
+        # The root keeps embedding, final norm, head and MTP projections; they are used right
+        # after the last block, so resharding the root after forward would only add an all-gather.
+        fully_shard(model, reshard_after_forward=False, **kw)
+    for name in ("loss",):
+        if hasattr(model, name):
+            register_fsdp_forward_method(model, name)
+    return model
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded fp32 CPU copy of the parameters and buffers (every rank must call it):
+    DTensors (FSDP shards, EP expert shards) are gathered into plain tensors."""
+    from torch.distributed.tensor import DTensor
+    out = {}
+    for k, v in model.state_dict().items():
+        if isinstance(v, DTensor):
+            v = v.full_tensor()
+        out[k] = v.detach().float().cpu().clone()
+    return out
