@@ -96,11 +96,15 @@ def _worker(rank: int, world: int, port: int, out: str, job: str) -> None:
                     bias_same_on_ranks=all(torch.equal(g, b) for g in gathered), **kw)
 
     if job == "train":
+        if r == 0:
+            torch.save(ep_skew_check(w), out / "ep_skew.pt")
+        else:
+            ep_skew_check(w)
         for mode, ep in MODES:
             model = parallelize(build(), mode=mode, ep=ep)
             opt = make_opt(model)
             losses = [train_step(model, opt, s, r, w, all_reduce_sum) for s in range(STEPS)]
-            res = result(model, losses)
+            res = result(model, losses, layout=layout(model))
             if (mode, ep) == CKPT_MODE:
                 dcp.save(out / "ckpt", model, opt, extra={"step": STEPS})
                 res["after_resume_step"] = train_step(model, opt, STEPS, r, w, all_reduce_sum)
@@ -118,6 +122,47 @@ def _worker(rank: int, world: int, port: int, out: str, job: str) -> None:
         if r == 0:
             torch.save(res, out / f"resume_w{w}.pt")
     destroy_distributed()
+
+
+def layout(model) -> dict:
+    """What the wrapping did: DTensor placements per parameter kind, local expert count."""
+    from torch.distributed.tensor import DTensor
+    experts = moe_layers(model)[0].experts
+    kinds = {}
+    for name, p in model.named_parameters():
+        kind = "experts" if ".experts." in name else "other"
+        kinds.setdefault(kind, set()).add(str(p.placements) if isinstance(p, DTensor) else "plain")
+    return dict(local_experts=experts.gate_proj.to_local().shape[0] if isinstance(experts.gate_proj, DTensor)
+                else experts.gate_proj.shape[0], placements={k: sorted(v) for k, v in kinds.items()})
+
+
+def ep_skew_check(world: int) -> dict:
+    """All tokens routed to rank 0's experts (the other ranks receive no rows): the EP output and
+    gradients still equal the plain Experts on the concatenated tokens."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from nanoseek.model.moe import Experts
+    from nanoseek.parallel.expert_parallel import ExpertParallelExperts
+    torch.manual_seed(1)
+    E, D, I, N, k = 8, 16, 8, 6, 2
+    ref = Experts(E, D, I)
+    for p in ref.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(world * N, D, requires_grad=True)
+    idx = torch.stack([torch.randperm(E // world)[:k] for _ in range(world * N)])     # experts 0..E/w-1 only
+    wts = torch.rand(world * N, k)
+    y_ref, c_ref = ref(x, idx, wts)
+    y_ref.square().sum().backward()
+    mesh = init_device_mesh("cpu", (world,))
+    ep = ExpertParallelExperts(ref, mesh, dist.new_group(list(range(world))))
+    rank = dist.get_rank()
+    sl = slice(rank * N, (rank + 1) * N)
+    xl = x.detach()[sl].clone().requires_grad_(True)
+    y, c = ep(xl, idx[sl], wts[sl])
+    y.square().sum().backward()
+    g = ep.gate_proj.grad.full_tensor() * world        # EP scales expert grads by 1/world (the DP mean)
+    return dict(y=(y - y_ref[sl]).abs().max().item(), dx=(xl.grad - x.grad[sl]).abs().max().item(),
+                dw=(g - ref.gate_proj.grad).abs().max().item(), counts_ok=bool(torch.equal(c, torch.bincount(idx[sl].reshape(-1), minlength=E))))
 
 
 def _free_port() -> int:
@@ -185,8 +230,24 @@ def test_matches_single_process(runs, mode, ep):
     assert res["bias_same_on_ranks"]
     assert torch.equal(res["bias"], ref["bias"]), "balancing bias differs from the single-process run"
     assert not torch.equal(ref["bias"], torch.zeros_like(ref["bias"])), "bias update never ran"
+    lay = res["layout"]
+    print(f"[distributed] {mode} ep={ep} layout: {lay}")
+    # EP owns E/ep experts; FSDP alone also shards the stacked experts on dim 0 (E/world rows)
+    assert lay["local_experts"] == tiny_config().n_routed_experts // (2 if mode == "fsdp" or ep > 1 else 1)
+    expect_other = "(Replicate(),)" if mode == "ddp" else "(Shard(dim=0),)"
+    assert lay["placements"]["other"] == [expect_other]
+    assert lay["placements"]["experts"] == (["(Shard(dim=0),)"] if ep > 1 else [expect_other])
 
 
+def test_expert_parallel_skewed_routing(runs):
+    out, _ = runs
+    d = torch.load(out / "ep_skew.pt")
+    print(f"[distributed] EP with all tokens on rank 0's experts: max abs diff y {d['y']:.1e}, "
+          f"dx {d['dx']:.1e}, d expert weights {d['dw']:.1e}")
+    assert d["counts_ok"] and max(d["y"], d["dx"], d["dw"]) < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_resume_on_one_process(runs):
     """Checkpoint saved by 2 ranks (FSDP + EP shards) loads into a plain 1-process model + optimizer."""
     out, ref = runs
