@@ -66,6 +66,27 @@ def test_math_verify_off_main_thread():
     assert out and out[0].correct
 
 
+HEAVY = ["99999999!", "(10^9)!", "99999^99999999", "2^{99999999}", "e^{10^{10}}", "10**10**10", "10^{10}^{10}",
+         "9^9^9^9", "\\frac{1}{2}^{999999999}", "1" * 60]
+
+
+def test_heavy_math_does_not_hang_off_main_thread():
+    """No signal-based timeout exists outside the main thread: the input screen must hold."""
+    pytest.importorskip("math_verify")
+    out = []
+
+    def work():
+        for text in HEAVY:
+            t0 = time.perf_counter()
+            out.append((check_answer(S("\\frac{1}{2}"), text).correct, time.perf_counter() - t0))
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    t.join(60)
+    assert len(out) == len(HEAVY) and not any(ok for ok, _ in out) and max(dt for _, dt in out) < 5
+    assert check_answer(S("x^2+y^2"), "y^2 + x^2").correct  # ordinary powers still verify
+
+
 def test_length_cap():
     assert check_answer(S("1", "int"), "1" + " " * MAX_ANSWER_CHARS).reason.startswith("answer longer")
 

@@ -8,14 +8,16 @@ hang or raise on garbage model output, and must not be fooled by listing several
   * countdown: the expression is parsed with `ast` (never eval), may only use + - * / ( ) and
               integers, must use the given numbers exactly once each, and must hit the target.
   * gym     : reasoning-gym's own scorer (score 1.0 = correct).
-  * auto/math: integers take the fast path; otherwise math-verify, with its signal-based
-              timeouts turned off (they break outside the main thread) and the input bounded
-              instead; strings fall back to a normalized exact match.
+  * auto/math: integers take the fast path; otherwise math-verify. Its signal-based timeouts
+              only work in the main thread, so elsewhere they are off and the input is bounded
+              instead: length cap, and no power towers / huge exponents / huge factorials, the
+              inputs on which sympy would hang. Strings fall back to a normalized exact match.
 """
 from __future__ import annotations
 
 import ast
 import re
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -115,6 +117,20 @@ def _normalize(s: str) -> str:
     return re.sub(r"\s+", " ", s.strip().strip(".").strip().lower())
 
 
+_EXPONENT = re.compile(r"\^\s*\{?\s*\(?\s*-?(\d+)")
+_FACTORIAL = re.compile(r"([)}\]]|\d+)\s*!(?!=)")
+
+
+def _too_heavy(text: str) -> bool:
+    """Would sympy try to build an astronomically large number? (power towers, 10^99999, 10^9!)"""
+    t = text.replace("**", "^")
+    if re.search(r"\d{40,}", t) or re.search(r"\^\s*\{[^}]*(\^|\}\s*\^)|\^\s*\(?[\d.]+\)?\s*\^", t):
+        return True
+    if any(int(e) > 1000 for e in _EXPONENT.findall(t)):
+        return True
+    return any(not n.isdigit() or int(n) > 100 for n in _FACTORIAL.findall(t))  # (..)! is unbounded
+
+
 def check_math(reference: str, text: str) -> Check:
     ref = reference.strip()
     if _PLAIN_INT.match(ref):
@@ -136,15 +152,18 @@ def _check_math_one(ref: str, text: str) -> Check:
     except ImportError:
         ok = _normalize(text) == _normalize(ref)
         return Check(ok, "string match (math-verify not installed)" if ok else "string differs")
-    if re.search(r"\d{40,}|\^.*\^|\*\*.*\*\*|!\s*!", text):  # power towers & co. make sympy hang
+    if _too_heavy(text):
         return Check(False, "expression too heavy to verify")
+    # math-verify's timeouts use SIGALRM: a safety net in the main thread only; elsewhere the
+    # _too_heavy screen is what keeps sympy from evaluating astronomically large numbers
+    limit = 5 if threading.current_thread() is threading.main_thread() else None
     try:
-        gold = parse(ref if "$" in ref or "\\" in ref else f"${ref}$", parsing_timeout=None)
+        gold = parse(ref if "$" in ref or "\\" in ref else f"${ref}$", parsing_timeout=limit)
         # as written, and as LaTeX ("1+x^2" only parses as math mode); first match only, so a
         # list of candidates does not pass because one of them is right
         for candidate in ([text] if "$" in text else [text, f"${text}$"]):
-            pred = parse(candidate, parsing_timeout=None, extraction_mode="first_match")
-            if gold and pred and verify(gold, pred, timeout_seconds=None):
+            pred = parse(candidate, parsing_timeout=limit, extraction_mode="first_match")
+            if gold and pred and verify(gold, pred, timeout_seconds=limit):
                 return Check(True, "math-verify")
     except Exception as e:  # noqa: BLE001 - a checker never raises on model output
         return Check(False, f"math-verify error: {type(e).__name__}")
