@@ -131,3 +131,15 @@ def test_core_does_not_import_optional_libraries():
             "print(sorted(m for m in ('reasoning_gym', 'math_verify', 'datasets', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_data_cli_writes_jsonl(tmp_path, capsys):
+    from nanoseek.data.cli import Options, run
+    rows = run(Options(task=["add", "countdown"], n=4, split="validation", difficulty=2, out=str(tmp_path / "s.jsonl")))
+    lines = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert len(lines) == len(rows) == 8 and {r["task"] for r in lines} == {"add", "countdown"}
+    out = capsys.readouterr().out
+    assert "check(reference): True" in out and "answers/s" in out and "wrote 8 samples" in out
+    run(Options(task=["sort"], n=3, chat=True, out=str(tmp_path / "c.jsonl")))
+    recs = [json.loads(x) for x in (tmp_path / "c.jsonl").read_text().splitlines()]
+    assert len(recs) == 3 and recs[0]["messages"][1]["reasoning_content"]

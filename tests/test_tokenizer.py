@@ -100,3 +100,13 @@ def test_encode_chat_mask(tok):
     assert tok.decode(ids) == tok.apply_chat_template(MESSAGES)
     with pytest.raises(ValueError):
         tok.encode_chat(MESSAGES[:-1])
+
+
+def test_tokenizer_cli(tmp_path, capsys):
+    from nanoseek.tokenizer import Options, run
+    (tmp_path / "extra.txt").write_text("딥시크 모델은 추론을 합니다.\n\nAnother paragraph of text.")
+    tok = run(Options(out=str(tmp_path / "tok"), vocab_size=1024, n_docs=300, text_files=[str(tmp_path / "extra.txt")]))
+    assert (tmp_path / "tok" / "tokenizer.json").exists() and load_tokenizer(tmp_path / "tok").vocab_size == tok.vocab_size
+    assert "wrote" in capsys.readouterr().out
+    ids = tok.encode("What is 123 + 456?")
+    assert tok.decode(ids) == "What is 123 + 456?" and len(ids) < 18  # merges learned from the task corpus
