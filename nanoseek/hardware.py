@@ -1,0 +1,160 @@
+"""What machine are we on, how fast is it, and which dtype should we train in?
+
+Everything here is cheap and cached: trainers call `pick_dtype` at start-up and
+`measure_matmul_peak` once to turn tokens/s into MFU (see `nanoseek.cost.summarize_run`).
+
+Why the dtype choice is not simply "bf16": on AVX2/AVX-512 CPUs *without* the BF16
+extensions, PyTorch's bf16 matmul falls back to slow scalar code (1-3 GFLOP/s versus
+~170 GFLOP/s fp32 on the project's 2-core machines: 60-170x slower). CPUs with
+AVX512-BF16 or AMX run bf16 ~2x faster than fp32, and every recent GPU wants bf16.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+# Dense (no 2:4 sparsity) tensor-core peaks in FLOP/s from the vendors' datasheets (SXM parts).
+# H800 is the export variant of H100: same compute, cut NVLink bandwidth, which is why
+# DeepSeek-V3 reports its cost in H800 hours against the H100's 989 / 1979 TFLOP/s.
+_GPU_PEAKS: dict[str, dict[str, float]] = {
+    "H100": {"bf16": 989e12, "fp8": 1979e12},
+    "H800": {"bf16": 989e12, "fp8": 1979e12},
+    "H200": {"bf16": 989e12, "fp8": 1979e12},  # same die as H100, more/faster HBM
+    "B200": {"bf16": 2250e12, "fp8": 4500e12},
+    "A100": {"bf16": 312e12},                   # Ampere has no FP8 tensor cores
+    "A800": {"bf16": 312e12},
+}
+
+
+def gpu_peak_flops(name: str, dtype: str = "bf16") -> float | None:
+    """Peak dense FLOP/s of a GPU named like "H800" or "NVIDIA H100 80GB HBM3"; None if unknown.
+
+    Longest key first so "H200" never matches as "H20..." of something else.
+    """
+    up = name.upper()
+    for key in sorted(_GPU_PEAKS, key=len, reverse=True):
+        if key in up:
+            return _GPU_PEAKS[key].get(dtype)
+    return None
+
+
+def known_gpus() -> list[str]:
+    return list(_GPU_PEAKS)
+
+
+@functools.lru_cache(maxsize=None)
+def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 0.5,
+                        device: str = "cpu") -> float:
+    """Achievable matmul FLOP/s on this machine: median over timed n×n @ n×n products.
+
+    The median (not the max) of many short timings: robust to the other processes sharing a
+    laptop, and the number a long training run actually gets. Cached per process, because
+    every trainer wants it and it costs `seconds` of wall time.
+    """
+    dev = torch.device(device)
+    a = torch.randn(n, n, device=dev).to(dtype)
+    b = torch.randn(n, n, device=dev).to(dtype)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    for _ in range(2):  # warm-up: thread pool start, allocator, kernel selection
+        a @ b
+    sync()
+    times: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 10_000):
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        times.append(time.perf_counter() - t0)
+    return 2.0 * n ** 3 / statistics.median(times)
+
+
+def _cpu_flags() -> set[str] | None:
+    """CPU feature flags from /proc/cpuinfo (Linux); None where that file does not exist."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_fast_bf16() -> bool:
+    """True where bf16 matmul on this CPU is at least as fast as fp32.
+
+    Linux: the AVX512-BF16 / AMX-BF16 flags decide (no timing noise). Elsewhere (macOS,
+    where Apple silicon has its own bf16 story) time a small bf16 vs fp32 matmul; the
+    slow path is ~100x off, so a 0.1 s measurement cannot get the answer wrong.
+    """
+    flags = _cpu_flags()
+    if flags is not None:
+        return bool(flags & {"avx512_bf16", "amx_bf16"})
+    fp32 = measure_matmul_peak(torch.float32, n=256, seconds=0.05)
+    bf16 = measure_matmul_peak(torch.bfloat16, n=256, seconds=0.05)
+    return bf16 >= 0.9 * fp32
+
+
+def pick_dtype(device: str | torch.device = "cpu", requested: str = "auto") -> tuple[torch.dtype, torch.dtype | None]:
+    """(parameter dtype, autocast dtype or None) for training on `device`.
+
+    Parameters stay fp32 (master weights); mixed precision comes from autocast. "auto":
+    CUDA -> bf16 autocast where the GPU supports it; CPU -> bf16 autocast only with fast
+    bf16 hardware, else plain fp32. An explicit "bf16" is honoured even where it is slow
+    (the user asked), "fp32" always means no autocast.
+    """
+    requested = requested.lower()
+    if requested not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"dtype must be 'auto', 'fp32' or 'bf16', got {requested!r}")
+    if requested == "fp32":
+        return torch.float32, None
+    if requested == "bf16":
+        return torch.float32, torch.bfloat16
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.float32, (torch.bfloat16 if torch.cuda.is_bf16_supported() else None)
+    if dev.type == "cpu" and cpu_has_fast_bf16():
+        return torch.float32, torch.bfloat16
+    return torch.float32, None
+
+
+def _cpu_model_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def describe_device(device: str | torch.device | None = None) -> str:
+    """Short human string for reports, e.g. "Intel(R) Xeon(R) ... (2 cores)" or "NVIDIA H100 80GB HBM3"."""
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+        n = torch.cuda.device_count()
+        return name if n == 1 else f"{n}× {name}"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{_cpu_model_name()} ({cores} cores, {torch.get_num_threads()} torch threads)"
+
+
+def device_peak_flops(device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> float:
+    """Peak FLOP/s to compute MFU against: datasheet bf16 for known GPUs; on CPU the measured
+    matmul rate in the dtype the run computes in (fp32 unless bf16 autocast was picked)."""
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda":
+        peak = gpu_peak_flops(torch.cuda.get_device_name(dev))
+        return peak if peak else measure_matmul_peak(torch.bfloat16, n=4096, device=str(dev))
+    return measure_matmul_peak(dtype or torch.float32)
