@@ -338,10 +338,11 @@ class Options:
 
 
 def _fmt(x: float, unit: str = "") -> str:
-    for div, suf in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+    """1.23B / 4.5M style; with a unit (bytes) the SI prefix goes on the unit: 1.37 TB."""
+    for div, suf in ((1e12, "T"), (1e9, "G" if unit else "B"), (1e6, "M"), (1e3, "K")):
         if abs(x) >= div:
-            return f"{x / div:,.2f}{suf}{unit}"
-    return f"{x:,.0f}{unit}"
+            return f"{x / div:,.2f}{' ' + suf + unit if unit else suf}"
+    return f"{x:,.3g}{' ' + unit if unit else ''}"
 
 
 def run(opts: Options) -> dict:

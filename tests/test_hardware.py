@@ -1,0 +1,46 @@
+"""nanoseek.hardware: peak measurement, bf16 detection, dtype choice."""
+import pytest
+import torch
+
+from nanoseek import hardware
+
+
+def test_matmul_peak_positive_and_cached():
+    a = hardware.measure_matmul_peak(torch.float32, n=128, seconds=0.05)
+    assert a > 1e6
+    assert hardware.measure_matmul_peak(torch.float32, n=128, seconds=0.05) == a  # cached
+
+
+def test_pick_dtype_cpu(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: False)
+    assert hardware.pick_dtype("cpu") == (torch.float32, None)
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: True)
+    assert hardware.pick_dtype("cpu") == (torch.float32, torch.bfloat16)
+    assert hardware.pick_dtype("cpu", "fp32") == (torch.float32, None)
+    assert hardware.pick_dtype("cpu", "BF16") == (torch.float32, torch.bfloat16)
+    with pytest.raises(ValueError):
+        hardware.pick_dtype("cpu", "fp8")
+
+
+def test_fast_bf16_from_flags(monkeypatch):
+    for flags, want in (({"avx2", "avx512f"}, False), ({"avx512_bf16"}, True), ({"amx_bf16"}, True)):
+        hardware.cpu_has_fast_bf16.cache_clear()
+        monkeypatch.setattr(hardware, "_cpu_flags", lambda f=flags: f)
+        assert hardware.cpu_has_fast_bf16() is want
+    hardware.cpu_has_fast_bf16.cache_clear()
+    # no /proc/cpuinfo (macOS): decided by timing
+    monkeypatch.setattr(hardware, "_cpu_flags", lambda: None)
+    monkeypatch.setattr(hardware, "measure_matmul_peak", lambda dtype, **kw: 1e11 if dtype == torch.float32 else 1e9)
+    assert hardware.cpu_has_fast_bf16() is False
+    hardware.cpu_has_fast_bf16.cache_clear()
+
+
+def test_gpu_peaks_and_description():
+    assert hardware.gpu_peak_flops("H800") == 989e12
+    assert hardware.gpu_peak_flops("NVIDIA H100 80GB HBM3", "fp8") == 1979e12
+    assert hardware.gpu_peak_flops("NVIDIA H200") == hardware.gpu_peak_flops("H100")
+    assert hardware.gpu_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert hardware.gpu_peak_flops("A100", "fp8") is None
+    assert hardware.gpu_peak_flops("Some GPU") is None
+    d = hardware.describe_device("cpu")
+    assert "cores" in d and len(d) < 200
