@@ -1,0 +1,113 @@
+"""`nanoseek pretrain`: train the DeepSeek-V3 MoE model (next-token + MTP loss) on the task corpus.
+
+Defaults run on a 2-core CPU in a few minutes: preset tiny, a tokenizer trained on the default
+corpus, 300 steps of 8 x 256 tokens. Writes the run folder: config.yaml, metrics.jsonl,
+checkpoints/, plots/*.png, cost.json and final/ (HF layout, with the tokenizer).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nanoseek.train.trainer import TrainOptions, Trainer, seed_everything
+
+
+@dataclass
+class Options(TrainOptions):
+    preset: str = field(default="tiny", metadata={"help": "model preset (tiny, small, deepseek-v3)"})
+    model_overrides: dict = field(default_factory=dict, metadata={
+        "help": 'JSON of ModelConfig fields to override, e.g. {"hidden_size": 128}', "metavar": "JSON"})
+    tokenizer: str = field(default="", metadata={"help": "tokenizer dir (default: train one on the corpus)"})
+    vocab_size: int = field(default=4096, metadata={"help": "vocab size when training the tokenizer"})
+    n_docs: int = field(default=20000, metadata={"help": "documents drawn from the built-in task corpus"})
+    data: list[str] = field(default_factory=list, metadata={
+        "help": "extra text files (txt / JSONL 'text' / Parquet / HF dataset dirs), comma separated"})
+
+
+def run_dir(out: str, stage: str) -> Path:
+    return Path(out) if out else Path("runs") / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def encode_documents(tok, docs: list[str]) -> list[list[int]]:
+    """Every document framed as <bos> ... <eos> (chat-rendered documents already carry both)."""
+    out = []
+    for ids in tok.encode_batch(docs):
+        if not ids or ids[0] != tok.bos_id:
+            ids = [tok.bos_id] + ids
+        if ids[-1] != tok.eos_id:
+            ids = ids + [tok.eos_id]
+        out.append(ids)
+    return out
+
+
+def write_cost(trainer: Trainer, out: Path, opts: TrainOptions, row: dict) -> dict:
+    """cost.json: measured tokens/s, achieved FLOP/s, MFU against the measured matmul peak, dollars."""
+    from nanoseek.cost import summarize_run
+    from nanoseek.hardware import device_peak_flops
+    peak = device_peak_flops(trainer.device, trainer.amp_dtype)  # the dtype the matmuls actually ran in
+    cost = summarize_run(trainer.model.config, row.get("tokens", 0), row.get("elapsed", 0.0), opts.seq_len,
+                         peak_flops=peak)
+    (out / "cost.json").write_text(json.dumps(cost, indent=2) + "\n")
+    return cost
+
+
+def finish(trainer: Trainer, opts: TrainOptions, out: Path, tok, row: dict, stage: str, t0: float) -> Path:
+    """Shared end of a run: final HF model, plots, cost.json, and a summary of where things went."""
+    from nanoseek.train.plots import plot_metrics
+    final = out / "final"
+    trainer.model.save_pretrained(final, tokenizer=tok)
+    plots = plot_metrics(out / "metrics.jsonl", out / "plots")
+    cost = write_cost(trainer, out, opts, row)
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    print(f"{stage} done in {time.time() - t0:.0f}s: loss {first['loss']:.3f} -> {row.get('loss', float('nan')):.3f}, "
+          f"{cost['tokens_per_s']:,.0f} tokens/s, MFU {cost.get('mfu', 0):.1%}")
+    print(f"  model (HF layout): {final}\n  metrics:           {out / 'metrics.jsonl'}\n"
+          f"  plots:             {', '.join(p.name for p in plots)} in {out / 'plots'}\n"
+          f"  checkpoints:       {trainer.ckpt_dir}\n  cost:              {out / 'cost.json'}\n"
+          f"  config:            {out / 'config.yaml'}")
+    return final
+
+
+def pretrain(opts: Options) -> Path:
+    """Run pretraining; returns the final model directory (HF layout, with tokenizer)."""
+    from nanoseek.cli import save_options
+    from nanoseek.config import get_preset
+    from nanoseek.data.corpus import iter_documents
+    from nanoseek.model.hf import build_model
+    from nanoseek.tokenizer import load_tokenizer, train_tokenizer
+    from nanoseek.train.data import BatchIterator, pack_stream
+
+    t0 = time.time()
+    out = run_dir(opts.out, "pretrain")
+    out.mkdir(parents=True, exist_ok=True)
+    save_options(opts, out / "config.yaml")
+    print(f"pretrain: run folder {out}")
+    seed_everything(opts.seed)
+    docs = list(iter_documents(opts.n_docs, seed=opts.seed, files=opts.data))
+    if opts.tokenizer:
+        tok = load_tokenizer(opts.tokenizer)
+        print(f"tokenizer: {opts.tokenizer} (vocab {tok.vocab_size})")
+    else:
+        tok = train_tokenizer(docs, opts.vocab_size, out / "tokenizer")
+        print(f"tokenizer: trained on {len(docs)} documents, vocab {tok.vocab_size} -> {out / 'tokenizer'}")
+    data = pack_stream(encode_documents(tok, docs), opts.seq_len)
+    print(f"data: {len(docs)} documents, {data.tokens.numel():,} tokens in {len(data)} rows of {opts.seq_len + 1}; "
+          f"{opts.steps} steps x {opts.batch_size * opts.grad_accum * opts.seq_len:,} tokens = "
+          f"{opts.steps * opts.batch_size * opts.grad_accum / len(data):.1f} epochs")
+    cfg = get_preset(opts.preset).replace(**opts.model_overrides).replace(
+        vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    if cfg.max_position_embeddings < opts.seq_len:
+        cfg = cfg.replace(max_position_embeddings=opts.seq_len)
+    model = build_model(cfg)
+    batches = BatchIterator(data, opts.batch_size, seed=opts.seed)
+    trainer = Trainer(model, opts, batches, out)
+    print(f"model: {model.num_parameters() / 1e6:.2f}M parameters ({model.num_parameters(active=True) / 1e6:.2f}M "
+          f"active), device {trainer.device}, autocast {trainer.amp_dtype or 'off (fp32)'}")
+    row = trainer.fit()
+    return finish(trainer, opts, out, tok, row, "pretrain", t0)
+
+
+def run(opts: Options) -> None:
+    pretrain(opts)
