@@ -1,0 +1,89 @@
+"""`nanoseek sft`: supervised fine-tuning on chat data (R1's cold start, rejection-sampling SFT).
+
+Each conversation is rendered with the model's chat template; the loss covers only the last
+assistant turn (reasoning + answer + eos), exactly the tokens the model produces after the
+generation prompt. Examples are packed whole into rows with document ids, so no attention and
+no target crosses from one example into another. MTP keeps training (a stale MTP head would
+spoil speculative decoding later).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nanoseek.train.pretrain import finish, run_dir
+from nanoseek.train.trainer import TrainOptions, Trainer, seed_everything
+
+
+@dataclass
+class Options(TrainOptions):
+    model: str = field(default="", metadata={"help": "model directory (HF layout with tokenizer) to fine-tune"})
+    data: str = field(default="", metadata={
+        "help": "chat JSONL, one {\"messages\": [...]} per line (default: the built-in cold-start set)"})
+    n_examples: int = field(default=2000, metadata={"help": "built-in cold-start examples when --data is not given"})
+    steps: int = field(default=150, metadata={"help": "optimizer steps"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps"})
+    mtp_weight: float = field(default=0.1, metadata={"help": "MTP loss weight lambda (V3's late value)"})
+
+
+def read_chat_jsonl(path: str | Path) -> list[dict]:
+    records = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
+            if not isinstance(rec, dict) or not isinstance(rec.get("messages"), list):
+                raise ValueError(f"{path}:{n}: expected an object with a 'messages' list")
+            records.append(rec)
+    return records
+
+
+def encode_records(tok, records: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """(ids, loss_mask) per conversation ending in an assistant turn; the others are skipped."""
+    usable = [r["messages"] for r in records if r["messages"] and r["messages"][-1].get("role") == "assistant"]
+    if len(usable) < len(records):
+        print(f"sft: skipped {len(records) - len(usable)} conversations that do not end with an assistant turn")
+    return [tok.encode_chat(m) for m in usable]
+
+
+def sft(opts: Options) -> Path:
+    """Fine-tune opts.model; returns the final model directory (HF layout, with tokenizer)."""
+    from nanoseek.cli import save_options
+    from nanoseek.model.hf import from_pretrained
+    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.train.data import BatchIterator, pack_examples
+
+    if not opts.model:
+        raise SystemExit("sft: --model DIR is required (e.g. the final/ folder of a pretrain run)")
+    t0 = time.time()
+    out = run_dir(opts.out, "sft")
+    out.mkdir(parents=True, exist_ok=True)
+    save_options(opts, out / "config.yaml")
+    print(f"sft: run folder {out}, model {opts.model}")
+    seed_everything(opts.seed)
+    model = from_pretrained(opts.model)
+    tok = load_tokenizer(opts.model)
+    if opts.data:
+        records, source = read_chat_jsonl(opts.data), opts.data
+    else:
+        from nanoseek.data.coldstart import coldstart_dataset
+        records, source = coldstart_dataset(opts.n_examples, seed=opts.seed), "built-in cold-start set"
+    examples = encode_records(tok, records)
+    data = pack_examples(examples, opts.seq_len, tok.pad_id)
+    n_train = int(data.mask[:, 1:].sum())
+    print(f"data: {len(examples)} conversations from {source} packed into {len(data)} rows of {opts.seq_len + 1} "
+          f"({n_train:,} assistant tokens trained on, {n_train / data.tokens.numel():.0%} of the rows)")
+    trainer = Trainer(model, opts, BatchIterator(data, opts.batch_size, seed=opts.seed), out)
+    row = trainer.fit()
+    return finish(trainer, opts, out, tok, row, "sft", t0)
+
+
+def run(opts: Options) -> None:
+    sft(opts)
