@@ -45,7 +45,8 @@ def build():
 
 
 def make_opt(model):
-    return torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1, foreach=False)
+    # default (foreach) AdamW: the trainer's; it must take FSDP and EP DTensors side by side
+    return torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
 
 
 def batch(step: int, rank: int = 0, world: int = 1):
@@ -60,6 +61,9 @@ def train_step(model, opt, step, rank=0, world=1, all_reduce=None) -> float:
     x, y = batch(step, rank, world)
     loss = model.loss(x, y)["loss"]
     loss.backward()
+    # clipped at a norm below the actual one, so the global (all-shard) norm decides the step
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+    assert float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm) > 0.5
     opt.step()
     opt.zero_grad(set_to_none=True)
     update_balancing_bias(model, GAMMA, all_reduce=all_reduce)
