@@ -1,0 +1,277 @@
+"""`nanoseek eval MODEL`: pass@1, greedy accuracy, cons@k and format errors on held-out tasks.
+
+The protocol is the R1 report's: for every test question sample k completions at temperature
+0.6 / top-p 0.95; pass@1 is the mean correctness over those k (a low-variance estimate of the
+chance that one sample is right), cons@k grades the majority answer of the k, and greedy
+decoding is reported beside them. Questions come from the tasks' *test* split only (disjoint
+from the train split by construction, see data/tasks.py), and grading goes through the same
+parser and reward functions GRPO trains on, so "correct" means the same thing everywhere.
+
+All questions × k go to the generator in one call, so a batched engine sees every row at
+once (and can share each prompt's prefill across its k samples). The generator is a plain
+function `generate(prompts, n, temperature, top_p, max_tokens, seed) -> [[Completion] * n]`,
+which lets tests swap in a stub and check the scoring path without a model.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from nanoseek.data.chat import BOS, format_r1_zero_prompt
+from nanoseek.data.tasks import Sample, get_task, list_tasks
+from nanoseek.rewards import compute_reward
+
+METRICS = ("pass@1", "greedy", "cons@k", "mean_len", "format_error")
+
+
+@dataclass
+class Completion:
+    text: str
+    n_tokens: int
+    finish_reason: str = "stop"  # "stop" (eos) or "length" (ran into max_tokens)
+
+
+GenerateFn = Callable[[list[str], int, float, float, int, int], list[list[Completion]]]
+
+
+# --------------------------------------------------------------------------------------------
+# scoring (pure functions: no model involved)
+
+def normalize_answer(answer: str) -> str:
+    """Vote key: "42", " 42." and "42 " are the same vote."""
+    return " ".join(answer.split()).rstrip(".").strip().lower()
+
+
+def cons_at_k(answers: list[str], correct: list[bool]) -> float:
+    """1.0 if the most frequent non-empty answer is correct. Ties go to the answer seen first
+    (deterministic); completions without an answer (format errors) do not vote."""
+    keys = [normalize_answer(a) for a in answers]
+    votes = Counter(k for k in keys if k)
+    if not votes:
+        return 0.0
+    top = max(votes.values())
+    winner = next(k for k in keys if k and votes[k] == top)
+    return float(correct[keys.index(winner)])
+
+
+def score_question(sample: Sample, completions: list[Completion], opened_think: bool = True) -> dict:
+    """Grade the k completions of one question with the training rewards' accuracy and format."""
+    rewards = [compute_reward(sample, c.text, prompt_opened_think=opened_think) for c in completions]
+    correct = [r.accuracy == 1.0 for r in rewards]
+    k = max(len(completions), 1)
+    return {"pass@1": sum(correct) / k,
+            "cons@k": cons_at_k([r.answer for r in rewards], correct),
+            "mean_len": sum(c.n_tokens for c in completions) / k,
+            "format_error": sum(r.format < 1.0 for r in rewards) / k,
+            "answers": [r.answer for r in rewards], "correct": correct}
+
+
+def build_prompt(sample: Sample, template: str, tokenizer=None) -> str:
+    """The prompt text, ending with an opened think block in both templates."""
+    if template == "r1":
+        messages = [{"role": "user", "content": sample.prompt}]
+        if tokenizer is not None:
+            return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        from nanoseek.data.chat import render_chat
+        return render_chat(messages, add_generation_prompt=True)
+    if template == "r1-zero":
+        return BOS + format_r1_zero_prompt(sample.prompt)
+    raise ValueError(f"template must be 'r1' or 'r1-zero', got {template!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# generation: the batched engine when it is there, else a small cached sampling loop
+
+def model_generator(model: torch.nn.Module, tokenizer, max_batch: int = 64) -> GenerateFn:
+    """A GenerateFn over `model`; prefers nanoseek.infer.engine (prefix sharing via n)."""
+    try:
+        from nanoseek.infer.engine import Engine, SamplingParams
+    except ImportError:
+        Engine = None  # noqa: N806
+
+    def generate(prompts, n, temperature, top_p, max_tokens, seed):
+        ids = [tokenizer.encode(p) for p in prompts]
+        if Engine is not None:
+            engine = Engine(model, tokenizer, max_batch=max_batch, max_len=max(map(len, ids)) + max_tokens)
+            params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed, n=n)
+            return [[Completion(o.text, len(o.token_ids), o.finish_reason) for o in _outputs(r)]
+                    for r in engine.generate(ids, params)]
+        rows = [p for p in ids for _ in range(n)]
+        out = _sample_loop(model, rows, tokenizer.eos_id, temperature, top_p, max_tokens, seed, max_batch)
+        comps = [Completion(tokenizer.decode(t), len(t), "stop" if t and t[-1] == tokenizer.eos_id else "length")
+                 for t in out]
+        return [comps[i * n:(i + 1) * n] for i in range(len(prompts))]
+    return generate
+
+
+def _outputs(result) -> list:
+    """An engine result is either one prompt's list of n outputs or an object holding them."""
+    return list(getattr(result, "outputs", result))
+
+
+@torch.no_grad()
+def _sample_loop(model, rows: list[list[int]], eos_id: int, temperature: float, top_p: float,
+                 max_tokens: int, seed: int, max_batch: int) -> list[list[int]]:
+    """Fallback sampler: right-padded prefill into the KV cache, then one token per row per step.
+    Padding slots are safe: a row's key j is only visible to queries at positions >= j, and the
+    row overwrites slot j with its own token before it gets there."""
+    model.eval()
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
+    out: list[list[int]] = []
+    for start in range(0, len(rows), max_batch):
+        chunk = rows[start:start + max_batch]
+        B, lens = len(chunk), torch.tensor([len(r) for r in chunk], device=device)
+        T = int(lens.max())
+        x = torch.tensor([r + [eos_id] * (T - len(r)) for r in chunk], device=device)
+        cache = model.make_cache(B, T + max_tokens)
+        logits = model(x, cache=cache)[torch.arange(B, device=device), lens - 1]
+        pos, done, gen = lens.clone(), torch.zeros(B, dtype=torch.bool, device=device), []
+        for _ in range(max_tokens):
+            nxt = _sample(logits.float(), temperature, top_p, g)
+            gen.append(torch.where(done, eos_id, nxt))
+            done |= nxt == eos_id
+            if done.all():
+                break
+            logits = model(nxt[:, None], positions=pos[:, None], cache=cache)[:, -1]
+            pos += 1
+        toks = torch.stack(gen, 1).tolist()
+        out += [t[:t.index(eos_id) + 1] if eos_id in t else t for t in toks]
+    return out
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, g: torch.Generator) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, -1)
+    sorted_p, idx = probs.sort(-1, descending=True)
+    drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix with mass >= top_p
+    sorted_p = sorted_p.masked_fill(drop, 0.0)
+    choice = torch.multinomial(sorted_p, 1, generator=g)
+    return idx.gather(-1, choice).squeeze(-1)
+
+
+# --------------------------------------------------------------------------------------------
+
+def evaluate(model=None, tokenizer=None, tasks: list[str] | None = None, n: int = 20, k: int = 4,
+             difficulty: int | None = 1, template: str = "r1", temperature: float = 0.6, top_p: float = 0.95,
+             max_tokens: int = 128, seed: int = 0, greedy: bool = True, max_batch: int = 64,
+             generate: GenerateFn | None = None, samples: list[Sample] | None = None) -> dict:
+    """Evaluate a model (directory or module) on n test questions per task; returns the report dict
+    (per-task and overall METRICS, settings, a few example completions). `generate` replaces the
+    model (tests, other backends); `samples` replaces the task questions."""
+    t0 = time.time()
+    name = str(model) if isinstance(model, (str, Path)) else type(model).__name__
+    if generate is None:
+        if isinstance(model, (str, Path)):
+            from nanoseek.model.hf import from_pretrained
+            from nanoseek.tokenizer import load_tokenizer
+            tokenizer = tokenizer or load_tokenizer(model)
+            model = from_pretrained(model)
+        if model is None or tokenizer is None:
+            raise ValueError("evaluate needs a model directory, or a model and its tokenizer, or generate=")
+        generate = model_generator(model, tokenizer, max_batch)
+    if samples is None:
+        tasks = list(tasks or list_tasks(own_only=True))
+        samples = [s for t in tasks for s in get_task(t).generate(n, split="test", difficulty=difficulty, seed=seed)]
+    prompts = [build_prompt(s, template, tokenizer) for s in samples]
+    sampled = generate(prompts, k, temperature, top_p, max_tokens, seed)
+    greedy_out = generate(prompts, 1, 0.0, 1.0, max_tokens, seed) if greedy else [[] for _ in samples]
+    per_q = []
+    for s, comps, g in zip(samples, sampled, greedy_out):
+        q = score_question(s, comps)
+        q["greedy"] = score_question(s, g)["pass@1"] if g else None
+        per_q.append((s, q))
+    by_task: dict[str, list[dict]] = {}
+    for s, q in per_q:
+        by_task.setdefault(s.task, []).append(q)
+    report = {
+        "model": name, "template": template, "n": n, "k": k, "difficulty": difficulty, "temperature": temperature,
+        "top_p": top_p, "max_tokens": max_tokens, "seed": seed,
+        "tasks": {t: _aggregate(qs) for t, qs in by_task.items()},
+        "overall": _aggregate([q for _, q in per_q]),
+        "examples": [{"task": s.task, "prompt": s.prompt, "reference": s.answer, "completion": c[0].text,
+                      "answer": q["answers"][0], "correct": q["correct"][0]}
+                     for (s, q), c in list(zip(per_q, sampled))[::max(1, len(per_q) // 8)] if c],
+    }
+    report["time_s"] = round(time.time() - t0, 2)
+    return report
+
+
+def _aggregate(qs: list[dict]) -> dict:
+    out = {"n": len(qs)}
+    for m in METRICS:
+        vals = [q[m] for q in qs if q.get(m) is not None]
+        out[m] = sum(vals) / len(vals) if vals else None
+    return out
+
+
+def to_markdown(report: dict) -> str:
+    def cell(v, pct=True):
+        return "–" if v is None else f"{100 * v:.1f}" if pct else f"{v:.1f}"
+    lines = [f"## Evaluation of `{report['model']}`", "",
+             f"template {report['template']}, {report['n']} test questions per task, k = {report['k']} samples "
+             f"at temperature {report['temperature']} / top-p {report['top_p']}, max {report['max_tokens']} tokens, "
+             f"difficulty {report['difficulty']}, seed {report['seed']}", "",
+             "| task | n | pass@1 % | greedy % | cons@k % | format errors % | mean length (tokens) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in [*report["tasks"].items(), ("**overall**", report["overall"])]:
+        lines.append(f"| {name} | {r['n']} | {cell(r['pass@1'])} | {cell(r['greedy'])} | {cell(r['cons@k'])} | "
+                     f"{cell(r['format_error'])} | {cell(r['mean_len'], False)} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, out: str | Path) -> tuple[Path, Path]:
+    """out: a .json path (the .md goes beside it) or a directory (eval.json + eval.md)."""
+    out = Path(out)
+    js = out if out.suffix == ".json" else out / "eval.json"
+    js.parent.mkdir(parents=True, exist_ok=True)
+    js.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    md = js.with_suffix(".md")
+    md.write_text(to_markdown(report))
+    return js, md
+
+
+# --------------------------------------------------------------------------------------------
+# `nanoseek eval MODEL`
+
+POSITIONAL = (("model", "model directory (HF layout, DeepseekV3 or Qwen2, with tokenizer)"),)
+
+
+@dataclass
+class Options:
+    model: str = field(default="", metadata={"help": "model directory"})
+    tasks: list[str] = field(default_factory=lambda: list_tasks(own_only=True),
+                             metadata={"help": "tasks, comma separated (gym:<name> for reasoning-gym)"})
+    n: int = field(default=20, metadata={"help": "test questions per task"})
+    k: int = field(default=4, metadata={"help": "samples per question for pass@1 and cons@k"})
+    difficulty: int | None = field(default=1, metadata={"help": "task difficulty (none = mixed)"})
+    template: str = field(default="r1", metadata={"help": "r1 (chat template) or r1-zero (plain prompt)"})
+    temperature: float = field(default=0.6, metadata={"help": "sampling temperature (R1 report: 0.6)"})
+    top_p: float = field(default=0.95, metadata={"help": "nucleus sampling (R1 report: 0.95)"})
+    max_tokens: int = field(default=128, metadata={"help": "max new tokens per completion"})
+    greedy: bool = field(default=True, metadata={"help": "also decode greedily"})
+    max_batch: int = field(default=64, metadata={"help": "rows decoded together"})
+    seed: int = field(default=0, metadata={"help": "seed for questions and sampling"})
+    out: str = field(default="", metadata={"help": "write eval.json + eval.md here (dir or .json path)"})
+
+
+def run(opts: Options) -> dict:
+    if not opts.model:
+        raise SystemExit("eval: a model directory is required")
+    torch.manual_seed(opts.seed)
+    report = evaluate(opts.model, tasks=opts.tasks, n=opts.n, k=opts.k, difficulty=opts.difficulty,
+                      template=opts.template, temperature=opts.temperature, top_p=opts.top_p,
+                      max_tokens=opts.max_tokens, seed=opts.seed, greedy=opts.greedy, max_batch=opts.max_batch)
+    print(to_markdown(report))
+    print(f"({report['time_s']:.1f}s)")
+    if opts.out:
+        js, md = write_report(report, opts.out)
+        print(f"wrote {js} and {md}")
+    return report
