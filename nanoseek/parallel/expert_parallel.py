@@ -104,7 +104,10 @@ class ExpertParallelExperts(nn.Module):
         perm = local_eid.argsort(stable=True)
         per_expert = recv.sum(0).tolist()
         scale = 1.0 / W
-        w_gate, w_up, w_down = (_ScaleGrad.apply(p.to_local(), scale) for p in (self.gate_proj, self.up_proj, self.down_proj))
+        # .to(dtype): under FSDP mixed precision the tokens arrive in bf16 while these fp32
+        # master weights sit outside FSDP's casting; the cast's backward returns fp32 grads.
+        w_gate, w_up, w_down = (_ScaleGrad.apply(p.to_local(), scale).to(x.dtype)
+                                for p in (self.gate_proj, self.up_proj, self.down_proj))
         outs = [(F.silu(h @ w_gate[e].t()) * (h @ w_up[e].t())) @ w_down[e].t()
                 for e, h in enumerate(xr[perm].split(per_expert)) if h.shape[0]]
         # An expert-less rank still joins the graph (zero rows) so every rank runs the same backward.
