@@ -1,0 +1,489 @@
+"""`nanoseek grpo`: Group Relative Policy Optimization with rule rewards (DeepSeek-R1 / R1-Zero).
+
+One step: draw prompts, sample a group of G completions per prompt (the prompt is prefilled once
+and its cache shared by the group), score them with the rule rewards *before* any policy or
+reference forward (then the rollout cache is gone), turn rewards into group-relative advantages,
+and take mu optimizer steps on the clipped objective (grpo_loss.py). No value model.
+
+  --mode r1       from the cold-start SFT model, chat template, accuracy + format + language
+  --mode r1-zero  from a pretrained base, the plain-text R1-Zero prompt, accuracy + format
+
+The loss value is not a progress signal (trl #2703): watch reward (mean, spread), the share of
+groups whose rewards are all equal (they teach nothing), KL, clip fraction, entropy and length,
+all in metrics.jsonl and plots/. Checkpoints resume bit-exactly: the prompts and the sampling
+seed of step s depend only on (seed, s).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from nanoseek.model.moe import balance_losses, moe_layers, update_balancing_bias
+from nanoseek.train.grpo_loss import group_advantages, grpo_loss, normalizer, token_logprobs
+
+POSITIONAL = (("model", "model directory (HF layout with tokenizer): the SFT model (r1) or a base model (r1-zero)"),)
+
+
+@dataclass
+class Options:
+    model: str = field(default="", metadata={"help": "model directory to start from (HF layout with tokenizer)"})
+    mode: str = field(default="r1", metadata={"help": "r1 (chat template, + language reward) or r1-zero (plain prompt)"})
+    out: str = field(default="", metadata={"help": "run directory (default: runs/grpo-<time>)"})
+    tasks: list[str] = field(default_factory=lambda: ["add"], metadata={"help": "tasks, comma separated"})
+    difficulty: int = field(default=1, metadata={"help": "task difficulty at the start"})
+    max_difficulty: int = field(default=0, metadata={"help": "curriculum: ramp linearly to this level (0 = fixed)"})
+    n_prompts: int = field(default=2000, metadata={"help": "training prompts per difficulty level"})
+    steps: int = field(default=60, metadata={"help": "GRPO steps (rollout + update)"})
+    prompts_per_step: int = field(default=8, metadata={"help": "prompts per step"})
+    group_size: int = field(default=8, metadata={"help": "G: completions sampled per prompt"})
+    max_new_tokens: int = field(default=128, metadata={"help": "completion length limit"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of rollouts"})
+    top_k: int = field(default=0, metadata={"help": "rollout top-k (0 = off)"})
+    top_p: float = field(default=1.0, metadata={"help": "rollout nucleus top-p (1 = off)"})
+    lr: float = field(default=2e-4, metadata={"help": "peak learning rate"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
+    min_lr_ratio: float = field(default=1.0, metadata={"help": "final lr / peak (1 = constant, usual for RL)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm (0 = off)"})
+    beta: float = field(default=0.0, metadata={"help": "KL weight to the frozen reference (0 = no reference model)"})
+    eps_low: float = field(default=0.2, metadata={"help": "ratio clip below 1"})
+    eps_high: float = field(default=0.28, metadata={"help": "ratio clip above 1 (clip-higher, DAPO)"})
+    scale_rewards: str = field(default="group", metadata={"help": "group (divide by group std) or none (Dr. GRPO)"})
+    loss_agg: str = field(default="token", metadata={"help": "token (DAPO) | sequence (GRPO) | dr_grpo"})
+    mu: int = field(default=1, metadata={"help": "optimizer steps per rollout batch"})
+    micro_batch: int = field(default=32, metadata={"help": "sequences per forward/backward"})
+    filter_zero_var: bool = field(default=False, metadata={"help": "drop groups whose rewards are all equal"})
+    nan_policy: str = field(default="skip", metadata={"help": "non-finite loss: skip (counted) or error"})
+    accuracy_weight: float = field(default=1.0, metadata={"help": "reward weight of correctness"})
+    format_weight: float = field(default=0.2, metadata={"help": "reward weight of the think/answer format"})
+    language_weight: float = field(default=-1.0, metadata={"help": "language-consistency weight (-1: 0.1 in r1, 0 in r1-zero)"})
+    length_weight: float = field(default=0.0, metadata={"help": "DAPO overlong penalty weight (0 = off)"})
+    mtp_weight: float = field(default=0.1, metadata={"help": "keep MTP fitted: its CE on the rollouts (trunk detached)"})
+    bias_gamma: float = field(default=0.001, metadata={"help": "MoE routing-bias update speed (0 = off)"})
+    eval_every: int = field(default=0, metadata={"help": "held-out greedy accuracy every N steps (0 = start/end)"})
+    eval_n: int = field(default=64, metadata={"help": "held-out (test split) prompts per evaluation (0 = none)"})
+    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
+    keep_last: int = field(default=2, metadata={"help": "checkpoints kept (0 = all)"})
+    resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --out"})
+    seed: int = field(default=0, metadata={"help": "seed of prompts, sampling and everything else"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+
+
+# ------------------------------------------------------------------------------------ sampling
+
+def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_l, idx = logits.sort(dim=-1, descending=True)
+        cum = sorted_l.softmax(-1).cumsum(-1)
+        drop = cum - sorted_l.softmax(-1) > top_p  # keep the smallest set whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def sample_groups(model, prompts: list[list[int]], n: int, max_new_tokens: int, eos_id: int | None,
+                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                  pad_id: int = 0) -> list[list[int]]:
+    """n completions per prompt (prompt-major), each ending at (and including) eos.
+    The built-in sampler: latent KV cache, each prompt prefilled once and its cache rows shared by
+    its n samples (prefix sharing); a private generator makes the samples depend on seed only."""
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    lens = torch.tensor([len(p) for p in prompts], device=dev)
+    N, L = len(prompts), int(lens.max())
+    x = torch.full((N, L), pad_id, dtype=torch.long, device=dev)
+    for i, p in enumerate(prompts):
+        x[i, :len(p)] = torch.tensor(p, device=dev)
+    cache = model.make_cache(N, L + max_new_tokens)
+    # right padding is harmless: pad keys sit at positions a row's own decode steps overwrite first
+    logits = model(x, positions=torch.arange(L, device=dev).expand(N, L), cache=cache)
+    last = logits[torch.arange(N, device=dev), lens - 1].float().repeat_interleave(n, 0)
+    cache.layers = [tuple(b.repeat_interleave(n, 0) for b in layer) for layer in cache.layers]
+    pos = lens.repeat_interleave(n)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    out = torch.full((N * n, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+    done = torch.zeros(N * n, dtype=torch.bool, device=dev)
+    steps = 0
+    for t in range(max_new_tokens):
+        if temperature <= 0:
+            tok = last.argmax(-1)
+        else:
+            probs = _filter_logits(last / temperature, top_k, top_p).softmax(-1)
+            tok = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        out[:, t] = torch.where(done, torch.full_like(tok, pad_id), tok)
+        steps = t + 1
+        if eos_id is not None:
+            done |= tok == eos_id
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        last = model(out[:, t:t + 1], positions=pos.unsqueeze(1), cache=cache)[:, -1].float()
+        pos = pos + 1
+    model.train(was_training)
+    result = []
+    for row, fin in zip(out[:, :steps].tolist(), done.tolist()):
+        result.append(row[:row.index(eos_id) + 1] if fin else row)
+    return result
+
+
+def engine_rollout(model, tok, prompts, n, o: "Options", seed: int, eos_id) -> list[list[int]] | None:
+    """Rollouts through nanoseek.infer.engine when it is available (batched, prefix sharing);
+    None makes the caller fall back to `sample_groups`."""
+    try:
+        from nanoseek.infer.engine import Engine, SamplingParams
+    except ImportError:
+        return None
+    engine = Engine(model, tokenizer=tok, max_batch=len(prompts) * n,
+                    max_len=max(map(len, prompts)) + o.max_new_tokens)
+    params = SamplingParams(temperature=o.temperature, top_p=o.top_p, top_k=o.top_k, max_tokens=o.max_new_tokens,
+                            stop_token_ids=[eos_id] if eos_id is not None else [], seed=seed, n=n)
+    results = engine.generate(prompts, params)
+    flat = [c for r in results for c in (r if isinstance(r, list) else getattr(r, "outputs", [r]))]
+    return [list(c.token_ids) for c in flat]
+
+
+# ------------------------------------------------------------------------------------ one step
+
+def make_prompt(tok, question: str, mode: str) -> list[int]:
+    if mode == "r1":
+        return tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                       tokenize=True)
+    if mode == "r1-zero":
+        from nanoseek.data.chat import format_r1_zero_prompt
+        return tok.encode(format_r1_zero_prompt(question), add_bos=True)
+    raise ValueError(f"mode must be 'r1' or 'r1-zero', got {mode!r}")
+
+
+def reward_config(o: Options):
+    from nanoseek.rewards import RewardConfig
+    lang = o.language_weight if o.language_weight >= 0 else (0.1 if o.mode == "r1" else 0.0)
+    return RewardConfig(accuracy=o.accuracy_weight, format=o.format_weight, language=lang, length=o.length_weight,
+                        max_len=o.max_new_tokens, cache_len=max(1, o.max_new_tokens // 4))
+
+
+def policy_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, temperature: float, mtp_weight: float = 0.0,
+                    entropy: bool = False):
+    """Per-token log-probs of ids[:, 1:] [B, T-1]; entropy; the MTP CE on the masked tokens."""
+    inp, tgt = ids[:, :-1], ids[:, 1:]
+    mtp_loss = None
+    if mtp_weight and len(getattr(model, "mtp", ())) and inp.shape[1] > 1:
+        h, kw = model.hidden_states(inp)
+        logits = model.lm_head(h)
+        T = inp.shape[1] - 1
+        # MTP learns the policy's own next-next token; the trunk is detached so this does not
+        # pull the policy itself (its only objective stays the GRPO one)
+        h1 = model.mtp_hidden(1, h[:, :T].detach(), inp[:, 1:], rotary=model.rotary, cos=kw["cos"][:, :T],
+                              sin=kw["sin"][:, :T], positions=kw["positions"][:, :T], mask=None, absorb=None)
+        ce = F.cross_entropy(model.mtp_logits(1, h1).float().flatten(0, 1), tgt[:, 1:].flatten(), reduction="none")
+        m = mask[:, 1:].reshape(-1)
+        mtp_loss = (ce * m).sum() / m.sum().clamp_min(1.0)
+    else:
+        logits = model(inp)
+    logp, ent = token_logprobs(logits, tgt, temperature, with_entropy=entropy)
+    return logp, ent, mtp_loss
+
+
+class GRPO:
+    """The state of a GRPO run and its step. `step(s)` does rollout + rewards + update and returns
+    the logged row; a benchmark can time exactly that."""
+
+    def __init__(self, model, tok, o: Options, reward_fn: Callable | None = None, eos_id: int | None = -1,
+                 rollout_fn: Callable | None = None):
+        from nanoseek.train.trainer import lr_factor, make_optimizer
+        self.model, self.tok, self.o = model, tok, o
+        self.dev = next(model.parameters()).device
+        self.eos_id = tok.eos_id if eos_id == -1 else eos_id  # None: never stop (benchmarks)
+        self.reward_cfg = reward_config(o)
+        self.reward_fn = reward_fn or self._rule_rewards
+        self.rollout_fn = rollout_fn
+        # beta = 0: no reference model at all (no memory, no forward)
+        self.ref = None
+        if o.beta > 0:
+            self.ref = copy.deepcopy(model).eval()
+            self.ref.requires_grad_(False)
+        self.optimizer = make_optimizer(model, o.lr, o.weight_decay, (0.9, 0.99))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
+            s, o.steps, o.warmup_steps, "cosine", o.min_lr_ratio))
+        self.has_moe = bool(moe_layers(model))
+        self.skipped = 0
+        self._pools: dict[int, list] = {}
+
+    # -------------------------------------------------------------- data
+    def difficulty_at(self, step: int) -> int:
+        o = self.o
+        if o.max_difficulty <= o.difficulty:
+            return o.difficulty
+        return o.difficulty + int((o.max_difficulty - o.difficulty + 1) * step / max(1, o.steps))
+
+    def prompts_at(self, step: int) -> list:
+        """The samples of step `step`: a pure function of (seed, step), so resuming needs no data state."""
+        from nanoseek.data.tasks import mix
+        o = self.o
+        d = self.difficulty_at(step)
+        if d not in self._pools:
+            self._pools[d] = mix(o.tasks, o.n_prompts, "train", d, o.seed)
+        pool = self._pools[d]
+        out = []
+        for i in range(step * o.prompts_per_step, (step + 1) * o.prompts_per_step):
+            epoch, j = divmod(i, len(pool))
+            order = random.Random(f"grpo/{o.seed}/{d}/{epoch}").sample(range(len(pool)), len(pool))
+            out.append(pool[order[j]])
+        return out
+
+    def _rule_rewards(self, samples, texts, n_tokens):
+        from nanoseek.rewards import compute_rewards
+        return compute_rewards(samples, texts, self.reward_cfg, True, n_tokens)
+
+    def rollout(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
+        o = self.o
+        args = (self.model, prompts, o.group_size, o.max_new_tokens, self.eos_id, o.temperature, o.top_k, o.top_p, seed,
+                self.tok.pad_id)
+        if self.rollout_fn is not None:
+            return self.rollout_fn(*args)
+        return engine_rollout(self.model, self.tok, prompts, o.group_size, o, seed, self.eos_id) or sample_groups(*args)
+
+    # -------------------------------------------------------------- the step
+    def step(self, step: int) -> dict:
+        o, model, G = self.o, self.model, self.o.group_size
+        t0 = time.perf_counter()
+        samples = self.prompts_at(step)
+        prompts = [make_prompt(self.tok, s.prompt, o.mode) for s in samples]
+        comps = self.rollout(prompts, seed=o.seed * 1_000_003 + step)
+        t_roll = time.perf_counter() - t0
+        # rewards first, from text only: nothing of the rollout stays alive into the update
+        texts = [self.tok.decode(c) for c in comps]
+        group_samples = [s for s in samples for _ in range(G)]
+        rewards = self.reward_fn(group_samples, texts, [len(c) for c in comps])
+        r = torch.tensor([x.total for x in rewards])
+        adv, zero_var = group_advantages(r, G, o.scale_rewards)
+        row = {"step": step + 1, **self._reward_stats(rewards, r, comps, zero_var), "lr": self.optimizer.param_groups[0]["lr"]}
+        keep = [i for i in range(len(comps)) if not (o.filter_zero_var and zero_var[i // G])]
+        row["trained_seqs"] = len(keep)
+        t1 = time.perf_counter()
+        if keep:
+            row.update(self.update([prompts[i // G] for i in keep], [comps[i] for i in keep], adv[keep]))
+        else:
+            self.scheduler.step()
+        t_train = time.perf_counter() - t1
+        n_roll = sum(map(len, comps))
+        row.update(rollout_tokens_per_s=n_roll / max(t_roll, 1e-9), time_rollout=t_roll, time_train=t_train,
+                   train_tokens_per_s=row.pop("_train_tokens", 0) * o.mu / max(t_train, 1e-9), skipped=self.skipped)
+        return row
+
+    def _reward_stats(self, rewards, r, comps, zero_var) -> dict:
+        mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
+        lens = [len(c) for c in comps]
+        return {"reward": r.mean().item(), "reward_std": r.std().item() if len(r) > 1 else 0.0,
+                "reward_accuracy": mean([x.accuracy for x in rewards]), "reward_format": mean([x.format for x in rewards]),
+                "reward_language": mean([x.language for x in rewards]), "reward_length": mean([x.length for x in rewards]),
+                "accuracy": mean([float(x.accuracy > 0) for x in rewards]),
+                "zero_var_groups": zero_var.float().mean().item(),
+                "response_len": mean(lens), "response_len_max": max(lens),
+                "truncated": mean([float(self.eos_id is not None and (not c or c[-1] != self.eos_id)) for c in comps])}
+
+    def _batch(self, prompts, comps):
+        """Right-padded prompt+completion ids [B, T] and the completion mask over targets [B, T-1]."""
+        T = max(len(p) + len(c) for p, c in zip(prompts, comps))
+        ids = torch.full((len(comps), T), self.tok.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(comps), T - 1)
+        for i, (p, c) in enumerate(zip(prompts, comps)):
+            ids[i, :len(p) + len(c)] = torch.tensor(p + c)
+            mask[i, len(p) - 1:len(p) + len(c) - 1] = 1.0  # target j is token j+1
+        return ids.to(self.dev), mask.to(self.dev)
+
+    @torch.no_grad()
+    def _frozen_logprobs(self, net, ids, mask) -> torch.Tensor:
+        was = net.training
+        net.eval()  # eval: MoE layers do not count this forward's load
+        out = torch.cat([policy_logprobs(net, ids[i:i + self.o.micro_batch], mask, self.o.temperature)[0]
+                         for i in range(0, len(ids), self.o.micro_batch)])
+        net.train(was)
+        return out
+
+    def update(self, prompts, comps, adv) -> dict:
+        o, model = self.o, self.model
+        ids, mask = self._batch(prompts, comps)
+        adv = adv.to(self.dev)
+        ref_logp = self._frozen_logprobs(self.ref, ids, mask) if self.ref is not None else None
+        # mu = 1: the old policy *is* the current one, ratio = 1 exactly (old = current.detach())
+        old_logp = self._frozen_logprobs(model, ids, mask) if o.mu > 1 else None
+        norm = normalizer(mask, o.loss_agg, o.max_new_tokens)
+        n_tok = mask.sum().clamp_min(1.0)
+        model.train()
+        sums = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0, "mtp_loss": 0.0}
+        grad_norm = 0.0
+        for _ in range(o.mu):
+            self.optimizer.zero_grad(set_to_none=True)
+            finite = True
+            for i in range(0, len(ids), o.micro_batch):
+                sl = slice(i, i + o.micro_batch)
+                logp, ent, mtp = policy_logprobs(model, ids[sl], mask[sl], o.temperature, o.mtp_weight, entropy=True)
+                old = old_logp[sl] if old_logp is not None else logp.detach()
+                loss, st = grpo_loss(logp, old, adv[sl], mask[sl], norm[sl] if norm.dim() == 1 else norm,
+                                     ref_logp[sl] if ref_logp is not None else None, o.beta, o.eps_low, o.eps_high)
+                if mtp is not None:
+                    loss = loss + o.mtp_weight * mtp * (mask[sl].sum() / n_tok)
+                bal = balance_losses(model)
+                if bal is not None:
+                    loss = loss + bal * (len(ids[sl]) / len(ids))
+                if not torch.isfinite(loss):
+                    if o.nan_policy == "error":
+                        raise FloatingPointError(f"GRPO loss is {loss.item()} at micro-batch {i // o.micro_batch}; "
+                                                 "lower --lr, check rewards for NaN, or use --nan-policy skip")
+                    finite = False
+                    break
+                loss.backward()
+                sums["loss"] += loss.item() / o.mu
+                for k in ("kl", "clipped"):
+                    sums[k] += st[k].item() / n_tok.item() / o.mu
+                sums["entropy"] += (ent * mask[sl]).sum().item() / n_tok.item() / o.mu
+                sums["mtp_loss"] += (mtp.item() * mask[sl].sum().item() / n_tok.item() / o.mu) if mtp is not None else 0.0
+            params = [p for p in model.parameters() if p.grad is not None]
+            gn = torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else float("inf")) if params else torch.zeros(())
+            if not finite or not torch.isfinite(gn):
+                self.skipped += 1  # a NaN step must not reach the weights or Adam's moments
+                self.optimizer.zero_grad(set_to_none=True)
+                for m in moe_layers(model):
+                    m.load.zero_()
+                continue
+            grad_norm = gn.item()
+            self.optimizer.step()
+            if self.has_moe:  # the routing bias keeps balancing during RL
+                update_balancing_bias(model, o.bias_gamma)
+        self.scheduler.step()
+        sums["clip_frac"] = sums.pop("clipped")
+        return {**sums, "grad_norm": grad_norm, "_train_tokens": ids.numel()}
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+def evaluate(model, tok, o: Options, n: int | None = None) -> dict:
+    """Greedy accuracy and format rate on held-out (test split) prompts of the run's tasks."""
+    from nanoseek.data.tasks import mix
+    from nanoseek.rewards import compute_rewards
+    samples = mix(o.tasks, n or o.eval_n, "test", o.max_difficulty or o.difficulty, seed=o.seed + 1)
+    prompts = [make_prompt(tok, s.prompt, o.mode) for s in samples]
+    comps = []
+    for i in range(0, len(prompts), 64):
+        comps += sample_groups(model, prompts[i:i + 64], 1, o.max_new_tokens, tok.eos_id, temperature=0.0, pad_id=tok.pad_id)
+    rs = compute_rewards(samples, [tok.decode(c) for c in comps], reward_config(o))
+    return {"eval_accuracy": sum(r.accuracy > 0 for r in rs) / len(rs), "eval_format": sum(r.format for r in rs) / len(rs)}
+
+
+# ------------------------------------------------------------------------------------ the run
+
+PANELS = {
+    "accuracy": {"keys": ["accuracy", "eval_accuracy"], "ylabel": "share correct", "title": "accuracy (train rollouts, held-out greedy)"},
+    "reward_components": {"keys": ["reward_accuracy", "reward_format", "reward_language", "reward_length"], "ylabel": "mean"},
+    "kl": {"keys": ["kl"], "ylabel": "k3 KL to the reference"},
+    "length": {"keys": ["response_len", "response_len_max"], "ylabel": "completion tokens"},
+    "clip_frac": {"keys": ["clip_frac"], "ylabel": "share of tokens clipped"},
+    "entropy": {"keys": ["entropy"], "ylabel": "nats / token"},
+    "zero_var_groups": {"keys": ["zero_var_groups"], "ylabel": "share of groups with equal rewards"},
+    "throughput": {"keys": ["rollout_tokens_per_s", "train_tokens_per_s"], "ylabel": "tokens / s"},
+}
+
+
+def plot_run(out: Path) -> list[Path]:
+    """Reward mean with its spread (mean +- std over the batch) plus the line panels."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from nanoseek.train.plots import plot_metrics, read_metrics
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "reward" in r]
+    paths = plot_metrics(out / "metrics.jsonl", out / "plots", PANELS)
+    if rows:
+        x = [r["step"] for r in rows]
+        m = [r["reward"] for r in rows]
+        s = [r["reward_std"] for r in rows]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(x, m, label="mean reward")
+        ax.fill_between(x, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], alpha=0.25, label="+- std")
+        ax.set(xlabel="step", ylabel="reward", title="GRPO reward")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "plots" / "reward.png", dpi=110)
+        plt.close(fig)
+        paths.append(out / "plots" / "reward.png")
+    return paths
+
+
+def grpo(o: Options) -> Path:
+    """Run GRPO from o.model; returns the final model directory (HF layout, with tokenizer)."""
+    from nanoseek.cli import save_options
+    from nanoseek.model.hf import from_pretrained
+    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from nanoseek.train.pretrain import run_dir
+    from nanoseek.train.trainer import MetricsLog, resolve_device, seed_everything
+
+    if not o.model:
+        raise SystemExit("grpo: MODEL is required (the cold-start SFT model for r1, a pretrained base for r1-zero)")
+    if o.group_size < 2:
+        raise SystemExit("grpo: --group-size must be >= 2 (advantages are relative to the group)")
+    t_start = time.time()
+    out = run_dir(o.out, "grpo")
+    out.mkdir(parents=True, exist_ok=True)
+    save_options(o, out / "config.yaml")
+    seed_everything(o.seed)
+    tok = load_tokenizer(o.model)
+    model = from_pretrained(o.model).to(resolve_device(o.device)).train()
+    run = GRPO(model, tok, o)  # the reference (if beta > 0) is the *initial* model, also on resume
+    start, resume_step = 0, None
+    if o.resume and (ckpt := latest_checkpoint(out / "checkpoints")) is not None:
+        state = load_checkpoint(ckpt, model, run.optimizer, run.scheduler)
+        start = resume_step = state["step"]
+        run.skipped = state["extra"].get("skipped", 0)
+        print(f"grpo: resumed from {ckpt} (step {start})")
+    log = MetricsLog(out / "metrics.jsonl", resume_step, tensorboard=False)
+    print(f"grpo ({o.mode}): {o.steps} steps x {o.prompts_per_step} prompts x G={o.group_size}, tasks {','.join(o.tasks)}, "
+          f"run folder {out}")
+
+    def eval_row(step):
+        if o.eval_n > 0:
+            ev = evaluate(model, tok, o)
+            log.log({"step": step, **ev})
+            print(f"step {step}: held-out accuracy {ev['eval_accuracy']:.1%}, format {ev['eval_format']:.1%}", flush=True)
+
+    if start == 0:
+        eval_row(0)
+    row = {}
+    for s in range(start, o.steps):
+        row = run.step(s)
+        log.log(row)
+        if s == start or (s + 1) % max(1, o.steps // 20) == 0:
+            print(f"step {s + 1}/{o.steps}: reward {row['reward']:.3f} +- {row['reward_std']:.3f} acc {row['accuracy']:.2f} "
+                  f"fmt {row['reward_format']:.2f} len {row['response_len']:.0f} kl {row.get('kl', 0):.4f} "
+                  f"clip {row.get('clip_frac', 0):.3f} ent {row.get('entropy', 0):.2f} equal-groups {row['zero_var_groups']:.2f} "
+                  f"({row['time_rollout']:.1f}s rollout, {row['time_train']:.1f}s train)", flush=True)
+        if o.eval_every and (s + 1) % o.eval_every == 0 and s + 1 < o.steps:
+            eval_row(s + 1)
+        if (o.save_every and (s + 1) % o.save_every == 0) or s + 1 == o.steps:
+            save_checkpoint(out / "checkpoints", s + 1, model, run.optimizer, run.scheduler, {"step": s + 1},
+                            {"skipped": run.skipped}, keep_last=o.keep_last)
+    if start < o.steps:
+        eval_row(o.steps)
+    log.close()
+    final = out / "final"
+    model.save_pretrained(final, tokenizer=tok)
+    plots = plot_run(out)
+    print(f"grpo done in {time.time() - t_start:.0f}s: model {final}, metrics {out / 'metrics.jsonl'}, "
+          f"{len(plots)} plots in {out / 'plots'}, {run.skipped} skipped steps")
+    return final
+
+
+def run(opts: Options) -> None:
+    grpo(opts)
