@@ -87,7 +87,7 @@ def _worker(rank: int, world: int, port: int, out: str, job: str) -> None:
     from nanoseek.parallel import dcp
     from nanoseek.parallel.parallelize import (all_reduce_sum, destroy_distributed, full_state_dict,
                                                init_distributed, parallelize)
-    r, w, device = init_distributed(timeout_s=TIMEOUT_S)
+    r, w, device = init_distributed(device="cpu", timeout_s=TIMEOUT_S)   # gloo, also on GPU hosts
     assert (r, w) == (rank, world) and dist.is_initialized()
     out = Path(out)
 

@@ -29,24 +29,29 @@ MODES = ("none", "ddp", "fsdp")
 
 
 # ---------------------------------------------------------------------- process group
-def init_distributed(backend: str | None = None, timeout_s: float = 600) -> tuple[int, int, torch.device]:
+def init_distributed(backend: str | None = None, device: str | None = None,
+                     timeout_s: float = 600) -> tuple[int, int, torch.device]:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
 
     Without those variables this is a single process: (0, 1, cuda:0 or cpu), no group.
-    nccl on GPUs, gloo on CPU (gloo also runs the CPU tests of the multi-process code).
+    nccl on GPUs (one GPU per rank: cuda:LOCAL_RANK), gloo on CPU; device="cpu" forces the
+    CPU/gloo path on a GPU machine (the multi-process tests do, since ranks may outnumber GPUs).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    cuda = torch.cuda.is_available() and device != "cpu" and backend != "gloo"
+    if cuda and local_rank >= torch.cuda.device_count():
+        raise RuntimeError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs: launch at most "
+                           f"one process per GPU (torchrun --nproc_per_node {torch.cuda.device_count()}), "
+                           "or pass device='cpu' for gloo")
+    dev = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        backend = backend or ("nccl" if cuda else "gloo")
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s),
-                                device_id=device if cuda else None)
-    return rank, world, device
+        dist.init_process_group(backend or ("nccl" if cuda else "gloo"), rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout_s), device_id=dev if cuda else None)
+    return rank, world, dev
 
 
 def destroy_distributed() -> None:
@@ -114,8 +119,13 @@ def parallelize(model: nn.Module, mode: str = "none", ep: int = 1, device: torch
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
     kw = dict(mesh=mesh, mp_policy=mp, ignored_params=ignored or None)
     if mode == "ddp":
-        from torch.distributed._composable.replicate_with_fsdp import replicate
-        replicate(model, **kw)
+        try:
+            from torch.distributed._composable.replicate_with_fsdp import replicate
+            replicate(model, **kw)
+        except ImportError:
+            # torch < 2.10 has no FSDP-based replicate: one FSDP group that never reshards keeps
+            # the same numerics (averaged gradients), with ZeRO-2 memory instead of full replicas.
+            fully_shard(model, reshard_after_forward=False, **kw)
     else:
         for block in _blocks(model):
             fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
