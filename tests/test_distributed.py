@@ -26,6 +26,7 @@ pytestmark = pytest.mark.distributed
 
 STEPS, BATCH, SEQ, GAMMA = 3, 4, 16, 0.01
 MODES = [("ddp", 1), ("fsdp", 1), ("ddp", 2), ("fsdp", 2)]   # (mode, ep) at world 2
+MODES4 = [("fsdp", 2)]                                      # at world 4: EP groups of 2, 2 replicas (HSDP)
 CKPT_MODE = ("fsdp", 2)                                       # saved after STEPS steps, resumed elsewhere
 TIMEOUT_S = 90
 
@@ -132,6 +133,13 @@ def _worker(rank: int, world: int, port: int, out: str, job: str) -> None:
         res = result(model, [loss], loaded=loaded, step=extra["step"])
         if r == 0:
             torch.save(res, out / f"resume_w{w}.pt")
+        for mode, ep in MODES4:                     # ep < world: experts replicated over 2 EP groups
+            model = parallelize(build(), mode=mode, ep=ep)
+            opt = make_opt(model)
+            losses = [train_step(model, opt, s, r, w, all_reduce_sum) for s in range(STEPS)]
+            res = result(model, losses, layout=layout(model))
+            if r == 0:
+                torch.save(res, out / f"{mode}_ep{ep}_w{w}.pt")
     destroy_distributed()
 
 
@@ -287,16 +295,38 @@ def test_resume_on_one_process(runs):
     assert d_saved <= 1e-4 and d_ref <= 1e-4
 
 
-def test_resume_on_four_processes(runs):
-    """The same 2-rank checkpoint resharded onto 4 ranks (FSDP + 2 experts per rank)."""
+@pytest.fixture(scope="module")
+def runs4(runs):
     out, ref = runs
     t = spawn(4, out, "resume")
+    print(f"\n[distributed] world-4 run (resume + {len(MODES4)} modes): {t:.1f}s")
+    return out, ref
+
+
+@pytest.mark.parametrize("mode,ep", MODES4)
+def test_four_ranks_expert_groups_match_single_process(runs4, mode, ep):
+    """ep=2 of world 4: each expert lives on 2 ranks (one per EP group); its gradient is summed
+    over both groups' tokens."""
+    out, ref = runs4
+    res = torch.load(out / f"{mode}_ep{ep}_w4.pt")
+    dl, dw = _report(f"{mode} ep={ep} world=4", res, ref)
+    print(f"[distributed] {mode} ep={ep} world=4 layout: {res['layout']}")
+    assert dl <= 1e-5 and dw <= 1e-4
+    assert res["bias_same_on_ranks"] and torch.equal(res["bias"], ref["bias"])
+    assert res["layout"]["local_experts"] == tiny_config().n_routed_experts // ep
+    assert res["layout"]["placements"] == {"experts": ["(Replicate(), Shard(dim=0))"],
+                                           "other": ["(Replicate(), Shard(dim=0))"]}
+
+
+def test_resume_on_four_processes(runs4):
+    """The same 2-rank checkpoint resharded onto 4 ranks (FSDP + 2 experts per rank)."""
+    out, ref = runs4
     res = torch.load(out / "resume_w4.pt")
     saved = torch.load(out / "{}_ep{}_w2.pt".format(*CKPT_MODE))
     assert res["step"] == STEPS
     assert state_diff(res["loaded"], saved["state"]) == 0.0
     d = state_diff(res["state"], saved["state_after"])
-    print(f"[distributed] resume world 2 -> 4 ({t:.1f}s): loaded weights identical; next step vs world-2 run "
+    print(f"[distributed] resume world 2 -> 4: loaded weights identical; next step vs world-2 run "
           f"{d:.2e}, vs 1 process {state_diff(res['state'], ref['state_after']):.2e}")
     assert d <= 1e-4
     assert res["bias_same_on_ranks"]

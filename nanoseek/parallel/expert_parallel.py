@@ -12,9 +12,10 @@ is the reverse all-to-all (the functional collectives' autograd variant is not a
 every backend; this one is two lines and works on gloo and nccl alike).
 
 Shared experts, attention and the router stay data-parallel. Expert weights become DTensors
-sharded on dim 0 over the mesh, so distributed checkpoints save each expert once and load
-into any other world size. Their gradient is the sum over every rank's tokens; it is scaled
-by 1/world so that it matches the data-parallel mean used for every other parameter.
+sharded on dim 0 over the EP mesh dimension, so distributed checkpoints save each expert once
+and load into any other world size. Their gradient is the sum over the tokens of the EP group;
+it is scaled by 1/world, and when ep < world summed over the replicas (the same EP rank in
+every group) after backward, so it equals the data-parallel mean used for every other parameter.
 
 Node-limited routing (V3 §2.1.2: a token's experts on at most M nodes) is the router's
 group-limited routing when groups coincide with nodes: experts are placed contiguously
@@ -69,20 +70,27 @@ class ExpertParallelExperts(nn.Module):
     """Drop-in for `Experts` (same parameter names and forward contract) holding this rank's
     slice of the experts as Shard(0) DTensors."""
 
-    def __init__(self, experts: Experts, mesh, group=None):
+    def __init__(self, experts: Experts, mesh, group=None, rep_group=None):
+        """mesh: 1-D (EP over all ranks) or 2-D (replicas, EP). group: this rank's EP group for
+        the all-to-alls; rep_group: the ranks holding the same experts (2-D mesh only)."""
         super().__init__()
-        from torch.distributed.tensor import Shard, distribute_tensor
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
         self.n_experts = experts.gate_proj.shape[0]
-        self.world, self.rank = mesh.size(), mesh.get_local_rank()
+        self.world = mesh.size(mesh.ndim - 1)                             # EP degree
+        self.grad_scale = 1.0 / mesh.size()                               # 1 / all data-parallel ranks
         if self.n_experts % self.world:
             raise ValueError(f"n_routed_experts={self.n_experts} is not divisible by ep={self.world}")
         self.n_local = self.n_experts // self.world
         # A separate gloo/nccl group: the token all-to-alls never interleave with FSDP's collectives.
         self.group = group
+        placements = [Replicate()] * (mesh.ndim - 1) + [Shard(0)]
         for name in ("gate_proj", "up_proj", "down_proj"):
             full = getattr(experts, name).detach()
             # distribute_tensor scatters rank 0's copy, so all ranks start from the same experts.
-            setattr(self, name, nn.Parameter(distribute_tensor(full, mesh, [Shard(0)])))
+            p = nn.Parameter(distribute_tensor(full, mesh, placements))
+            if rep_group is not None:
+                p.register_post_accumulate_grad_hook(lambda p: dist.all_reduce(p.grad.to_local(), group=rep_group))
+            setattr(self, name, p)
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D], idx/weights [N, k] -> y [N, D], this rank's tokens per expert [E] (global ids)."""
@@ -103,7 +111,7 @@ class ExpertParallelExperts(nn.Module):
         local_eid = torch.arange(El, device=x.device).repeat(W).repeat_interleave(recv.reshape(-1))
         perm = local_eid.argsort(stable=True)
         per_expert = recv.sum(0).tolist()
-        scale = 1.0 / W
+        scale = self.grad_scale
         # .to(dtype): under FSDP mixed precision the tokens arrive in bf16 while these fp32
         # master weights sit outside FSDP's casting; the cast's backward returns fp32 grads.
         w_gate, w_up, w_down = (_ScaleGrad.apply(p.to_local(), scale).to(x.dtype)
@@ -119,14 +127,26 @@ class ExpertParallelExperts(nn.Module):
         return y, counts
 
 
+def _my_group(rows: list[list[int]]):
+    """new_group for every row (collective: all ranks create all groups, in the same order)."""
+    me, mine = dist.get_rank(), None
+    for ranks in rows:
+        g = dist.new_group(ranks)
+        if me in ranks:
+            mine = g
+    return mine
+
+
 def apply_expert_parallel(model: nn.Module, mesh) -> set[nn.Parameter]:
-    """Replace every MoE's experts by an EP version over `mesh` (1-D); returns the expert
-    parameters, which the data-parallel wrappers must ignore."""
-    group = dist.new_group(mesh.mesh.tolist())
+    """Replace every MoE's experts by an EP version over `mesh`: 1-D (EP over all ranks) or
+    2-D (replicas, EP). Returns the expert parameters, which the data-parallel wrappers must ignore."""
+    ranks = mesh.mesh.reshape(-1, mesh.size(mesh.ndim - 1))             # rows: EP groups
+    group = _my_group(ranks.tolist())
+    rep_group = _my_group(ranks.t().tolist()) if ranks.shape[0] > 1 else None
     params: set[nn.Parameter] = set()
     for m in model.modules():
         if isinstance(m, MoE):
-            m.experts = ExpertParallelExperts(m.experts, mesh, group)
+            m.experts = ExpertParallelExperts(m.experts, mesh, group, rep_group)
             params.update(m.experts.parameters())
     return params
 

@@ -89,7 +89,9 @@ def parallelize(model: nn.Module, mode: str = "none", ep: int = 1, device: torch
     """Apply data (and expert) parallelism in place; returns the same model object.
 
     mode: "none" (one process, or replicas kept in sync by the caller), "ddp", "fsdp".
-    ep: expert-parallel degree; 1 or the world size (experts sharded over all ranks).
+    ep: expert-parallel degree, dividing the world size: experts sharded over groups of `ep`
+        consecutive ranks (put a group inside a node), replicated across the world/ep groups;
+        ep < world needs mode="fsdp" (the dense part is then HSDP on the same 2-D mesh).
     param_dtype: FSDP/DDP mixed precision (e.g. torch.bfloat16 on GPUs); grads reduce in fp32.
     `model.loss` is registered as a forward method so the wrappers' hooks run around it.
     """
@@ -111,9 +113,17 @@ def parallelize(model: nn.Module, mode: str = "none", ep: int = 1, device: torch
     mesh = init_device_mesh(dev_type, (world,), mesh_dim_names=("dp",))
     ignored: set[nn.Parameter] = set()
     if ep > 1:
-        if ep != world:
-            raise NotImplementedError(f"ep must be 1 or the world size ({world}); got {ep}")
+        if world % ep:
+            raise ValueError(f"ep={ep} must divide the world size {world}")
         from nanoseek.parallel.expert_parallel import apply_expert_parallel
+        if ep < world:
+            # rows = replicas, columns = EP ranks: consecutive ranks (one node) form an EP group.
+            # Every DTensor must share one mesh (grad clipping and foreach optimizers reject
+            # mixed meshes), so the rest of the model is sharded HSDP-style on the same 2-D mesh:
+            # sharded inside an EP group, replicated across groups.
+            if mode != "fsdp":
+                raise ValueError(f"ep={ep} < world={world} needs mode='fsdp' (HSDP over the EP groups)")
+            mesh = init_device_mesh(dev_type, (world // ep, ep), mesh_dim_names=("ep_rep", "ep"))
         ignored = apply_expert_parallel(model, mesh)
         mode = "ddp" if mode == "none" else mode   # the rest of the model still needs its grads averaged
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
