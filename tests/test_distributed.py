@@ -330,3 +330,12 @@ def test_resume_on_four_processes(runs4):
           f"{d:.2e}, vs 1 process {state_diff(res['state'], ref['state_after']):.2e}")
     assert d <= 1e-4
     assert res["bias_same_on_ranks"]
+
+
+def test_node_limited_bound():
+    """V3: 256 experts in 8 groups on 8 nodes (EP 64, 8 GPUs per node), topk_group 4 -> <= 4 nodes."""
+    from nanoseek.parallel.expert_parallel import check_node_limited
+    assert check_node_limited(256, 8, 4, ep=64, ranks_per_node=8) == 4
+    assert check_node_limited(256, 16, 4, ep=64, ranks_per_node=8) == 4    # 2 groups per node
+    assert check_node_limited(256, 4, 2, ep=64, ranks_per_node=8) is None  # a group spans 2 nodes
+    assert check_node_limited(64, 8, 4, ep=8, ranks_per_node=8) == 1       # one node: trivially 1

@@ -76,11 +76,11 @@ class ExpertParallelExperts(nn.Module):
         super().__init__()
         from torch.distributed.tensor import Replicate, Shard, distribute_tensor
         self.n_experts = experts.gate_proj.shape[0]
-        self.world = mesh.size(mesh.ndim - 1)                             # EP degree
+        self.ep = mesh.size(mesh.ndim - 1)                                # EP degree
         self.grad_scale = 1.0 / mesh.size()                               # 1 / all data-parallel ranks
-        if self.n_experts % self.world:
-            raise ValueError(f"n_routed_experts={self.n_experts} is not divisible by ep={self.world}")
-        self.n_local = self.n_experts // self.world
+        if self.n_experts % self.ep:
+            raise ValueError(f"n_routed_experts={self.n_experts} is not divisible by ep={self.ep}")
+        self.n_local = self.n_experts // self.ep
         # A separate gloo/nccl group: the token all-to-alls never interleave with FSDP's collectives.
         self.group = group
         placements = [Replicate()] * (mesh.ndim - 1) + [Shard(0)]
@@ -95,7 +95,7 @@ class ExpertParallelExperts(nn.Module):
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D], idx/weights [N, k] -> y [N, D], this rank's tokens per expert [E] (global ids)."""
         N, k = idx.shape
-        W, El = self.world, self.n_local
+        W, El = self.ep, self.n_local
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)                                 # slots sorted by expert = by owner rank
         counts = torch.bincount(flat, minlength=self.n_experts)
