@@ -99,7 +99,10 @@ def model_generator(model: torch.nn.Module, tokenizer, max_batch: int = 64) -> G
         ids = [tokenizer.encode(p) for p in prompts]
         if Engine is not None:
             engine = Engine(model, tokenizer, max_batch=max_batch, max_len=max(map(len, ids)) + max_tokens)
-            params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed, n=n)
+            # one seed per question: questions get independent sample streams, and the run is repeatable
+            params = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, n=n,
+                                     seed=seed * 1_000_003 + i, stop_token_ids=[tokenizer.eos_id])
+                      for i in range(len(ids))]
             return [[Completion(o.text, len(o.token_ids), o.finish_reason) for o in _outputs(r)]
                     for r in engine.generate(ids, params)]
         rows = [p for p in ids for _ in range(n)]
@@ -111,8 +114,8 @@ def model_generator(model: torch.nn.Module, tokenizer, max_batch: int = 64) -> G
 
 
 def _outputs(result) -> list:
-    """An engine result is either one prompt's list of n outputs or an object holding them."""
-    return list(getattr(result, "outputs", result))
+    """An engine result is one prompt's list of n outputs, an object holding them, or one output."""
+    return result if isinstance(result, list) else list(getattr(result, "outputs", [result]))
 
 
 @torch.no_grad()
@@ -257,7 +260,7 @@ class Options:
     top_p: float = field(default=0.95, metadata={"help": "nucleus sampling (R1 report: 0.95)"})
     max_tokens: int = field(default=128, metadata={"help": "max new tokens per completion"})
     greedy: bool = field(default=True, metadata={"help": "also decode greedily"})
-    max_batch: int = field(default=64, metadata={"help": "rows decoded together"})
+    max_batch: int = field(default=256, metadata={"help": "rows decoded together"})
     seed: int = field(default=0, metadata={"help": "seed for questions and sampling"})
     out: str = field(default="", metadata={"help": "write eval.json + eval.md here (dir or .json path)"})
 
