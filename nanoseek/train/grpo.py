@@ -214,8 +214,8 @@ class GRPO:
             self.ref = copy.deepcopy(model).eval()
             self.ref.requires_grad_(False)
         self.optimizer = make_optimizer(model, o.lr, o.weight_decay, (0.9, 0.99))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
-            s, o.steps, o.warmup_steps, "cosine", o.min_lr_ratio))
+        # the lr is a function of the step, set at the start of each one: nothing to checkpoint
+        self.lr_at = lambda s: o.lr * lr_factor(s, o.steps, o.warmup_steps, "cosine", o.min_lr_ratio)
         self.has_moe = bool(moe_layers(model))
         self.skipped = 0
         self._pools: dict[int, list] = {}
@@ -242,6 +242,9 @@ class GRPO:
             out.append(pool[order[j]])
         return out
 
+    def encode_prompt(self, sample) -> list[int]:
+        return make_prompt(self.tok, sample.prompt, self.o.mode)
+
     def _rule_rewards(self, samples, texts, n_tokens):
         from nanoseek.rewards import compute_rewards
         return compute_rewards(samples, texts, self.reward_cfg, True, n_tokens)
@@ -258,8 +261,10 @@ class GRPO:
     def step(self, step: int) -> dict:
         o, model, G = self.o, self.model, self.o.group_size
         t0 = time.perf_counter()
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.lr_at(step)
         samples = self.prompts_at(step)
-        prompts = [make_prompt(self.tok, s.prompt, o.mode) for s in samples]
+        prompts = [self.encode_prompt(s) for s in samples]
         comps = self.rollout(prompts, seed=o.seed * 1_000_003 + step)
         t_roll = time.perf_counter() - t0
         # rewards first, from text only: nothing of the rollout stays alive into the update
@@ -274,8 +279,6 @@ class GRPO:
         t1 = time.perf_counter()
         if keep:
             row.update(self.update([prompts[i // G] for i in keep], [comps[i] for i in keep], adv[keep]))
-        else:
-            self.scheduler.step()
         t_train = time.perf_counter() - t1
         n_roll = sum(map(len, comps))
         row.update(rollout_tokens_per_s=n_roll / max(t_roll, 1e-9), time_rollout=t_roll, time_train=t_train,
@@ -362,7 +365,6 @@ class GRPO:
             self.optimizer.step()
             if self.has_moe:  # the routing bias keeps balancing during RL
                 update_balancing_bias(model, o.bias_gamma)
-        self.scheduler.step()
         sums["clip_frac"] = sums.pop("clipped")
         return {**sums, "grad_norm": grad_norm, "_train_tokens": ids.numel()}
 
@@ -444,7 +446,7 @@ def grpo(o: Options) -> Path:
     run = GRPO(model, tok, o)  # the reference (if beta > 0) is the *initial* model, also on resume
     start, resume_step = 0, None
     if o.resume and (ckpt := latest_checkpoint(out / "checkpoints")) is not None:
-        state = load_checkpoint(ckpt, model, run.optimizer, run.scheduler)
+        state = load_checkpoint(ckpt, model, run.optimizer)
         start = resume_step = state["step"]
         run.skipped = state["extra"].get("skipped", 0)
         print(f"grpo: resumed from {ckpt} (step {start})")
@@ -472,7 +474,7 @@ def grpo(o: Options) -> Path:
         if o.eval_every and (s + 1) % o.eval_every == 0 and s + 1 < o.steps:
             eval_row(s + 1)
         if (o.save_every and (s + 1) % o.save_every == 0) or s + 1 == o.steps:
-            save_checkpoint(out / "checkpoints", s + 1, model, run.optimizer, run.scheduler, {"step": s + 1},
+            save_checkpoint(out / "checkpoints", s + 1, model, run.optimizer, None, {"step": s + 1},
                             {"skipped": run.skipped}, keep_last=o.keep_last)
     if start < o.steps:
         eval_row(o.steps)
