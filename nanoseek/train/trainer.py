@@ -51,6 +51,8 @@ class TrainOptions:
     dtype: str = field(default="auto", metadata={"help": "auto | fp32 | bf16 (autocast, fp32 master weights)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     seed: int = field(default=0, metadata={"help": "seed for init, data order and sampling"})
+    deterministic: bool = field(default=True, metadata={
+        "help": "deterministic kernels on CPU (bit-exact reruns and resumes; no measured cost there)"})
     bias_gamma: float = field(default=0.001, metadata={"help": "MoE aux-loss-free bias update speed (0 = off)"})
     bias_freeze_frac: float = field(default=0.97, metadata={
         "help": "stop updating the MoE bias after this fraction of steps (V3: last ~3% of tokens)"})
@@ -148,6 +150,9 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.device = resolve_device(opts.device)
         _, self.amp_dtype = pick_dtype(self.device, opts.dtype)
+        if opts.deterministic and self.device.type == "cpu":
+            # with >1 thread some CPU kernels (the MoE scatter-adds) sum in a varying order otherwise
+            torch.use_deterministic_algorithms(True, warn_only=True)
         self.model = model.to(self.device).train()
         self.optimizer = make_optimizer(self.model, opts.lr, opts.weight_decay, (opts.beta1, opts.beta2))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
