@@ -20,6 +20,7 @@ class KVCache:
         self.layers = [tuple(torch.zeros(batch, max_len, *s, dtype=dtype, device=device) for s in shapes)
                        for _ in range(num_layers)]
         self.limit = max_len  # keys visible this step: set by the model from the positions
+        self.rows: slice | None = None  # cache rows for batch rows 0..B-1 of the next forward (None: 0..B-1)
 
     @property
     def batch(self) -> int:
@@ -31,9 +32,10 @@ class KVCache:
         return per_layer * len(self.layers) * torch.empty((), dtype=self.dtype).element_size()
 
     def update(self, layer: int, positions: torch.Tensor, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Write values [B, T, ...] at positions [B, T]; return the buffers [B, limit, ...]."""
+        """Write values [B, T, ...] at positions [B, T] into `rows`; return those rows [B, limit, ...]."""
         out = []
         for buf, val in zip(self.layers[layer], values):
+            buf = buf[self.rows if self.rows is not None else slice(0, val.shape[0])]
             idx = positions.view(*positions.shape, *([1] * (val.dim() - 2))).expand_as(val)
             buf.scatter_(1, idx, val.to(buf.dtype))
             out.append(buf[:, : self.limit])

@@ -1,0 +1,305 @@
+"""Batched generation with continuous batching over a preallocated cache.
+
+Active sequences sit compacted in cache rows 0..B-1, so each decode step is one forward of
+[B, 1] tokens over a contiguous slice of the cache (the MLA cache holds only c_kv + k_pe).
+New requests are prefilled together into the rows after them; a request with n > 1 (a GRPO
+group) prefills its prompt once and copies those cache rows to its other n-1 sequences.
+A finished sequence leaves at once: the last active row moves into its hole.
+
+`add_request` / `abort` may be called from any thread; one thread drives `step()`.
+"""
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from nanoseek.infer.sampling import SamplingParams, apply_repetition_penalty, sample
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    token_ids: list[int] = field(default_factory=list)  # includes the stop token when one ended it
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+
+    @property
+    def finished(self) -> bool:
+        return all(o.finish_reason is not None for o in self.outputs)
+
+
+@dataclass
+class Event:
+    """One new token of one sequence, as `step()` reports it (for streaming)."""
+    request_id: int
+    index: int
+    token_id: int
+    text: str            # text added by this token (may be "" while a multi-byte char is incomplete)
+    logprob: float
+    finished: bool
+    finish_reason: str | None
+
+
+@dataclass
+class _Seq:
+    req: RequestOutput
+    out: CompletionOutput
+    params: SamplingParams
+    gen: torch.Generator | None
+    pos: int = 0              # position of the next token to write
+    last: int = 0             # last token (input of the next decode step)
+    text_len: int = 0         # chars of decoded text already reported
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, tokenizer=None, max_batch: int = 64, max_len: int | None = None,
+                 dtype: torch.dtype | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.max_batch = max_batch
+        self.max_len = max_len or model.config.max_position_embeddings
+        self.cache = model.make_cache(max_batch, self.max_len, dtype=dtype)
+        self.active: list[_Seq] = []                   # row i of the cache <-> active[i]
+        self.waiting: deque[tuple[RequestOutput, SamplingParams]] = deque()
+        self.requests: dict[int, RequestOutput] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._aborted: set[int] = set()
+        self.eos_id = getattr(tokenizer, "eos_id", model.config.eos_token_id)
+        self.spec_stats = {"drafted": 0, "accepted": 0}
+
+    # ------------------------------------------------------------------ public API
+    def cache_bytes_per_token(self) -> int:
+        return self.cache.bytes_per_token()
+
+    def add_request(self, prompt: list[int], params: SamplingParams | None = None, request_id: int | None = None) -> int:
+        params = params or SamplingParams()
+        if not prompt:
+            raise ValueError("empty prompt")
+        if len(prompt) >= self.max_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens does not fit the context of {self.max_len} tokens")
+        if params.n > self.max_batch:
+            raise ValueError(f"n={params.n} exceeds the engine's max_batch={self.max_batch}")
+        rid = next(self._ids) if request_id is None else request_id
+        req = RequestOutput(rid, list(prompt), [CompletionOutput(i) for i in range(params.n)])
+        with self._lock:
+            self.requests[rid] = req
+            self.waiting.append((req, params))
+        return rid
+
+    def abort(self, request_id: int) -> None:
+        with self._lock:
+            self._aborted.add(request_id)
+
+    def has_work(self) -> bool:
+        return bool(self.active or self.waiting)
+
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """Admit waiting requests (prefill), then one decode step for every active sequence."""
+        events: list[Event] = []
+        self._drop_aborted(events)
+        self._admit(events)
+        if self.active:
+            B = len(self.active)
+            ids = torch.tensor([[s.last] for s in self.active], device=self.device)
+            pos = torch.tensor([[s.pos] for s in self.active], device=self.device)
+            self.cache.rows = slice(0, B)
+            logits = self.model(ids, positions=pos, cache=self.cache)[:, -1]
+            for s in self.active:
+                s.pos += 1
+            self._emit(logits, list(self.active), events)
+        return events
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                 progress: bool = False, speculative: bool = False) -> list[RequestOutput]:
+        """Run prompts to completion; one RequestOutput (with n outputs) per prompt, in order.
+
+        speculative: MTP self-speculative decoding, one sequence at a time (models with MTP only).
+        """
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if speculative and len(getattr(self.model, "mtp", ())):
+            return [self._generate_speculative(p, sp) for p, sp in zip(prompts, plist)]
+        rids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=sum(sp.n for sp in plist), desc="generating", unit="seq")
+        while self.has_work():
+            done = sum(e.finished for e in self.step())
+            if bar is not None:
+                bar.update(done)
+        if bar is not None:
+            bar.close()
+        return [self.requests.pop(r) for r in rids]
+
+    def _generate_speculative(self, prompt: list[int], params: SamplingParams) -> RequestOutput:
+        from nanoseek.infer.speculative import speculative_decode
+
+        req = RequestOutput(next(self._ids), list(prompt), [])
+        for j in range(params.n):
+            gen = self._generator(params, j)
+            toks, lps, reason, drafted, accepted = speculative_decode(self.model, prompt, params, self.max_len,
+                                                                      self.eos_id, gen)
+            self.spec_stats["drafted"] += drafted
+            self.spec_stats["accepted"] += accepted
+            out = CompletionOutput(j, toks, lps, finish_reason=reason)
+            if self.tokenizer is not None:
+                out.text = self.tokenizer.decode(toks[:-1] if reason == "stop" else toks)
+            req.outputs.append(out)
+        return req
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Share of MTP drafts the main model accepted (speculative decoding)."""
+        return self.spec_stats["accepted"] / max(1, self.spec_stats["drafted"])
+
+    def _generator(self, params: SamplingParams, j: int) -> torch.Generator | None:
+        if params.temperature == 0:
+            return None
+        gen = torch.Generator(device=self.device)
+        base = params.seed if params.seed is not None else random.SystemRandom().randrange(2**62)
+        gen.manual_seed(base + 7919 * j)  # distinct streams for the n samples of one request
+        return gen
+
+    # ------------------------------------------------------------------ internals
+    def _drop_aborted(self, events: list[Event]) -> None:
+        with self._lock:
+            aborted, self._aborted = self._aborted, set()
+            if aborted:
+                self.waiting = deque((r, p) for r, p in self.waiting if r.request_id not in aborted)
+        for s in [s for s in self.active if s.req.request_id in aborted]:
+            self._finish(s, "abort", events)
+        for rid in aborted:
+            req = self.requests.get(rid)
+            for o in req.outputs if req else ():
+                o.finish_reason = o.finish_reason or "abort"
+
+    def _admit(self, events: list[Event]) -> None:
+        """Prefill as many waiting requests as fit, batched, with n-way prefix sharing."""
+        batch: list[tuple[RequestOutput, SamplingParams]] = []
+        free = self.max_batch - len(self.active)
+        with self._lock:
+            while self.waiting and self.waiting[0][1].n <= free:
+                req, params = self.waiting.popleft()
+                free -= params.n
+                batch.append((req, params))
+        if not batch:
+            return
+        start = len(self.active)
+        lens = [len(r.prompt_token_ids) for r, _ in batch]
+        T = max(lens)
+        # Right-padded prefill into rows start..start+len(batch)-1. Pad keys sit at positions no real
+        # query can see yet, and each is overwritten by the sequence's own token before it becomes visible.
+        ids = torch.full((len(batch), T), self.eos_id or 0, dtype=torch.long, device=self.device)
+        for i, (r, _) in enumerate(batch):
+            ids[i, :lens[i]] = torch.tensor(r.prompt_token_ids, device=self.device)
+        pos = torch.arange(T, device=self.device).expand(len(batch), T)
+        self.cache.rows = slice(start, start + len(batch))
+        logits = self.model(ids, positions=pos, cache=self.cache)
+        last = logits[torch.arange(len(batch)), torch.tensor(lens) - 1]            # [R, V]
+        # Lay the groups out: prompt row i -> rows of its n sequences (copying the prompt's cache rows).
+        # Prompt rows are moved from the back so no prompt row is overwritten before it is copied.
+        rows_logits, seqs = [], []
+        offsets = list(itertools.accumulate([p.n for _, p in batch], initial=start))
+        for i in reversed(range(len(batch))):
+            req, params = batch[i]
+            dst = torch.arange(offsets[i], offsets[i] + params.n, device=self.device)
+            self.cache.copy_rows(torch.full_like(dst, start + i), dst, lens[i])
+        for i, (req, params) in enumerate(batch):
+            for j in range(params.n):
+                s = _Seq(req, req.outputs[j], params, self._generator(params, j), pos=lens[i])
+                seqs.append(s)
+                rows_logits.append(i)
+        self.active.extend(seqs)
+        self._emit(last[torch.tensor(rows_logits, device=self.device)], seqs, events)
+
+    def _emit(self, logits: torch.Tensor, seqs: list[_Seq], events: list[Event]) -> None:
+        """Sample one token for each of `seqs` from its logits row, record it, retire finished ones."""
+        logits = logits.float()
+        if not torch.isfinite(logits).all():
+            raise FloatingPointError("non-finite logits during generation: the model weights are broken "
+                                     "(NaN/inf) or the dtype overflowed; try --dtype fp32")
+        P = [s.params for s in seqs]
+        f = lambda name, dt: torch.tensor([getattr(p, name) for p in P], dtype=dt, device=logits.device)  # noqa: E731
+        logp = logits.log_softmax(-1)
+        rep = f("repetition_penalty", torch.float32)
+        if bool((rep != 1).any()):
+            logits = apply_repetition_penalty(logits.clone(), [s.req.prompt_token_ids + s.out.token_ids for s in seqs], rep)
+        toks = sample(logits, f("temperature", torch.float32), f("top_k", torch.long), f("top_p", torch.float32),
+                      f("min_p", torch.float32), [s.gen for s in seqs]).tolist()
+        tok_lp = logp.gather(1, torch.tensor(toks, device=logits.device).unsqueeze(1)).squeeze(1).tolist()
+        kmax = max(p.top_logprobs for p in P)
+        top = logp.topk(kmax, -1) if kmax else None
+        finished = []
+        for i, (s, t) in enumerate(zip(seqs, toks)):
+            s.out.token_ids.append(t)
+            s.out.logprobs.append(tok_lp[i])
+            if s.params.top_logprobs:
+                k = s.params.top_logprobs
+                s.out.top_logprobs.append(dict(zip(top.indices[i, :k].tolist(), top.values[i, :k].tolist())))
+            s.last = t
+            reason = self._stop_reason(s, t)
+            delta = self._text_delta(s, reason)
+            events.append(Event(s.req.request_id, s.out.index, t, delta, tok_lp[i], reason is not None, reason))
+            if reason is not None:
+                finished.append((s, reason))
+        for s, reason in finished:
+            self._finish(s, reason, None)
+
+    def _stop_reason(self, s: _Seq, t: int) -> str | None:
+        p = s.params
+        if t in p.stop_token_ids or (t == self.eos_id and not p.ignore_eos):
+            return "stop"
+        if p.stop and self.tokenizer is not None:
+            tail = self.tokenizer.decode(s.out.token_ids[-32:])
+            if any(x in tail for x in p.stop):
+                return "stop"
+        if len(s.out.token_ids) >= p.max_tokens or s.pos + 1 >= self.max_len:  # prompt + output <= max_len
+            return "length"
+        return None
+
+    def _text_delta(self, s: _Seq, reason: str | None) -> str:
+        if self.tokenizer is None:
+            return ""
+        ids = s.out.token_ids
+        if reason == "stop" and ids and (ids[-1] == self.eos_id or ids[-1] in s.params.stop_token_ids):
+            ids = ids[:-1]  # the stop token is not part of the text
+        text = self.tokenizer.decode(ids)
+        if s.params.stop:
+            cut = min((text.find(x) for x in s.params.stop if x in text), default=-1)
+            text = text[:cut] if cut >= 0 else text
+        if reason is None and text.endswith("\ufffd"):
+            return ""  # wait for the rest of a multi-byte character
+        s.out.text = text
+        delta, s.text_len = text[s.text_len:], len(text)
+        return delta
+
+    def _finish(self, s: _Seq, reason: str, events: list[Event] | None) -> None:
+        """Retire a sequence: its row is refilled by the last active row (keeps rows 0..B-1 dense)."""
+        s.out.finish_reason = reason
+        if events is not None:
+            events.append(Event(s.req.request_id, s.out.index, -1, "", 0.0, True, reason))
+        i = self.active.index(s)
+        last = len(self.active) - 1
+        if i != last:
+            moved = self.active[last]
+            self.cache.copy_rows(torch.tensor([last]), torch.tensor([i]), moved.pos)
+            self.active[i] = moved
+        self.active.pop()

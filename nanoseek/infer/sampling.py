@@ -1,0 +1,79 @@
+"""Sampling parameters and the logits -> next-token step, vectorized over a batch of requests.
+
+Each row has its own parameters and its own torch.Generator, so a request's seed alone decides
+its random draws, whichever other requests share the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0       # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0                 # 0: off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    max_tokens: int = 256
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    seed: int | None = None
+    logprobs: bool = True          # log-prob of each sampled token (raw model distribution)
+    top_logprobs: int = 0
+    n: int = 1
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        checks = [(self.temperature >= 0, "temperature must be >= 0"), (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+                  (self.top_k >= 0, "top_k must be >= 0"), (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+                  (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+                  (self.max_tokens >= 1, "max_tokens must be >= 1"), (self.n >= 1, "n must be >= 1"),
+                  (0 <= self.top_logprobs <= 20, "top_logprobs must be in [0, 20]")]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: list[list[int]], penalty: torch.Tensor) -> torch.Tensor:
+    """CTRL-style: divide positive / multiply negative logits of already-seen tokens by the penalty."""
+    for i, toks in enumerate(seen):
+        if penalty[i] != 1.0 and toks:
+            idx = torch.tensor(sorted(set(toks)), device=logits.device)
+            v = logits[i, idx]
+            logits[i, idx] = torch.where(v > 0, v / penalty[i], v * penalty[i])
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Mask (to -inf) tokens outside top-k, outside the top-p nucleus, or below min_p * p_max. logits [B, V]."""
+    V = logits.shape[-1]
+    sorted_logits, order = logits.sort(-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    rank = torch.arange(V, device=logits.device).expand_as(probs)
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, V)).unsqueeze(-1)
+    drop = rank >= k
+    # nucleus: keep a token if the mass before it is < top_p (so the top token always stays)
+    drop |= (probs.cumsum(-1) - probs) >= top_p.unsqueeze(-1)
+    drop |= probs < min_p.unsqueeze(-1) * probs[:, :1]
+    drop[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+           min_p: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """logits [B, V] (fp32) -> token ids [B]. Rows with temperature 0 are greedy."""
+    greedy = temperature == 0
+    out = logits.argmax(-1)
+    if bool(greedy.all()):
+        return out
+    t = torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(-1)
+    probs = filter_logits(logits / t, top_k, top_p, min_p).softmax(-1)
+    for i in torch.nonzero(~greedy).flatten().tolist():
+        out[i] = torch.multinomial(probs[i], 1, generator=generators[i])[0]
+    return out
