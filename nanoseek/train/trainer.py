@@ -142,16 +142,18 @@ def lm_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], trainer: "Tr
 
 class Trainer:
     def __init__(self, model: torch.nn.Module, opts: TrainOptions, batches: Iterator, out_dir: str | Path,
-                 step_fn: Callable[..., dict] | None = None, log_extra: Callable[[], dict] | None = None):
+                 step_fn: Callable[..., dict] | None = None, log_extra: Callable[[], dict] | None = None,
+                 all_reduce: Callable[[torch.Tensor], Any] | None = None):
         from nanoseek.hardware import pick_dtype
 
         self.opts, self.batches, self.step_fn = opts, batches, step_fn or lm_step
-        self.log_extra = log_extra
+        self.log_extra, self.all_reduce = log_extra, all_reduce  # all_reduce: sum expert loads over ranks
         self.out_dir = Path(out_dir)
         self.device = resolve_device(opts.device)
         _, self.amp_dtype = pick_dtype(self.device, opts.dtype)
         if opts.deterministic and self.device.type == "cpu":
-            # with >1 thread some CPU kernels (the MoE scatter-adds) sum in a varying order otherwise
+            # with >1 thread the MoE layer's scatter/gather-add kernels otherwise accumulate in a varying
+            # order: losses of two identical runs differed in the 7th digit (a dense model did not)
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.model = model.to(self.device).train()
         self.optimizer = make_optimizer(self.model, opts.lr, opts.weight_decay, (opts.beta1, opts.beta2))
@@ -211,7 +213,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
-        balance = update_balancing_bias(self.model, self.bias_gamma()) if self.has_moe else {}
+        balance = update_balancing_bias(self.model, self.bias_gamma(), self.all_reduce) if self.has_moe else {}
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
