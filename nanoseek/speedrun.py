@@ -1,0 +1,219 @@
+"""nanoseek speedrun: the whole DeepSeek-R1 recipe at toy scale, from nothing to a report card.
+
+    tokenizer + pretrain (MoE, MLA, MTP)      -> base
+    cold-start SFT on worked solutions        -> sft
+    GRPO with rule rewards (R1 mode)          -> grpo
+    rejection sampling of the RL model        -> traces.jsonl
+    second SFT on the kept traces             -> sft2 (the "R1" model)
+    distillation into the dense student       -> distill-sft (SFT on traces), distill-logits (top-k KL)
+    R1-Zero branch: GRPO straight on the base -> r1-zero
+    baseline: the student trained by GRPO alone for the distillation's wall time -> student-grpo
+    evaluation of every stage on held-out test questions -> report.md, report.json, plots/
+
+Each finished stage leaves `<stage>/stage.json`; a rerun skips those and continues (stages also resume
+from their own checkpoints), so an interrupted speedrun loses at most part of one stage.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STAGES = ["pretrain", "sft", "grpo", "rejection", "sft2", "distill-sft", "distill-logits", "r1-zero",
+          "student-grpo", "eval", "report"]
+
+
+@dataclass
+class Options:
+    out: str = field(default="runs/speedrun", metadata={"help": "run folder (rerun to resume)"})
+    preset: str = field(default="tiny", metadata={"help": "model preset: tiny (CPU), small (one GPU)"})
+    quick: bool = field(default=False, metadata={"help": "CI variant: tiny everything, a couple of minutes"})
+    tasks: list[str] = field(default_factory=lambda: ["add", "sub", "compare", "max", "sort"],
+                             metadata={"help": "reasoning tasks for SFT, RL and evaluation"})
+    difficulty: int = field(default=1, metadata={"help": "task difficulty for SFT, RL and evaluation"})
+    pretrain_steps: int = field(default=400, metadata={"help": "pretraining optimizer steps"})
+    sft_steps: int = field(default=150, metadata={"help": "cold-start SFT steps"})
+    grpo_steps: int = field(default=40, metadata={"help": "GRPO steps (R1 and R1-Zero)"})
+    sft2_steps: int = field(default=60, metadata={"help": "steps of the second (rejection-sampling) SFT"})
+    distill_steps: int = field(default=200, metadata={"help": "distillation steps per method"})
+    rejection_prompts: int = field(default=256, metadata={"help": "prompts sampled for rejection sampling"})
+    eval_n: int = field(default=30, metadata={"help": "held-out test questions per task"})
+    eval_k: int = field(default=4, metadata={"help": "samples per question (pass@1, cons@k)"})
+    max_new_tokens: int = field(default=96, metadata={"help": "completion length in RL, sampling and eval"})
+    r1_zero: bool = field(default=True, metadata={"help": "also run the R1-Zero branch (GRPO on the base)"})
+    seed: int = field(default=0, metadata={"help": "seed for every stage"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    price_per_hour: float = field(default=0.10, metadata={"help": "$ per machine-hour for the cost column"})
+
+
+def quick(o: Options) -> Options:
+    """Smallest settings that still run every stage end to end (CI)."""
+    o.pretrain_steps, o.sft_steps, o.grpo_steps, o.sft2_steps, o.distill_steps = 30, 20, 3, 10, 15
+    o.rejection_prompts, o.eval_n, o.eval_k, o.max_new_tokens = 16, 4, 2, 24
+    o.tasks = o.tasks[:2]
+    return o
+
+
+class Run:
+    """Stage bookkeeping: done markers, timing, progress across stages."""
+
+    WEIGHT = {"pretrain": 6, "sft": 3, "grpo": 6, "rejection": 1, "sft2": 1, "distill-sft": 2, "distill-logits": 2,
+              "r1-zero": 4, "student-grpo": 2, "eval": 4, "report": 0.1}
+
+    def __init__(self, o: Options):
+        self.o, self.root = o, Path(o.out)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.t0 = time.time()
+        self.stages = [s for s in STAGES if o.r1_zero or s != "r1-zero"]
+
+    def marker(self, stage: str) -> Path:
+        return self.root / stage / "stage.json"
+
+    def done(self, stage: str) -> dict | None:
+        m = self.marker(stage)
+        return json.loads(m.read_text()) if m.exists() else None
+
+    def run(self, stage: str, fn) -> dict:
+        if (d := self.done(stage)) is not None:
+            print(f"[speedrun] {stage}: done earlier ({d['wall_s']:.0f}s), skipping")
+            return d
+        i = self.stages.index(stage)
+        left = sum(self.WEIGHT[s] for s in self.stages[i:] if not self.done(s))
+        spent = time.time() - self.t0
+        doneweight = sum(self.WEIGHT[s] for s in self.stages[:i])
+        eta = f", ETA {spent / doneweight * left / 60:.0f} min" if doneweight and spent > 30 else ""
+        print(f"\n[speedrun] stage {i + 1}/{len(self.stages)}: {stage}{eta}", flush=True)
+        t = time.time()
+        out = fn(self.root / stage)
+        d = {"stage": stage, "wall_s": round(time.time() - t, 1), **out}
+        self.marker(stage).parent.mkdir(parents=True, exist_ok=True)
+        self.marker(stage).write_text(json.dumps(d, indent=2) + "\n")
+        return d
+
+
+def _tokens(stage_dir: Path) -> int | None:
+    """Tokens a stage trained on, from its cost.json or metrics.jsonl."""
+    cost = stage_dir / "cost.json"
+    if cost.exists():
+        return json.loads(cost.read_text()).get("tokens")
+    m = stage_dir / "metrics.jsonl"
+    if m.exists():
+        rows = [json.loads(x) for x in m.read_text().splitlines() if x.strip()]
+        for key in ("tokens", "total_tokens"):
+            if rows and key in rows[-1]:
+                return rows[-1][key]
+        return sum(r.get("rollout_tokens", 0) + r.get("train_tokens", 0) for r in rows) or None
+    return None
+
+
+def speedrun(o: Options) -> Path:
+    import torch
+
+    from nanoseek.train import distill as D
+    from nanoseek.train import grpo as G
+    from nanoseek.train import pretrain as P
+    from nanoseek.train import rejection as R
+    from nanoseek.train import sft as S
+
+    if o.quick:
+        o = quick(o)
+    torch.manual_seed(o.seed)
+    run = Run(o)
+    from nanoseek.cli import save_options
+    save_options(o, run.root / "config.yaml")
+    print(f"[speedrun] run folder {run.root.resolve()} (rerun the same command to resume)")
+    common = dict(seed=o.seed, device=o.device)
+    small = o.preset != "tiny"
+
+    pre = run.run("pretrain", lambda d: {"model": str(P.pretrain(P.Options(
+        out=str(d), preset=o.preset, steps=o.pretrain_steps, n_docs=(1500 if o.quick else 20000),
+        seq_len=(128 if o.quick else 256), save_every=100, resume=True, **common)))})
+    base = pre["model"]
+    sft1 = run.run("sft", lambda d: {"model": str(S.sft(S.Options(
+        model=base, out=str(d), steps=o.sft_steps, n_examples=(200 if o.quick else 4000), save_every=100,
+        resume=True, seq_len=(128 if o.quick else 256), **common)))})
+    grpo_kw = dict(tasks=o.tasks, difficulty=o.difficulty, steps=o.grpo_steps, max_new_tokens=o.max_new_tokens,
+                   eval_n=(8 if o.quick else 64), save_every=20, resume=True, **common)
+    rl = run.run("grpo", lambda d: {"model": str(G.grpo(G.Options(model=sft1["model"], mode="r1", out=str(d),
+                                                                 **grpo_kw)))})
+    rej = run.run("rejection", lambda d: {"data": str(R.rejection_sample(
+        rl["model"], out=str(d), tasks=o.tasks, difficulty=o.difficulty, n_prompts=o.rejection_prompts,
+        max_new_tokens=o.max_new_tokens, seed=o.seed))})
+    sft2 = run.run("sft2", lambda d: {"model": str(S.sft(S.Options(
+        model=rl["model"], data=rej["data"], out=str(d), steps=o.sft2_steps, lr=3e-4, resume=True,
+        seq_len=(128 if o.quick else 256), **common)))})
+    dist = {}
+    for method in ("sft", "logits"):
+        dist[method] = run.run(f"distill-{method}", lambda d, m=method: {"model": str(D.distill(D.Options(
+            teacher=sft2["model"], data=rej["data"], method=m, out=str(d), steps=o.distill_steps,
+            student_preset=("small" if small else "tiny"), seq_len=(128 if o.quick else 256), **common)))})
+    if o.r1_zero:
+        run.run("r1-zero", lambda d: {"model": str(G.grpo(G.Options(model=base, mode="r1-zero", out=str(d),
+                                                                   **grpo_kw)))})
+    budget = dist["sft"]["wall_s"]
+    run.run("student-grpo", lambda d: student_grpo_baseline(d, base, o, budget, grpo_kw))
+    ev = run.run("eval", lambda d: evaluate_all(d, run, o))
+    run.run("report", lambda d: write_report(run, ev))
+    print(f"\n[speedrun] done in {(time.time() - run.t0) / 60:.1f} min this session: "
+          f"report {run.root / 'report.md'}, plots in {run.root / 'plots'}")
+    return run.root / "report.md"
+
+
+def student_grpo_baseline(d: Path, base: str, o: Options, budget_s: float, grpo_kw: dict) -> dict:
+    """The dense student from scratch, trained by GRPO alone for the wall time distillation took."""
+    from nanoseek.config import get_student_preset
+    from nanoseek.model.dense import DenseTransformer
+    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.train import grpo as G
+
+    tok = load_tokenizer(base)
+    init = d / "init"
+    cfg = get_student_preset("small" if o.preset != "tiny" else "tiny").replace(
+        vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    DenseTransformer(cfg).save_pretrained(init, tokenizer=tok)
+    t0 = time.time()
+    # one step first to learn its cost, then as many as fit the budget
+    probe = G.grpo(G.Options(model=str(init), mode="r1", out=str(d / "probe"), **{**grpo_kw, "steps": 1, "eval_n": 0}))
+    per_step = max(1e-3, time.time() - t0)
+    steps = max(1, int(budget_s / per_step))
+    model = G.grpo(G.Options(model=str(probe), mode="r1", out=str(d), **{**grpo_kw, "steps": steps}))
+    return {"model": str(model), "steps": steps, "budget_s": round(budget_s, 1)}
+
+
+EVALUATED = [("base (pretrain)", "pretrain", "r1-zero"), ("cold-start SFT", "sft", "r1"), ("GRPO (R1)", "grpo", "r1"),
+             ("rejection-sampling SFT (R1)", "sft2", "r1"), ("R1-Zero (GRPO on base)", "r1-zero", "r1-zero"),
+             ("student: distill, SFT on traces", "distill-sft", "r1"),
+             ("student: distill, top-k logits", "distill-logits", "r1"),
+             ("student: GRPO alone, same wall time", "student-grpo", "r1")]
+
+
+def evaluate_all(d: Path, run: Run, o: Options) -> dict:
+    from nanoseek.eval import evaluate, write_report as write_eval
+
+    results = {}
+    for label, stage, template in EVALUATED:
+        st = run.done(stage)
+        if not st:
+            continue
+        r = evaluate(st["model"], tasks=o.tasks, n=o.eval_n, k=o.eval_k, difficulty=o.difficulty, template=template,
+                     max_tokens=o.max_new_tokens, seed=o.seed + 1)
+        write_eval(r, d / f"{stage}.json")
+        ov = r["overall"]
+        print(f"[speedrun] eval {label}: pass@1 {ov['pass@1']:.1%}, cons@{o.eval_k} {ov['cons@k']:.1%}, "
+              f"format errors {ov['format_error']:.1%}")
+        results[stage] = {"label": label, "template": template, **ov}
+    return {"results": results}
+
+
+def write_report(run: Run, ev: dict) -> dict:
+    from nanoseek.speedrun_report import render_report
+
+    md, plots = render_report(run.root, run.o, ev["results"], {s: run.done(s) for s in STAGES if run.done(s)},
+                              _tokens)
+    (run.root / "report.md").write_text(md)
+    return {"report": str(run.root / "report.md"), "plots": [str(p) for p in plots]}
+
+
+def run(opts: Options) -> None:
+    speedrun(opts)

@@ -1,0 +1,133 @@
+"""The speedrun's report card: one markdown table over all stages, the learning checks, and PNG plots."""
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+
+def _metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def _pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.1f}"
+
+
+def _plot(root: Path, results: dict) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = root / "plots"
+    out.mkdir(exist_ok=True)
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    labels = [r["label"] for r in results.values()]
+    ax.bar(range(len(labels)), [100 * (r["pass@1"] or 0) for r in results.values()], color="#4c72b0", label="pass@1")
+    ax.plot(range(len(labels)), [100 * (r["cons@k"] or 0) for r in results.values()], "o", color="#dd8452",
+            label="cons@k")
+    ax.set_xticks(range(len(labels)), labels, rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_title("accuracy per stage")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out / "accuracy.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for stage in ("pretrain", "sft", "sft2"):
+        rows = [r for r in _metrics(root / stage / "metrics.jsonl") if "loss" in r]
+        if rows:
+            ax.plot([r["step"] for r in rows], [r.get("lm_loss", r["loss"]) for r in rows], label=stage)
+    ax.set_xlabel("step")
+    ax.set_ylabel("next-token loss")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("training loss")
+    fig.tight_layout()
+    paths.append(out / "loss.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for stage in ("grpo", "r1-zero", "student-grpo"):
+        rows = [r for r in _metrics(root / stage / "metrics.jsonl") if "reward" in r]
+        if rows:
+            x = [r["step"] for r in rows]
+            y = [r["reward"] for r in rows]
+            s = [r.get("reward_std", 0) for r in rows]
+            ax.plot(x, y, label=stage)
+            ax.fill_between(x, [a - b for a, b in zip(y, s)], [a + b for a, b in zip(y, s)], alpha=0.15)
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("reward (mean ± std over samples)")
+    ax.legend()
+    ax.set_title("reward during RL")
+    fig.tight_layout()
+    paths.append(out / "reward.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    rows = [r for r in _metrics(root / "pretrain" / "metrics.jsonl") if "load_max_over_mean" in r]
+    if rows:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot([r["step"] for r in rows], [r["load_max_over_mean"] for r in rows])
+        ax.set_xlabel("pretraining step")
+        ax.set_ylabel("max / mean expert load")
+        ax.set_title("expert load balance (aux-loss-free bias)")
+        fig.tight_layout()
+        paths.append(out / "expert_load.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def _checks(results: dict) -> list[str]:
+    def acc(stage):
+        r = results.get(stage)
+        return None if r is None else r["pass@1"]
+
+    lines = []
+    for a, b, what in [("pretrain", "sft", "cold-start SFT raises held-out accuracy over the base"),
+                       ("sft", "grpo", "GRPO raises held-out accuracy over cold-start SFT"),
+                       ("pretrain", "r1-zero", "R1-Zero (GRPO on the base) raises accuracy over the base"),
+                       ("student-grpo", "distill-sft", "the distilled student beats the same student trained "
+                                                       "by GRPO alone for the same wall time")]:
+        x, y = acc(a), acc(b)
+        if x is None or y is None:
+            continue
+        verdict = "yes" if y > x else "**no**"
+        lines.append(f"- {what}: {verdict} ({_pct(x)} % → {_pct(y)} %)")
+    return lines
+
+
+def render_report(root: Path, o, results: dict, stages: dict, tokens_fn) -> tuple[str, list[Path]]:
+    total = sum(s["wall_s"] for s in stages.values())
+    lines = ["# nanoseek speedrun report", "",
+             f"Machine: {platform.processor() or platform.machine()}, {platform.system()}; preset `{o.preset}`"
+             f"{' (quick CI variant)' if o.quick else ''}; tasks {', '.join(o.tasks)} at difficulty {o.difficulty}; "
+             f"seed {o.seed}. Total wall time of all stages: **{total / 60:.1f} min**.", "",
+             f"Held-out test questions: {o.eval_n} per task, k = {o.eval_k} samples at temperature 0.6 / top-p 0.95 "
+             "(as the R1 report); greedy = one greedy sample. Cost = wall time × "
+             f"${o.price_per_hour:.2f}/machine-hour.", "",
+             "| stage | pass@1 % | greedy % | cons@k % | format ok % | mean length | wall time | tokens | cost $ |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for stage, r in results.items():
+        st = stages.get(stage, {})
+        tok = tokens_fn(root / stage)
+        fmt = None if r.get("format_error") is None else 1 - r["format_error"]
+        lines.append(f"| {r['label']} | {_pct(r['pass@1'])} | {_pct(r.get('greedy'))} | {_pct(r['cons@k'])} | "
+                     f"{_pct(fmt)} | {r['mean_len']:.0f} | {st.get('wall_s', 0):.0f} s | "
+                     f"{'–' if tok is None else f'{tok:,}'} | {st.get('wall_s', 0) / 3600 * o.price_per_hour:.4f} |")
+    lines += ["", "Stages not evaluated (data or bookkeeping): " + ", ".join(
+        f"{s} {d['wall_s']:.0f} s" for s, d in stages.items() if s not in results), ""]
+    lines += ["## Did each stage buy what the R1 report says it does?", ""] + (_checks(results) or ["- (no stages)"])
+    plots = _plot(root, results)
+    lines += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
+    lines += ["", "Per-stage details: each stage folder has config.yaml, metrics.jsonl, plots/ and its final model "
+              "(HF layout); `eval/<stage>.md` has the per-task tables.", ""]
+    return "\n".join(lines), plots
