@@ -77,3 +77,26 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     for i in torch.nonzero(~greedy).flatten().tolist():
         out[i] = torch.multinomial(probs[i], 1, generator=generators[i])[0]
     return out
+
+
+def speculative_accept(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, u: torch.Tensor,
+                       generators: list[torch.Generator | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative sampling (Leviathan et al. 2023): keep draft d ~ q with probability min(1, p(d)/q(d)),
+    else draw from norm(max(0, p - q)); the result is distributed exactly as p.
+
+    p, q [N, V] target / draft probabilities, draft [N], u [N] uniform(0, 1) -> (accepted [N] bool, token [N]).
+    """
+    pd, qd = p.gather(1, draft[:, None])[:, 0], q.gather(1, draft[:, None])[:, 0]
+    accepted = u * qd <= pd
+    residual = (p - q).clamp_min(0)
+    # p == q leaves no residual mass, but then the draft is always accepted: fall back to p to stay well-defined
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)
+    token = draft.clone()
+    rej = torch.nonzero(~accepted).flatten()
+    if len(rej):
+        if generators is None:
+            token[rej] = torch.multinomial(residual[rej], 1)[:, 0]
+        else:
+            for i in rej.tolist():
+                token[i] = torch.multinomial(residual[i], 1, generator=generators[i])[0]
+    return accepted, token

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from nanoseek.infer.sampling import SamplingParams, filter_logits
+from nanoseek.infer.sampling import SamplingParams, filter_logits, speculative_accept
 from nanoseek.model.transformer import attention_mask
 
 
@@ -81,8 +81,10 @@ def speculative_decode(model, prompt: list[int], params: SamplingParams, max_len
         if params.temperature == 0:
             ok = int(lg[0].argmax()) == d
         else:
-            p, q = pick.probs(lg[0]), pick.probs(draft_logits)
-            ok = bool(torch.rand((), generator=gen, device=dev) * q[d] <= p[d])
+            u = torch.rand(1, generator=gen, device=dev)
+            acc, tok = speculative_accept(pick.probs(lg[0])[None], pick.probs(draft_logits)[None],
+                                          torch.tensor([d], device=dev), u, [gen])
+            ok = bool(acc[0])
         if ok:
             accepted += 1
             reason = emit(d, lg[0])
@@ -91,11 +93,7 @@ def speculative_decode(model, prompt: list[int], params: SamplingParams, max_len
                 reason = emit(t, lg[1])
                 draft_logits = _mtp_draft(model, cache, h2, [d, t], p0)
         else:
-            if params.temperature == 0:
-                t = int(lg[0].argmax())
-            else:
-                residual = (p - q).clamp_min(0)
-                t = pick.draw(residual / residual.sum()) if residual.sum() > 0 else pick.draw(p)
+            t = int(lg[0].argmax()) if params.temperature == 0 else int(tok[0])
             reason = emit(t, lg[0])
             draft_logits = _mtp_draft(model, cache, h2[:, :1], [t], p0)
     return toks, lps, reason, drafted, accepted
