@@ -86,85 +86,30 @@ def build_prompt(sample: Sample, template: str, tokenizer=None) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# generation: the batched engine when it is there, else a small cached sampling loop
+# generation on the batched engine
 
-def model_generator(model: torch.nn.Module, tokenizer, max_batch: int = 64) -> GenerateFn:
-    """A GenerateFn over `model`; prefers nanoseek.infer.engine (prefix sharing via n)."""
-    try:
-        from nanoseek.infer.engine import Engine, SamplingParams
-    except ImportError:
-        Engine = None  # noqa: N806
+def model_generator(model: torch.nn.Module, tokenizer, max_batch: int = 256) -> GenerateFn:
+    """A GenerateFn over `model` on nanoseek.infer.engine: each prompt is prefilled once and
+    shared by its n samples; rows of finished sequences are refilled with waiting ones."""
+    from nanoseek.infer.engine import Engine, SamplingParams
 
     def generate(prompts, n, temperature, top_p, max_tokens, seed):
         ids = [tokenizer.encode(p) for p in prompts]
-        if Engine is not None:
-            engine = Engine(model, tokenizer, max_batch=max_batch, max_len=max(map(len, ids)) + max_tokens)
-            # one seed per question: questions get independent sample streams, and the run is repeatable
-            params = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, n=n,
-                                     seed=seed * 1_000_003 + i, stop_token_ids=[tokenizer.eos_id])
-                      for i in range(len(ids))]
-            return [[Completion(o.text, len(o.token_ids), o.finish_reason) for o in _outputs(r)]
-                    for r in engine.generate(ids, params)]
-        rows = [p for p in ids for _ in range(n)]
-        out = _sample_loop(model, rows, tokenizer.eos_id, temperature, top_p, max_tokens, seed, max_batch)
-        comps = [Completion(tokenizer.decode(t), len(t), "stop" if t and t[-1] == tokenizer.eos_id else "length")
-                 for t in out]
-        return [comps[i * n:(i + 1) * n] for i in range(len(prompts))]
+        engine = Engine(model, tokenizer, max_batch=max(max_batch, n), max_len=max(map(len, ids)) + max_tokens + 1)
+        # one seed per question: questions get independent sample streams, and the run is repeatable
+        params = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, n=n,
+                                 seed=seed * 1_000_003 + i, stop_token_ids=[tokenizer.eos_id])
+                  for i in range(len(ids))]
+        return [[Completion(o.text, len(o.token_ids), o.finish_reason) for o in r.outputs]
+                for r in engine.generate(ids, params)]
     return generate
-
-
-def _outputs(result) -> list:
-    """An engine result is one prompt's list of n outputs, an object holding them, or one output."""
-    return result if isinstance(result, list) else list(getattr(result, "outputs", [result]))
-
-
-@torch.no_grad()
-def _sample_loop(model, rows: list[list[int]], eos_id: int, temperature: float, top_p: float,
-                 max_tokens: int, seed: int, max_batch: int) -> list[list[int]]:
-    """Fallback sampler: right-padded prefill into the KV cache, then one token per row per step.
-    Padding slots are safe: a row's key j is only visible to queries at positions >= j, and the
-    row overwrites slot j with its own token before it gets there."""
-    model.eval()
-    device = next(model.parameters()).device
-    g = torch.Generator(device=device).manual_seed(seed)
-    out: list[list[int]] = []
-    for start in range(0, len(rows), max_batch):
-        chunk = rows[start:start + max_batch]
-        B, lens = len(chunk), torch.tensor([len(r) for r in chunk], device=device)
-        T = int(lens.max())
-        x = torch.tensor([r + [eos_id] * (T - len(r)) for r in chunk], device=device)
-        cache = model.make_cache(B, T + max_tokens)
-        logits = model(x, cache=cache)[torch.arange(B, device=device), lens - 1]
-        pos, done, gen = lens.clone(), torch.zeros(B, dtype=torch.bool, device=device), []
-        for _ in range(max_tokens):
-            nxt = _sample(logits.float(), temperature, top_p, g)
-            gen.append(torch.where(done, eos_id, nxt))
-            done |= nxt == eos_id
-            if done.all():
-                break
-            logits = model(nxt[:, None], positions=pos[:, None], cache=cache)[:, -1]
-            pos += 1
-        toks = torch.stack(gen, 1).tolist()
-        out += [t[:t.index(eos_id) + 1] if eos_id in t else t for t in toks]
-    return out
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, g: torch.Generator) -> torch.Tensor:
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, -1)
-    sorted_p, idx = probs.sort(-1, descending=True)
-    drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix with mass >= top_p
-    sorted_p = sorted_p.masked_fill(drop, 0.0)
-    choice = torch.multinomial(sorted_p, 1, generator=g)
-    return idx.gather(-1, choice).squeeze(-1)
 
 
 # --------------------------------------------------------------------------------------------
 
 def evaluate(model=None, tokenizer=None, tasks: list[str] | None = None, n: int = 20, k: int = 4,
              difficulty: int | None = 1, template: str = "r1", temperature: float = 0.6, top_p: float = 0.95,
-             max_tokens: int = 128, seed: int = 0, greedy: bool = True, max_batch: int = 64,
+             max_tokens: int = 128, seed: int = 0, greedy: bool = True, max_batch: int = 256,
              generate: GenerateFn | None = None, samples: list[Sample] | None = None) -> dict:
     """Evaluate a model (directory or module) on n test questions per task; returns the report dict
     (per-task and overall METRICS, settings, a few example completions). `generate` replaces the

@@ -83,19 +83,17 @@ def test_tiny_model_end_to_end_and_deterministic(tiny, tmp_path):
     assert "| max | 2 |" in (tmp_path / "eval.md").read_text()
 
 
-def test_sampler_seeds_differ_and_greedy_matches_argmax(tiny):
-    from nanoseek.eval import _sample_loop
+def test_greedy_on_the_engine_matches_full_recomputation(tiny):
+    from nanoseek.eval import model_generator
     from nanoseek.model.hf import from_pretrained
-    model = from_pretrained(tiny)
-    rows = [[0, 5, 6, 7], [0, 9]]
-    a = _sample_loop(model, rows, 1, 1.0, 1.0, 5, seed=0, max_batch=8)
-    assert a == _sample_loop(model, rows, 1, 1.0, 1.0, 5, seed=0, max_batch=8)
-    # greedy with the cache equals greedy by full recomputation (checks the padded prefill)
-    g = _sample_loop(model, rows, 1, 0.0, 1.0, 4, seed=0, max_batch=8)
-    for row, out in zip(rows, g):
-        seq = list(row)
-        for _ in range(len(out)):
-            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
-            if seq[-1] == 1:
-                break
-        assert seq[len(row):] == out
+    from nanoseek.tokenizer import load_tokenizer
+    model, tok = from_pretrained(tiny), load_tokenizer(tiny)
+    prompt = build_prompt(Sample("add", "What is 2 + 2?", "4"), "r1", tok)
+    (out,), = model_generator(model, tok)([prompt], 1, 0.0, 1.0, 5, 0)
+    seq = tok.encode(prompt)
+    for _ in range(5):
+        seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+        if seq[-1] == tok.eos_id:
+            break
+    assert out.n_tokens == len(seq) - len(tok.encode(prompt))
+    assert tok.decode(seq[len(tok.encode(prompt)):]).replace(EOS, "") == out.text
