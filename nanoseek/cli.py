@@ -79,7 +79,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: se
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        help_ = f"{f.metadata.get('help', '')} (default: {default!r})"
+        help_ = f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%")  # argparse formats %
         flag = "--" + f.name.replace("_", "-")
         if hints[f.name] is bool:  # --flag / --no-flag
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
