@@ -120,12 +120,12 @@ def tiny(vocab, seed=0, **kw):
 def test_reward_rises_on_easy_task():
     torch.manual_seed(0)
     model = tiny(16).train()
-    o = Options(steps=40, prompts_per_step=8, group_size=8, max_new_tokens=2, lr=3e-3, micro_batch=64, seed=0)
+    o = Options(steps=60, prompts_per_step=8, group_size=16, max_new_tokens=1, lr=5e-3, micro_batch=128, seed=0)
     run = SuccessorGRPO(model, DigitTok(), o, reward_fn=successor_rewards)
     rows = [run.step(s) for s in range(o.steps)]
     first = sum(r["reward"] for r in rows[:8]) / 8
     last = sum(r["reward"] for r in rows[-8:]) / 8
-    assert last > first + 0.25, (first, last)
+    assert last > first + 0.4, (first, last)  # measured: ~0.09 -> ~0.8
     assert all(r["clip_frac"] == 0 for r in rows)  # mu = 1: ratio is exactly 1, nothing is clipped
     assert all(math.isfinite(r["loss"]) for r in rows) and run.skipped == 0
 
