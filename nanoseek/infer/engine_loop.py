@@ -1,0 +1,205 @@
+"""The engine behind a server: one thread steps it for every request; each request reads its own queue.
+
+Requests from many clients therefore decode together in one batch (continuous batching), and the
+asyncio event loop never waits on the model. Also here: the prefix memory behind
+`prompt_cache_hit_tokens`, and the streaming split of `reasoning</think>answer` text.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from nanoseek.data.chat import THINK_END
+from nanoseek.infer.api_schema import APIError
+from nanoseek.infer.engine import Engine
+from nanoseek.infer.sampling import SamplingParams
+
+
+class PrefixMemory:
+    """Token sequences of recent requests (prompt, and prompt + answer once finished). A new prompt's
+    longest shared prefix with them is what a prefix cache would hold: DeepSeek's cache-hit tokens.
+    The engine recomputes it for now (no KV reuse across requests), so a hit is counted, not saved."""
+
+    def __init__(self, size: int):
+        self.seqs: deque[tuple[int, ...]] = deque(maxlen=size)
+
+    def hit(self, ids: list[int]) -> int:
+        best = 0
+        for s in self.seqs:
+            n = min(len(s), len(ids))
+            best = max(best, next((k for k in range(n) if s[k] != ids[k]), n))
+        return min(best, len(ids) - 1)  # the last prompt token is always computed: it gives the first logits
+
+    def add(self, ids: list[int]) -> None:
+        self.seqs.append(tuple(ids))
+
+
+@dataclass
+class Handle:
+    rid: int
+    prompt: list[int]
+    params: SamplingParams
+    cache_hit: int
+    queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    req: object = None  # the engine's RequestOutput (read-only here: top logprobs while streaming)
+
+
+class EngineLoop:
+    """Owns the engine; its thread steps it and routes each token event to its request's queue.
+
+    Capacity: `max_batch` sequences decode, `max_queue` more wait; past that, submit() raises 429."""
+
+    def __init__(self, engine: Engine, max_queue: int, prefix_memory: int = 256):
+        self.engine, self.max_queue = engine, max_queue
+        self.handles: dict[int, Handle] = {}
+        self.memory = PrefixMemory(prefix_memory)
+        self.stats = {"steps": 0, "peak_running": 0, "requests": 0, "rejected": 0}
+        self.closing = False
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="nanoseek-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, prompt: list[int], params: SamplingParams) -> Handle:
+        with self._lock:
+            if self.closing:
+                raise APIError(503, "the server is shutting down", "server_error", code="shutting_down")
+            seqs = sum(h.params.n for h in self.handles.values())
+            if seqs + params.n > self.engine.max_batch + self.max_queue:
+                self.stats["rejected"] += 1
+                raise APIError(429, f"too many requests: {seqs} sequences running or queued; retry later",
+                               "rate_limit_error", code="rate_limit_exceeded")
+            h = Handle(next(self._ids), prompt, params, self.memory.hit(prompt), asyncio.Queue(),
+                       asyncio.get_running_loop())
+            self.memory.add(prompt)
+            self.handles[h.rid] = h  # registered before the engine can emit anything for it
+            self.stats["requests"] += 1
+            try:
+                self.engine.add_request(prompt, params, request_id=h.rid)
+            except ValueError as e:  # the server checks first; this is the engine's own guard
+                del self.handles[h.rid]
+                raise APIError(400, str(e)) from e
+            h.req = self.engine.requests[h.rid]
+        self._wake.set()
+        return h
+
+    def abort(self, h: Handle) -> None:
+        if h.rid in self.handles:
+            self.engine.abort(h.rid)
+            self._wake.set()
+
+    def load(self) -> dict:
+        return {"running": len(self.engine.active), "waiting": len(self.engine.waiting), **self.stats}
+
+    def stop(self) -> None:
+        """Called after the HTTP server let in-flight requests finish: whatever is left gets a clean error."""
+        self.closing = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+        with self._lock:
+            for h in self.handles.values():
+                self._put(h, ("error", APIError(503, "the server shut down before the request finished",
+                                                "server_error", code="shutting_down")))
+            self.handles.clear()
+
+    def _put(self, h: Handle, item) -> None:
+        with contextlib.suppress(RuntimeError):  # the client's event loop is gone: nobody is listening
+            h.loop.call_soon_threadsafe(h.queue.put_nowait, item)
+
+    def _run(self) -> None:
+        eng = self.engine
+        while not self.closing:
+            if not eng.has_work():
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                events = eng.step()
+            except Exception as e:  # noqa: BLE001 - a broken step fails its requests, not the server
+                self._fail_all(e)
+                continue
+            self.stats["steps"] += 1
+            self.stats["peak_running"] = max(self.stats["peak_running"], len(eng.active))
+            by_rid: dict[int, list] = {}
+            for ev in events:
+                by_rid.setdefault(ev.request_id, []).append(ev)
+            with self._lock:
+                for rid, h in list(self.handles.items()):  # all: one aborted while waiting has no event
+                    if rid in by_rid:
+                        self._put(h, ("events", by_rid[rid]))
+                    req = eng.requests.get(rid)
+                    if req is not None and req.finished:
+                        eng.requests.pop(rid)
+                        del self.handles[rid]
+                        for o in req.outputs:  # what a prefix cache would keep of it
+                            self.memory.add(req.prompt_token_ids + o.token_ids)
+                        self._put(h, ("done", req))
+
+    def _fail_all(self, e: Exception) -> None:
+        with self._lock, self.engine._lock:  # start clean: the cache rows of a failed step are not trustworthy
+            self.engine.active.clear(), self.engine.waiting.clear(), self.engine.requests.clear()
+            for h in self.handles.values():
+                self._put(h, ("error", APIError(500, f"generation failed: {e}", "server_error")))
+            self.handles.clear()
+
+
+async def follow(h: Handle, loop: EngineLoop, is_disconnected, timeout: float):
+    """Yield ("events", [Event]) items, then ("done", RequestOutput). Aborts the request in the engine
+    when the consumer leaves early (client gone, timeout, stream closed), so its slot frees at once."""
+    deadline = time.monotonic() + timeout
+    done = False
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise APIError(408, f"request timed out after {timeout:g} s", "timeout_error", code="timeout")
+            try:
+                kind, payload = await asyncio.wait_for(h.queue.get(), timeout=min(left, 0.5))
+            except asyncio.TimeoutError:
+                if await is_disconnected():  # non-streaming handlers are not cancelled when a client leaves
+                    return
+                continue
+            if kind == "error":
+                raise payload
+            done = kind == "done"
+            yield kind, payload
+            if done:
+                return
+    finally:
+        if not done:
+            loop.abort(h)
+
+
+class ThinkSplitter:
+    """Splits streamed completion text at `</think>` into (reasoning, answer) deltas; the generation prompt
+    already opened <think>. Holds back a tail that may be the start of the tag; drops blanks after it."""
+
+    def __init__(self):
+        self.thinking, self.buf, self.started = True, "", False
+
+    def feed(self, text: str, final: bool = False) -> tuple[str, str]:
+        self.buf += text
+        reasoning = ""
+        if self.thinking:
+            i = self.buf.find(THINK_END)
+            if i < 0:
+                keep = 0 if final else next((k for k in range(len(THINK_END) - 1, 0, -1)
+                                             if self.buf.endswith(THINK_END[:k])), 0)
+                cut = len(self.buf) - keep
+                reasoning, self.buf = self.buf[:cut], self.buf[cut:]
+                return reasoning, ""
+            reasoning, self.buf, self.thinking = self.buf[:i], self.buf[i + len(THINK_END):], False
+        if not self.started:
+            self.buf = self.buf.lstrip()  # the template's "\n\n" after </think>
+            self.started = bool(self.buf)
+        content, self.buf = self.buf, ""
+        return reasoning, content

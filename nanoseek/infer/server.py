@@ -1,0 +1,397 @@
+"""`nanoseek serve MODEL_DIR`: an OpenAI-compatible API and a web chat (at /) over the batching engine.
+
+Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (JSON or SSE stream),
+GET /health, GET / (web chat), GET /openapi.json and /docs. Reasoning models answer as DeepSeek's API
+does: the chain of thought in `reasoning_content`, the answer in `content`, and `usage` counts
+reasoning tokens and prompt-cache hits. With --api-key (or env NANOSEEK_API_KEY) every /v1 route wants
+`Authorization: Bearer KEY`. Bad input is a 4xx with OpenAI's error JSON, never a 500.
+The engine runs in one background thread for all requests (nanoseek/infer/engine_loop.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import itertools
+import json
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from nanoseek.data.chat import parse_completion
+from nanoseek.infer.api_schema import APIError, ChatRequest, CompletionRequest, error_body
+from nanoseek.infer.engine import Engine
+from nanoseek.infer.engine_loop import EngineLoop, Handle, ThinkSplitter, follow
+from nanoseek.infer.sampling import SamplingParams
+
+WEB = Path(__file__).parent / "web"
+POSITIONAL = (("model", "model directory (HF layout, with the tokenizer)"),)
+
+
+@dataclass
+class Options:
+    model: str = field(default="", metadata={"help": "model directory"})
+    host: str = field(default="127.0.0.1", metadata={"help": "interface to bind (0.0.0.0 exposes it to the network)"})
+    port: int = field(default=8000, metadata={"help": "TCP port"})
+    api_key: str | None = field(default=None, metadata={"help": "require 'Authorization: Bearer KEY' on /v1 "
+                                                                 "(default: env NANOSEEK_API_KEY, else no auth)"})
+    served_model_name: str | None = field(default=None, metadata={"help": "model id in the API (default: dir name)"})
+    max_batch: int = field(default=16, metadata={"help": "max sequences decoding at once (engine cache rows)"})
+    max_queue: int = field(default=64, metadata={"help": "max sequences waiting for a slot; more get 429"})
+    max_len: int = field(default=0, metadata={"help": "context length, prompt + completion (0: the model's, <= 4096)"})
+    request_timeout: float = field(default=600.0, metadata={"help": "seconds before a request is aborted (408)"})
+    max_body_bytes: int = field(default=4 << 20, metadata={"help": "largest request body accepted (413 past it)"})
+    prefix_memory: int = field(default=256, metadata={"help": "recent sequences remembered for cache-hit counts"})
+    shutdown_timeout: float = field(default=30.0, metadata={"help": "seconds in-flight requests get on shutdown"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
+
+
+class Gate:
+    """ASGI middleware run before any parsing: Bearer auth on /v1 (401) and the body-size limit (413).
+    The body (at most `limit` bytes) is buffered, then replayed to the app."""
+
+    def __init__(self, app, limit: int, api_key: str | None):
+        self.app, self.limit, self.key = app, limit, api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.key and scope["path"].startswith("/v1"):
+            auth = headers.get(b"authorization", b"").decode("latin-1")
+            if not (auth.startswith("Bearer ") and hmac.compare_digest(auth[7:].strip().encode(), self.key.encode())):
+                msg = "invalid or missing API key: send the header 'Authorization: Bearer KEY'"
+                return await JSONResponse(error_body(msg, code="invalid_api_key"), 401)(scope, receive, send)
+        declared = headers.get(b"content-length", b"")
+        too_big = declared.isdigit() and int(declared) > self.limit
+        chunks, size, more = [], 0, not too_big and scope["method"] in ("POST", "PUT", "PATCH")
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            too_big, more = size > self.limit, msg.get("more_body", False)
+            more = more and not too_big
+        if too_big:
+            resp = JSONResponse(error_body(f"request body exceeds {self.limit} bytes", code="request_too_large"), 413)
+            return await resp(scope, receive, send)
+        replayed = False
+
+        async def replay():  # the buffered body once, then the real channel (it reports disconnects)
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+        await self.app(scope, replay, send)
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class Service:
+    """Model, tokenizer, engine loop and options behind one app; builds OpenAI response pieces."""
+
+    def __init__(self, opts: Options, model=None, tokenizer=None):
+        import torch
+
+        import nanoseek
+        from nanoseek.tokenizer import load_tokenizer
+        device = opts.device if opts.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model if model is not None else nanoseek.from_pretrained(opts.model).to(device)
+        self.tok = tokenizer if tokenizer is not None else load_tokenizer(opts.model)
+        self.opts = opts
+        self.name = opts.served_model_name or Path(opts.model.rstrip("/")).name or "nanoseek"
+        self.max_len = opts.max_len or min(self.model.config.max_position_embeddings, 4096)
+        self.api_key = opts.api_key or os.environ.get("NANOSEEK_API_KEY") or None
+        self.loop = EngineLoop(Engine(self.model, self.tok, max_batch=opts.max_batch, max_len=self.max_len),
+                               opts.max_queue, opts.prefix_memory)
+        self.created = int(time.time())
+
+    def params(self, req, n_prompt: int, max_tokens: int | None, top_logprobs: int) -> SamplingParams:
+        if req.model != self.name:
+            raise APIError(404, f"the model '{req.model}' does not exist; this server serves '{self.name}'",
+                           param="model", code="model_not_found")
+        if n_prompt >= self.max_len:
+            raise APIError(400, f"this model's maximum context length is {self.max_len} tokens; the prompt has "
+                           f"{n_prompt}", param="messages", code="context_length_exceeded")
+        room = self.max_len - n_prompt
+        if max_tokens is not None and max_tokens > room:
+            raise APIError(400, f"max_tokens={max_tokens} plus the {n_prompt}-token prompt exceeds the context "
+                           f"length of {self.max_len} tokens (at most {room} here)", param="max_tokens",
+                           code="context_length_exceeded")
+        if req.n > self.opts.max_batch:
+            raise APIError(400, f"n={req.n} exceeds the server's max_batch={self.opts.max_batch}", param="n")
+        return SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+                              repetition_penalty=req.repetition_penalty, max_tokens=max_tokens or room,
+                              stop=list(req.stop or []), seed=req.seed, top_logprobs=top_logprobs, n=req.n,
+                              ignore_eos=req.ignore_eos)
+
+    def usage(self, handles: list[Handle], outputs: list) -> dict:
+        prompt, hit = sum(len(h.prompt) for h in handles), sum(h.cache_hit for h in handles)
+        completion = sum(len(o.token_ids) for o in outputs)
+        end = self.tok.think_end_id  # reasoning: the tokens up to and including </think>
+        reasoning = sum(o.token_ids.index(end) + 1 if end in o.token_ids else len(o.token_ids) for o in outputs)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_cache_hit_tokens": hit, "prompt_cache_miss_tokens": prompt - hit,
+                "prompt_tokens_details": {"cached_tokens": hit},
+                "completion_tokens_details": {"reasoning_tokens": reasoning}}
+
+    def chat_logprobs(self, ids: list[int], lps: list[float], tops: list[dict]) -> dict:
+        def entry(t, lp):
+            s = self.tok.decode([t])
+            return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+        tops = list(tops) + [{}] * (len(ids) - len(tops))
+        return {"content": [{**entry(t, lp), "top_logprobs": [entry(k, v) for k, v in top.items()]}
+                            for t, lp, top in zip(ids, lps, tops)]}
+
+    def legacy_logprobs(self, ids: list[int], lps: list[float], tops: list[dict], offset: int) -> dict:
+        toks = [self.tok.decode([t]) for t in ids]
+        offsets = list(itertools.accumulate([len(t) for t in toks], initial=offset))[:-1]
+        return {"tokens": toks, "token_logprobs": lps, "text_offset": offsets,
+                "top_logprobs": [{self.tok.decode([k]): v for k, v in d.items()} for d in tops] or None}
+
+
+def create_app(opts: Options, model=None, tokenizer=None) -> FastAPI:
+    svc = Service(opts, model, tokenizer)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        svc.loop.start()
+        yield
+        svc.loop.stop()  # uvicorn has already given in-flight requests `shutdown_timeout` to finish
+
+    app = FastAPI(title="nanoseek", summary="OpenAI-compatible API of a nanoseek model", lifespan=lifespan)
+    app.state.service = svc
+    app.add_middleware(Gate, limit=opts.max_body_bytes, api_key=svc.api_key)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return JSONResponse(e.body(), e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, e: RequestValidationError):  # OpenAI's 400 shape, not FastAPI's 422
+        err = e.errors()[0]
+        if err.get("type") == "json_invalid":
+            return JSONResponse(error_body(f"the body is not valid JSON: {err.get('ctx', {}).get('error', '')}",
+                                           code="invalid_json"), 400)
+        param = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or None
+        return JSONResponse(error_body(f"{param or 'body'}: {err.get('msg', 'invalid value')}", param=param,
+                                       code="invalid_value"), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, e: StarletteHTTPException):
+        return JSONResponse(error_body(str(e.detail), code=f"http_{e.status_code}"), e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _crash(request, e: Exception):
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), 500)
+
+    def events(h: Handle, request: Request):
+        return follow(h, svc.loop, request.is_disconnected, opts.request_timeout)
+
+    async def collect(h: Handle, request: Request) -> list:
+        async for kind, payload in events(h, request):
+            if kind == "done":
+                return payload.outputs
+        raise APIError(400, "the client disconnected", code="client_disconnected")  # nobody reads this
+
+    def sse(gen) -> StreamingResponse:
+        async def body():
+            try:
+                async for part in gen:
+                    yield part
+            except APIError as e:  # headers are sent: mid-stream errors (timeout, shutdown) go in-band
+                yield _sse(e.body())
+            finally:
+                await gen.aclose()  # a client that left cancels us here: abort its request now
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    v1 = APIRouter(prefix="/v1")
+
+    @v1.get("/models")
+    async def models():
+        return {"object": "list", "data": [await model_info(svc.name)]}
+
+    @v1.get("/models/{model_id:path}")
+    async def model_info(model_id: str):
+        if model_id != svc.name:
+            raise APIError(404, f"the model '{model_id}' does not exist", param="model", code="model_not_found")
+        return {"id": svc.name, "object": "model", "created": svc.created, "owned_by": "nanoseek",
+                "max_model_len": svc.max_len}
+
+    @v1.post("/chat/completions")
+    async def chat(req: ChatRequest, request: Request):
+        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        if req.top_logprobs and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        ids = svc.tok.encode(svc.tok.apply_chat_template(msgs, add_generation_prompt=True))
+        params = svc.params(req, len(ids), req.max_completion_tokens or req.max_tokens, req.top_logprobs or 0)
+        h = svc.loop.submit(ids, params)
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": svc.name,
+                "system_fingerprint": None}
+        if req.stream:
+            return sse(stream_chat(h, req, meta, request))
+        choices, outputs = [], await collect(h, request)
+        for o in outputs:
+            p = parse_completion(o.text)
+            choices.append({"index": o.index, "finish_reason": o.finish_reason,
+                            "message": {"role": "assistant", "content": p.answer, "reasoning_content": p.reasoning or ""},
+                            "logprobs": svc.chat_logprobs(o.token_ids, o.logprobs, o.top_logprobs)
+                            if req.logprobs else None})
+        return {**meta, "object": "chat.completion", "choices": choices, "usage": svc.usage([h], outputs)}
+
+    async def stream_chat(h: Handle, req: ChatRequest, meta: dict, request: Request):
+        split = [ThinkSplitter() for _ in range(req.n)]
+        unsent = [[] for _ in range(req.n)]  # token events not yet covered by a chunk's logprobs
+        sent = [0] * req.n
+
+        def chunk(i, delta, finish=None, logprobs=None):
+            return _sse({**meta, "object": "chat.completion.chunk",
+                         "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
+        for i in range(req.n):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        async for kind, payload in events(h, request):
+            if kind == "done":
+                if req.stream_options and req.stream_options.include_usage:
+                    yield _sse({**meta, "object": "chat.completion.chunk", "choices": [],
+                                "usage": svc.usage([h], payload.outputs)})
+                return
+            for ev in payload:
+                i = ev.index
+                if ev.token_id >= 0:
+                    unsent[i].append(ev)
+                reasoning, content = split[i].feed(ev.text, final=ev.finished)
+                delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
+                if delta:
+                    lp = None
+                    if req.logprobs:
+                        toks = unsent[i]
+                        lp = svc.chat_logprobs([e.token_id for e in toks], [e.logprob for e in toks],
+                                               h.req.outputs[i].top_logprobs[sent[i]:sent[i] + len(toks)])
+                        sent[i] += len(toks)
+                    unsent[i] = []
+                    yield chunk(i, delta, logprobs=lp)
+                if ev.finished:
+                    yield chunk(i, {}, finish=ev.finish_reason)
+
+    @v1.post("/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        p = req.prompt
+        prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+        if not prompts or any(len(x) == 0 for x in prompts):
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        ids = [svc.tok.encode(x) if isinstance(x, str) else list(x) for x in prompts]
+        V = svc.model.config.vocab_size
+        if any(not 0 <= t < V for x in ids for t in x):
+            raise APIError(400, f"prompt token ids must be in [0, {V})", param="prompt")
+        if req.stream and len(ids) > 1:
+            raise APIError(400, "streaming takes a single prompt", param="prompt")
+        params = [svc.params(req, len(x), req.max_tokens or 16, req.logprobs or 0) for x in ids]
+        handles = []
+        try:
+            for x, sp in zip(ids, params):
+                handles.append(svc.loop.submit(x, sp))
+        except APIError:
+            for h in handles:
+                svc.loop.abort(h)
+            raise
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": svc.name}
+        echo = [x if isinstance(x, str) else svc.tok.decode(x) for x in prompts] if req.echo else [""] * len(ids)
+        if req.stream:
+            return sse(stream_completion(handles[0], req, meta, request, echo[0]))
+        results = await asyncio.gather(*(collect(h, request) for h in handles))
+        choices = [{"index": i * req.n + o.index, "text": echo[i] + o.text, "finish_reason": o.finish_reason,
+                    "logprobs": svc.legacy_logprobs(o.token_ids, o.logprobs, o.top_logprobs, len(echo[i]))
+                    if req.logprobs is not None else None}
+                   for i, outs in enumerate(results) for o in outs]
+        return {**meta, "choices": choices, "usage": svc.usage(handles, [o for r in results for o in r])}
+
+    async def stream_completion(h: Handle, req: CompletionRequest, meta: dict, request: Request, echo: str):
+        def chunk(i, text, finish=None, logprobs=None):
+            return _sse({**meta, "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
+        for i in range(req.n if echo else 0):
+            yield chunk(i, echo)
+        async for kind, payload in events(h, request):
+            if kind == "done":
+                if req.stream_options and req.stream_options.include_usage:
+                    yield _sse({**meta, "choices": [], "usage": svc.usage([h], payload.outputs)})
+                return
+            for ev in payload:
+                if ev.text or ev.finished:
+                    lp = (svc.legacy_logprobs([ev.token_id], [ev.logprob], [], 0)
+                          if req.logprobs is not None and ev.token_id >= 0 else None)
+                    yield chunk(ev.index, ev.text, ev.finish_reason if ev.finished else None, lp)
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "closing" if svc.loop.closing else "ok", "model": svc.name, **svc.loop.load()}
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(WEB / "index.html")
+
+    app.mount("/web", StaticFiles(directory=WEB), name="web")
+    return app
+
+
+class BackgroundServer:
+    """The server in a thread on a free 127.0.0.1 port: `with BackgroundServer(opts) as s: s.url`.
+    For tests, benchmarks and notebooks; `nanoseek serve` runs uvicorn in the foreground instead."""
+
+    def __init__(self, opts: Options, model=None, tokenizer=None):
+        import socket
+
+        import uvicorn
+        self.app = create_app(opts, model, tokenizer)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning",
+                                                    timeout_graceful_shutdown=opts.shutdown_timeout))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    @property
+    def service(self) -> Service:
+        return self.app.state.service
+
+    def __enter__(self) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=(self.server.config.timeout_graceful_shutdown or 30) + 15)
+        self.sock.close()
+
+
+def run(opts: Options) -> None:
+    import uvicorn
+    if not opts.model or not Path(opts.model).is_dir():
+        raise SystemExit(f"error: give a model directory: nanoseek serve MODEL_DIR (got {opts.model!r})")
+    app = create_app(opts)
+    svc = app.state.service
+    print(f"nanoseek: serving '{svc.name}' (context {svc.max_len}, batch {opts.max_batch}) on "
+          f"http://{opts.host}:{opts.port}   web chat: /   API: /v1   docs: /docs"
+          + ("   (API key required)" if svc.api_key else ""), flush=True)
+    uvicorn.run(app, host=opts.host, port=opts.port, log_level="info", timeout_graceful_shutdown=opts.shutdown_timeout)

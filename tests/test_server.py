@@ -1,0 +1,247 @@
+"""`nanoseek serve`: the real server and engine on a tiny model, driven through the official openai client.
+
+The tiny model is random except that its output is programmed as a bigram chain (the blocks' output
+projections are damped and the LM head maps each token of one fixed completion to the next), so a
+reasoning completion with `</think>` and HTML-injection text comes out deterministically, without
+training. Long generations use `ignore_eos` on otherwise random logits.
+"""
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from nanoseek.config import get_preset
+from nanoseek.infer.engine_loop import ThinkSplitter
+from nanoseek.infer.server import BackgroundServer, Options
+from nanoseek.model.transformer import Transformer
+from nanoseek.tokenizer import train_tokenizer
+
+REASONING, ANSWER = "Hmm, one plus two.", 'Hello **world**! Try `x` <img src=q onerror="alert(1)"> or<script>boom()'
+KEY = "sk-test"
+LONG = {"ignore_eos": True}  # vLLM's extra: keep sampling past eos
+
+
+def build_model_dir(path) -> str:
+    """Save a tiny MoE + tokenizer whose greedy (and low-temperature) chat answer is REASONING</think>ANSWER."""
+    completion = REASONING + "</think>" + ANSWER
+    tok = train_tokenizer([completion] * 20 + ["hello there, what is two plus two? say hi"] * 5, vocab_size=600)
+    cfg = get_preset("tiny").replace(
+        vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=2, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8,
+        qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4, n_group=2, topk_group=1, num_experts_per_tok=2,
+        max_position_embeddings=256, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True))
+    chain = [prompt[-1]] + tok.encode(completion) + [tok.eos_id]
+    nxt = dict(zip(chain, chain[1:]))
+    assert len(nxt) == len(chain) - 1, "the programmed completion must not repeat a token"
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # damp the blocks so the residual stays near the embedding
+            if name.startswith("layers.") and ("o_proj" in name or "down_proj" in name):
+                p.mul_(0.05)
+        emb = model.embed_tokens.weight
+        unit = emb / emb.norm(dim=-1, keepdim=True)
+        model.lm_head.weight.mul_(0.1)
+        for a, b in nxt.items():
+            model.lm_head.weight[b] += 3.0 * unit[a]
+    model.save_pretrained(path, tokenizer=tok)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_model_dir(tmp_path_factory.mktemp("served"))
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    opts = Options(model=model_dir, served_model_name="served", api_key=KEY, max_batch=8, max_queue=8, max_len=256, max_body_bytes=64 << 10,
+                   request_timeout=30, shutdown_timeout=5)
+    with BackgroundServer(opts) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=30)
+
+
+def chat(client, content="hi", **kw):
+    return client.chat.completions.create(model="served", messages=[{"role": "user", "content": content}], **kw)
+
+
+def test_models_health_and_openapi(server, client):
+    assert [m.id for m in client.models.list().data] == ["served"]
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    spec = httpx.get(server.url + "/openapi.json").json()
+    assert "/v1/chat/completions" in spec["paths"] and "/v1/completions" in spec["paths"]
+
+
+def test_chat_reasoning_content_and_usage(client):
+    r = chat(client, temperature=0, max_tokens=60)
+    msg = r.choices[0].message
+    assert msg.reasoning_content == REASONING and msg.content == ANSWER
+    assert r.choices[0].finish_reason == "stop"
+    u = r.usage
+    assert u.total_tokens == u.prompt_tokens + u.completion_tokens
+    assert 0 < u.completion_tokens_details.reasoning_tokens < u.completion_tokens
+    again = chat(client, temperature=0, max_tokens=60).usage.model_extra  # same prompt: its prefix is cached
+    assert again["prompt_cache_hit_tokens"] == u.prompt_tokens - 1
+    assert again["prompt_cache_hit_tokens"] + again["prompt_cache_miss_tokens"] == u.prompt_tokens
+
+
+def test_chat_stream_reasoning_before_content(client):
+    stream = chat(client, "say hi", temperature=0.5, max_tokens=60, stream=True,
+                  stream_options={"include_usage": True}, logprobs=True, top_logprobs=2)
+    kinds, reasoning, content, usage, finish = [], "", "", None, None
+    for c in stream:
+        if c.usage:
+            usage = c.usage
+        for ch in c.choices:
+            d = ch.delta.model_extra.get("reasoning_content")
+            if d:
+                kinds.append("r")
+                reasoning += d
+            if ch.delta.content:
+                kinds.append("c")
+                content += ch.delta.content
+                assert ch.logprobs.content and len(ch.logprobs.content[0].top_logprobs) == 2
+            finish = ch.finish_reason or finish
+    assert reasoning == REASONING and content == ANSWER and finish == "stop"
+    assert kinds.index("c") > kinds.index("r") and "r" not in kinds[kinds.index("c"):]
+    assert usage.completion_tokens_details.reasoning_tokens > 0
+
+
+def test_completions_n_seed_and_logprobs(client):
+    kw = dict(model="served", prompt="hello there", max_tokens=12, temperature=1.0, extra_body=LONG)
+    a = client.completions.create(n=2, seed=7, logprobs=2, **kw)
+    assert len(a.choices) == 2 and all(c.finish_reason == "length" for c in a.choices)
+    assert a.usage.completion_tokens == 24 and len(a.choices[0].logprobs.tokens) == 12
+    b = client.completions.create(n=2, seed=7, logprobs=2, **kw)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    c = client.completions.create(n=1, seed=8, **kw)
+    assert c.choices[0].text not in [x.text for x in a.choices]
+    streamed = "".join(ch.choices[0].text for ch in client.completions.create(n=1, seed=8, stream=True, **kw))
+    assert streamed == c.choices[0].text
+
+
+def raw(server, body, key=KEY, path="/v1/chat/completions", **kw):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body)
+    return httpx.post(server.url + path, content=body, headers={"Content-Type": "application/json", **headers},
+                      timeout=30, **kw)
+
+
+OK = {"model": "served", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+BAD = [  # (body, status, param it should name or None)
+    ("{not json", 400, None),
+    ([1, 2], 400, None),
+    ({**OK, "model": "gpt-9"}, 404, "model"),
+    ({**OK, "messages": []}, 400, "messages"),
+    ({**OK, "messages": "hi"}, 400, "messages"),
+    ({**OK, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+    ({**OK, "messages": [{"role": "user", "content": 5}]}, 400, None),
+    ({**OK, "messages": [{"role": "user", "content": "hi " * 400}]}, 400, "messages"),
+    ({**OK, "max_tokens": 0}, 400, "max_tokens"),
+    ({**OK, "max_tokens": -3}, 400, "max_tokens"),
+    ({**OK, "max_tokens": 10**9}, 400, "max_tokens"),
+    ({**OK, "temperature": -0.1}, 400, "temperature"),
+    ({**OK, "temperature": 2.5}, 400, "temperature"),
+    ({**OK, "temperature": "hot"}, 400, "temperature"),
+    ({**OK, "top_p": 0}, 400, "top_p"),
+    ({**OK, "n": 0}, 400, "n"),
+    ({**OK, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({**OK, "top_logprobs": 3}, 400, "top_logprobs"),
+    ({"model": "served"}, 400, "messages"),
+]
+
+
+@pytest.mark.parametrize("body,status,param", BAD, ids=[f"{i}-{s}" for i, (_, s, _) in enumerate(BAD)])
+def test_bad_chat_input_is_a_4xx_with_openai_error(server, body, status, param):
+    r = raw(server, body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param:
+        assert err["param"] == param
+
+
+def test_bad_completion_input_auth_and_size(server, client):
+    for body in ({"model": "served", "prompt": ""}, {"model": "served", "prompt": [10**6]},
+                 {"model": "served", "prompt": "x", "logprobs": 9}, {"model": "served", "prompt": 3}):
+        r = raw(server, body, path="/v1/completions")
+        assert r.status_code == 400 and "error" in r.json(), r.text
+    for key in (None, "wrong"):
+        r = raw(server, OK, key=key)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0).models.list()
+    r = raw(server, {**OK, "messages": [{"role": "user", "content": "x" * (70 << 10)}]})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert httpx.get(server.url + "/v1/nowhere", headers={"Authorization": f"Bearer {KEY}"}).status_code == 404
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"  # nothing above broke the engine
+
+
+def test_concurrent_requests_are_batched(server, client):
+    svc = server.service
+    base = svc.loop.stats["peak_running"]
+    kw = dict(model="served", prompt="say hi", max_tokens=40, temperature=1.0, extra_body=LONG)
+    t = time.perf_counter()
+    for _ in range(2):
+        client.completions.create(**kw)
+    one = (time.perf_counter() - t) / 2
+    results, threads = [], [threading.Thread(target=lambda: results.append(client.completions.create(**kw)))
+                            for _ in range(6)]
+    t = time.perf_counter()
+    [th.start() for th in threads]
+    [th.join() for th in threads]
+    six = time.perf_counter() - t
+    assert len(results) == 6 and all(r.usage.completion_tokens == 40 for r in results)
+    assert svc.loop.stats["peak_running"] >= max(base, 3)  # several sequences decoded in one batch
+    assert six < 4 * one, (six, one)  # six in parallel cost well under six one after the other
+
+
+def test_disconnect_frees_the_slot(server):
+    svc = server.service
+    body = {**OK, "max_tokens": 200, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as r:
+        lines = r.iter_lines()
+        for _ in range(6):
+            next(lines)
+        assert svc.loop.load()["running"] == 1
+    deadline = time.monotonic() + 10  # closed after a few tokens: the engine must drop it long before 200
+    while (svc.loop.handles or svc.loop.engine.active) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not svc.loop.handles and not svc.loop.engine.active
+
+
+def test_queue_full_gives_429(model_dir):
+    opts = Options(model=model_dir, served_model_name="served", max_batch=1, max_queue=1, max_len=256, shutdown_timeout=2)
+    with BackgroundServer(opts) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=30)
+        long = dict(model="served", prompt="hi", max_tokens=120, extra_body=LONG)
+        first = c.completions.create(stream=True, **long)
+        next(iter(first))  # running
+        queued = threading.Thread(target=lambda: c.completions.create(**{**long, "max_tokens": 2}))
+        queued.start()
+        while not s.service.loop.engine.waiting:
+            time.sleep(0.01)
+        with pytest.raises(openai.RateLimitError) as e:
+            c.completions.create(**long)
+        assert e.value.status_code == 429 and e.value.body["code"] == "rate_limit_exceeded"
+        first.close()
+        queued.join(timeout=20)
+        assert not queued.is_alive()
+
+
+def test_think_splitter_holds_back_a_partial_tag():
+    sp = ThinkSplitter()
+    parts = [sp.feed(x) for x in ["abc</th", "ink>\n\nans", "wer"]]
+    assert parts == [("abc", ""), ("", "ans"), ("", "wer")]
