@@ -138,20 +138,31 @@ def sample_groups(model, prompts: list[list[int]], n: int, max_new_tokens: int, 
     return result
 
 
-def engine_rollout(model, tok, prompts, n, o: "Options", seed: int, eos_id) -> list[list[int]] | None:
-    """Rollouts through nanoseek.infer.engine when it is available (batched, prefix sharing);
-    None makes the caller fall back to `sample_groups`."""
+def engine_rollout(model, prompts: list[list[int]], n: int, max_new_tokens: int, eos_id: int | None,
+                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                   pad_id: int = 0) -> list[list[int]]:
+    """`sample_groups` through nanoseek.infer.engine: continuous batching (finished sequences
+    leave the batch) and prefix sharing for n > 1; per-request seeds keep it reproducible."""
+    from nanoseek.infer.engine import Engine
+    from nanoseek.infer.sampling import SamplingParams
+    was_training = model.training
+    engine = Engine(model, max_batch=min(len(prompts) * n, 512), max_len=max(map(len, prompts)) + max_new_tokens)
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_new_tokens,
+                            stop_token_ids=[eos_id] if eos_id is not None else [], seed=seed, logprobs=False, n=n,
+                            ignore_eos=eos_id is None)
     try:
-        from nanoseek.infer.engine import Engine, SamplingParams
-    except ImportError:
-        return None
-    engine = Engine(model, tokenizer=tok, max_batch=len(prompts) * n,
-                    max_len=max(map(len, prompts)) + o.max_new_tokens)
-    params = SamplingParams(temperature=o.temperature, top_p=o.top_p, top_k=o.top_k, max_tokens=o.max_new_tokens,
-                            stop_token_ids=[eos_id] if eos_id is not None else [], seed=seed, n=n)
-    results = engine.generate(prompts, params)
-    flat = [c for r in results for c in (r if isinstance(r, list) else getattr(r, "outputs", [r]))]
-    return [list(c.token_ids) for c in flat]
+        outs = engine.generate(prompts, params)
+    finally:
+        model.train(was_training)  # the engine puts the model in eval mode
+    return [list(c.token_ids) for r in outs for c in r.outputs]
+
+
+def default_sampler() -> Callable:
+    try:
+        import nanoseek.infer.engine  # noqa: F401
+        return engine_rollout
+    except ImportError:  # a build without the engine: the built-in sampler does the same job
+        return sample_groups
 
 
 # ------------------------------------------------------------------------------------ one step
@@ -253,9 +264,7 @@ class GRPO:
         o = self.o
         args = (self.model, prompts, o.group_size, o.max_new_tokens, self.eos_id, o.temperature, o.top_k, o.top_p, seed,
                 self.tok.pad_id)
-        if self.rollout_fn is not None:
-            return self.rollout_fn(*args)
-        return engine_rollout(self.model, self.tok, prompts, o.group_size, o, seed, self.eos_id) or sample_groups(*args)
+        return (self.rollout_fn or default_sampler())(*args)
 
     # -------------------------------------------------------------- the step
     def step(self, step: int) -> dict:
@@ -379,7 +388,7 @@ def evaluate(model, tok, o: Options, n: int | None = None) -> dict:
     prompts = [make_prompt(tok, s.prompt, o.mode) for s in samples]
     comps = []
     for i in range(0, len(prompts), 64):
-        comps += sample_groups(model, prompts[i:i + 64], 1, o.max_new_tokens, tok.eos_id, temperature=0.0, pad_id=tok.pad_id)
+        comps += default_sampler()(model, prompts[i:i + 64], 1, o.max_new_tokens, tok.eos_id, temperature=0.0, pad_id=tok.pad_id)
     rs = compute_rewards(samples, [tok.decode(c) for c in comps], reward_config(o))
     return {"eval_accuracy": sum(r.accuracy > 0 for r in rs) / len(rs), "eval_format": sum(r.format for r in rs) / len(rs)}
 
