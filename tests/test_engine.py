@@ -124,3 +124,26 @@ def test_mla_cache_bytes_per_token():
     assert MOE.naive_cache_values_per_token() == 4 * (16 + 8)
 
 
+
+
+class CharTok:
+    """Token id i <-> chr(ord('a') + i % 26): enough to test text, stop strings and streaming."""
+    eos_id = 96
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(ord("a") + i % 26) for i in ids if i != self.eos_id)
+
+
+def test_stop_strings_and_streaming(model):
+    ref = naive_greedy(model, PROMPTS[0], 8)
+    text = CharTok().decode(ref)
+    eng = Engine(model, tokenizer=CharTok(), max_batch=2, max_len=64)
+    stop = text[3:5]  # spans two tokens
+    o = eng.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=8, stop=[stop], ignore_eos=True))[0].outputs[0]
+    assert o.finish_reason == "stop" and o.text == text[:text.index(stop)]
+    rid = eng.add_request(PROMPTS[0], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    streamed = []
+    while eng.has_work():
+        streamed += [e for e in eng.step() if e.request_id == rid]
+    assert "".join(e.text for e in streamed) == text and [e.token_id for e in streamed] == ref
+    assert streamed[-1].finished and streamed[-1].finish_reason == "length"

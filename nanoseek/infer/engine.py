@@ -62,7 +62,17 @@ class _Seq:
     gen: torch.Generator | None
     pos: int = 0              # position of the next token to write
     last: int = 0             # last token (input of the next decode step)
-    text_len: int = 0         # chars of decoded text already reported
+    text: str = ""            # completion text so far (incremental detokenization)
+    dec_from: int = 0         # token index the decode window starts at
+    dec_upto: int = 0         # tokens [dec_from, dec_upto) are already in `text`
+    u: list[float] = field(default_factory=list)  # pre-drawn uniforms from `gen` (one per sampled token)
+
+    def uniform(self) -> float:
+        if self.gen is None:
+            return 0.0
+        if not self.u:  # draw ahead in blocks: one generator call per 64 tokens, not per token
+            self.u = torch.rand(64, generator=self.gen, device=self.gen.device).tolist()[::-1]
+        return self.u.pop()
 
 
 class Engine:
@@ -232,64 +242,91 @@ class Engine:
 
     def _emit(self, logits: torch.Tensor, seqs: list[_Seq], events: list[Event]) -> None:
         """Sample one token for each of `seqs` from its logits row, record it, retire finished ones."""
-        logits = logits.float()
-        if not torch.isfinite(logits).all():
+        raw = logits = logits.float()                                            # [B, V]
+        P = [s.params for s in seqs]
+        # log-probs of the model's own distribution (what GRPO's ratio and the API's logprobs need)
+        lse = raw.logsumexp(-1)                                                  # [B]
+        if any(p.repetition_penalty != 1 for p in P):
+            rep = torch.tensor([p.repetition_penalty for p in P], device=logits.device)
+            logits = apply_repetition_penalty(logits.clone(), [s.req.prompt_token_ids + s.out.token_ids for s in seqs], rep)
+        if all(p.temperature == 0 for p in P):
+            tok = logits.argmax(-1)
+        else:
+            f = lambda name, dt: torch.tensor([getattr(p, name) for p in P], dtype=dt, device=logits.device)  # noqa: E731
+            filtered = any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in P)
+            u = torch.tensor([s.uniform() for s in seqs], device=logits.device)
+            tok = sample(logits, f("temperature", torch.float32), f("top_k", torch.long), f("top_p", torch.float32),
+                         f("min_p", torch.float32), u, filtered)
+        tok_lp = raw.gather(1, tok.unsqueeze(1)).squeeze(1) - lse
+        kmax = max(p.top_logprobs for p in P)
+        top = raw.topk(kmax, -1) if kmax else None
+        # the one host sync per step: token ids for stop checks; a NaN/inf in the logits shows up in lse
+        toks, tok_lp, ok = tok.tolist(), tok_lp.tolist(), bool(torch.isfinite(lse).all())
+        if not ok:
             raise FloatingPointError("non-finite logits during generation: the model weights are broken "
                                      "(NaN/inf) or the dtype overflowed; try --dtype fp32")
-        P = [s.params for s in seqs]
-        f = lambda name, dt: torch.tensor([getattr(p, name) for p in P], dtype=dt, device=logits.device)  # noqa: E731
-        logp = logits.log_softmax(-1)
-        rep = f("repetition_penalty", torch.float32)
-        if bool((rep != 1).any()):
-            logits = apply_repetition_penalty(logits.clone(), [s.req.prompt_token_ids + s.out.token_ids for s in seqs], rep)
-        toks = sample(logits, f("temperature", torch.float32), f("top_k", torch.long), f("top_p", torch.float32),
-                      f("min_p", torch.float32), [s.gen for s in seqs]).tolist()
-        tok_lp = logp.gather(1, torch.tensor(toks, device=logits.device).unsqueeze(1)).squeeze(1).tolist()
-        kmax = max(p.top_logprobs for p in P)
-        top = logp.topk(kmax, -1) if kmax else None
         finished = []
         for i, (s, t) in enumerate(zip(seqs, toks)):
             s.out.token_ids.append(t)
             s.out.logprobs.append(tok_lp[i])
             if s.params.top_logprobs:
                 k = s.params.top_logprobs
-                s.out.top_logprobs.append(dict(zip(top.indices[i, :k].tolist(), top.values[i, :k].tolist())))
+                s.out.top_logprobs.append(dict(zip(top.indices[i, :k].tolist(), (top.values[i, :k] - lse[i]).tolist())))
             s.last = t
-            reason = self._stop_reason(s, t)
-            delta = self._text_delta(s, reason)
+            delta, stopped = self._detok(s, t)
+            reason = self._stop_reason(s, t, stopped)
+            if reason is not None and not stopped and self.tokenizer is not None:
+                delta += self._flush_text(s)
             events.append(Event(s.req.request_id, s.out.index, t, delta, tok_lp[i], reason is not None, reason))
             if reason is not None:
                 finished.append((s, reason))
         for s, reason in finished:
             self._finish(s, reason, None)
 
-    def _stop_reason(self, s: _Seq, t: int) -> str | None:
+    def _stop_reason(self, s: _Seq, t: int, stopped: bool) -> str | None:
         p = s.params
-        if t in p.stop_token_ids or (t == self.eos_id and not p.ignore_eos):
+        if stopped or t in p.stop_token_ids or (t == self.eos_id and not p.ignore_eos):
             return "stop"
-        if p.stop and self.tokenizer is not None:
-            tail = self.tokenizer.decode(s.out.token_ids[-32:])
-            if any(x in tail for x in p.stop):
-                return "stop"
-        if len(s.out.token_ids) >= p.max_tokens or s.pos + 1 >= self.max_len:  # prompt + output <= max_len
+        if len(s.out.token_ids) >= p.max_tokens or s.pos + 1 >= self.max_len:  # prompt + completion <= max_len
             return "length"
         return None
 
-    def _text_delta(self, s: _Seq, reason: str | None) -> str:
-        if self.tokenizer is None:
-            return ""
+    def _flush_text(self, s: _Seq) -> str:
+        """At the end: whatever the windowed decode held back (e.g. a trailing partial character)."""
         ids = s.out.token_ids
-        if reason == "stop" and ids and (ids[-1] == self.eos_id or ids[-1] in s.params.stop_token_ids):
-            ids = ids[:-1]  # the stop token is not part of the text
-        text = self.tokenizer.decode(ids)
+        if ids and (ids[-1] in s.params.stop_token_ids or (ids[-1] == self.eos_id and not s.params.ignore_eos)):
+            ids = ids[:-1]
+        full = self.tokenizer.decode(ids)
+        rest = full[len(s.text):] if full.startswith(s.text) else ""
+        s.text = s.out.text = s.text + rest
+        return rest
+
+    def _detok(self, s: _Seq, t: int) -> tuple[str, bool]:
+        """Text added by token t (incremental: decodes a short window, not the whole completion), and
+        whether a stop string appeared. Stop tokens and stop strings are not part of the text."""
+        if self.tokenizer is None or t in s.params.stop_token_ids or (t == self.eos_id and not s.params.ignore_eos):
+            return "", False
+        ids = s.out.token_ids
+        old = self.tokenizer.decode(ids[s.dec_from:s.dec_upto])
+        new = self.tokenizer.decode(ids[s.dec_from:])
+        if new.endswith("\ufffd") or len(new) <= len(old):
+            return "", False  # an incomplete multi-byte character: wait for the rest
+        delta = new[len(old):]
+        s.dec_from, s.dec_upto = s.dec_upto, len(ids)
         if s.params.stop:
-            cut = min((text.find(x) for x in s.params.stop if x in text), default=-1)
-            text = text[:cut] if cut >= 0 else text
-        if reason is None and text.endswith("\ufffd"):
-            return ""  # wait for the rest of a multi-byte character
-        s.out.text = text
-        delta, s.text_len = text[s.text_len:], len(text)
-        return delta
+            # a stop string may straddle tokens: search the new text plus the longest stop's worth before it
+            w = max(map(len, s.params.stop))
+            tail_start = max(0, len(s.text) - w)
+            hay = s.text[tail_start:] + delta
+            cut = min((hay.find(x) for x in s.params.stop if x in hay), default=-1)
+            if cut >= 0:
+                keep = tail_start + cut - len(s.text)  # chars of delta before the stop string (may be < 0)
+                s.text = s.text[:tail_start + cut] if keep < 0 else s.text + delta[:keep]
+                s.out.text = s.text
+                return delta[:max(0, keep)], True
+        s.text += delta
+        s.out.text = s.text
+        return delta, False
 
     def _finish(self, s: _Seq, reason: str, events: list[Event] | None) -> None:
         """Retire a sequence: its row is refilled by the last active row (keeps rows 0..B-1 dense)."""

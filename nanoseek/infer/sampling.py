@@ -66,17 +66,23 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           min_p: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-    """logits [B, V] (fp32) -> token ids [B]. Rows with temperature 0 are greedy."""
+           min_p: torch.Tensor, u: torch.Tensor, filtered: bool = True) -> torch.Tensor:
+    """logits [B, V] (fp32), u [B] uniform(0, 1) -> token ids [B]. Rows with temperature 0 are greedy.
+
+    Inverse-CDF sampling with one uniform per row: the uniforms come from each request's own
+    generator, so a row's token never depends on the other rows, and there is no per-row kernel.
+    filtered=False skips the sort when no row uses top-k / top-p / min-p.
+    """
     greedy = temperature == 0
-    out = logits.argmax(-1)
-    if bool(greedy.all()):
-        return out
     t = torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(-1)
-    probs = filter_logits(logits / t, top_k, top_p, min_p).softmax(-1)
-    for i in torch.nonzero(~greedy).flatten().tolist():
-        out[i] = torch.multinomial(probs[i], 1, generator=generators[i])[0]
-    return out
+    x = logits / t
+    if filtered:
+        x = filter_logits(x, top_k, top_p, min_p)
+    cdf = x.softmax(-1).cumsum(-1)                                           # [B, V]
+    # side="right": the first token whose cdf exceeds u, so zero-probability tokens are never picked
+    tok = torch.searchsorted(cdf, (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+    tok = tok.clamp_max(logits.shape[-1] - 1)
+    return torch.where(greedy, logits.argmax(-1), tok)
 
 
 def speculative_accept(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, u: torch.Tensor,
