@@ -126,15 +126,14 @@ class Service:
         if n_prompt >= self.max_len:
             raise APIError(400, f"this model's maximum context length is {self.max_len} tokens; the prompt has "
                            f"{n_prompt}", param="messages", code="context_length_exceeded")
+        if max_tokens is not None and max_tokens >= self.max_len:  # could never fit; smaller ones are clamped
+            raise APIError(400, f"max_tokens={max_tokens} exceeds the context length of {self.max_len} tokens",
+                           param="max_tokens", code="context_length_exceeded")
         room = self.max_len - n_prompt
-        if max_tokens is not None and max_tokens > room:
-            raise APIError(400, f"max_tokens={max_tokens} plus the {n_prompt}-token prompt exceeds the context "
-                           f"length of {self.max_len} tokens (at most {room} here)", param="max_tokens",
-                           code="context_length_exceeded")
         if req.n > self.opts.max_batch:
             raise APIError(400, f"n={req.n} exceeds the server's max_batch={self.opts.max_batch}", param="n")
         return SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
-                              repetition_penalty=req.repetition_penalty, max_tokens=max_tokens or room,
+                              repetition_penalty=req.repetition_penalty, max_tokens=min(max_tokens or room, room),
                               stop=list(req.stop or []), seed=req.seed, top_logprobs=top_logprobs, n=req.n,
                               ignore_eos=req.ignore_eos)
 

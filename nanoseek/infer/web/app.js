@@ -2,7 +2,7 @@
 // Model output is never inserted as HTML: it is escaped first, then a tiny markdown subset adds fixed tags.
 "use strict";
 const $ = (id) => document.getElementById(id);
-const chat = { messages: [], model: null, controller: null };
+const chat = { messages: [], model: null, maxLen: Infinity, controller: null };
 
 for (const id of ["temperature", "max-tokens", "api-key"]) {  // settings survive a reload
   const saved = localStorage.getItem("nanoseek." + id);
@@ -119,7 +119,8 @@ async function send(text) {
   setBusy(true);
   try {
     const body = { model: chat.model, messages: chat.messages, stream: true, stream_options: { include_usage: true },
-      temperature: Number($("temperature").value), max_tokens: Number($("max-tokens").value) };
+      temperature: Number($("temperature").value),
+      max_tokens: Math.min(Number($("max-tokens").value), chat.maxLen - 1) };  // the server clamps to the room left
     const r = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body),
       signal: chat.controller.signal });
     if (!r.ok) throw new Error((await r.json().catch(() => ({}))).error?.message || r.statusText);
@@ -176,6 +177,7 @@ async function connect() {
     const data = await r.json();
     if (!r.ok) throw new Error(data.error?.message || r.statusText);
     chat.model = data.data[0].id;
+    chat.maxLen = data.data[0].max_model_len || Infinity;
     $("model").textContent = `${chat.model} · context ${data.data[0].max_model_len ?? "?"}`;
   } catch (e) {
     $("model").textContent = "not connected: " + e.message + " (set the API key in Settings)";

@@ -1,0 +1,63 @@
+"""The web chat at /: headless Chromium sends a message, sees the streamed answer and the thinking block,
+and the model's `<img onerror>` / `<script>` text renders as text (no markup injection). Saves the
+screenshot docs/web-chat.png. Needs Debian's Chromium (`apt-get install chromium`); skipped without it."""
+import os
+from pathlib import Path
+
+import pytest
+
+from test_server import ANSWER, REASONING, build_model_dir
+
+from nanoseek.infer.server import BackgroundServer, Options
+
+CHROMIUM = "/usr/bin/chromium"
+SHOT = Path(__file__).resolve().parents[1] / "docs" / "web-chat.png"
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"no browser at {CHROMIUM}: apt-get install chromium")
+
+
+def test_web_chat_streams_thinking_and_escapes_html(tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    model = build_model_dir(tmp_path / "model")
+    opts = Options(model=model, served_model_name="nanoseek-tiny", max_len=256, shutdown_timeout=2)
+    with BackgroundServer(opts) as server, playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 900, "height": 640})
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("dialog", lambda d: (errors.append("dialog: " + d.message), d.dismiss()))
+            page.goto(server.url + "/")
+            page.wait_for_function("document.getElementById('model').textContent.startsWith('nanoseek-tiny')")
+            page.click("#settings summary")
+            page.fill("#temperature", "0")
+            page.click("#settings summary")
+            page.fill("#input", "What is 1 + 2? Show **work**.")
+            page.press("#input", "Enter")
+            answer = page.locator(".msg.assistant .content")
+            answer.get_by_text("or<script>boom()").wait_for(timeout=20_000)  # the streamed answer, as text
+            page.wait_for_selector("#send:not([hidden])")  # the stream ended
+
+            assert page.locator(".msg.user").inner_text() == "What is 1 + 2? Show **work**."
+            thinking = page.locator(".msg.assistant .thinking")
+            assert thinking.is_visible() and thinking.locator(".reasoning").text_content() == REASONING
+            assert "Thought for" in thinking.locator("summary").inner_text()
+            # markdown renders, the injection does not: no <img>/<script> element, the text is shown verbatim
+            assert answer.locator("strong").inner_text() == "world" and answer.locator("code").inner_text() == "x"
+            assert answer.locator("img, script").count() == 0
+            assert answer.inner_text().strip() == ANSWER.replace("**", "").replace("`", "")
+            assert page.evaluate("typeof window.boom") == "undefined" and not errors
+            assert "tokens" in page.locator(".msg.assistant .stats").inner_text()
+            assert page.locator("#stop").is_hidden() and page.locator(".msg.assistant .copy").is_visible()
+
+            page.fill("#input", "And 2 + 2?")  # a second turn: the shared history is a prompt-cache hit
+            page.press("#input", "Enter")
+            page.locator(".msg.assistant").nth(1).locator(".stats").get_by_text("tokens").wait_for(timeout=20_000)
+            hit = page.locator(".msg.assistant .stats").nth(1).inner_text().split("cache hit ")[1].split("/")[0]
+            assert int(hit) > 10
+            page.locator(".msg.assistant .thinking summary").first.click()  # show the reasoning in the screenshot
+            SHOT.parent.mkdir(exist_ok=True)
+            page.screenshot(path=str(SHOT))
+        finally:
+            browser.close()
