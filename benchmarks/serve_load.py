@@ -1,88 +1,64 @@
-"""Serving under load: N concurrent streaming clients vs the same N requests one after another.
+"""Load test of `nanoseek serve`: N concurrent streaming clients vs the same N requests one at a time.
 
-A real `nanoseek serve` (uvicorn on a free 127.0.0.1 port, the batching engine, a small random MoE)
-is driven over HTTP by N threads, each streaming one /v1/completions request of a fixed length
-(ignore_eos), against the same N requests sent sequentially. Continuous batching should turn the
-N decode streams into one batched forward per step, so ratio = concurrent / sequential throughput.
-
-    python -m benchmarks.serve_load [--clients 8] [--tokens 32] [--reps 3]
+The server batches concurrent requests in one engine loop, so N clients should finish in far less than
+N times one client's time. Tiny random model (preset "tiny"), fixed-length answers (ignore_eos).
+Run alone: python -c "from benchmarks.serve_load import run; from benchmarks.common import print_table; print_table(run())"
 """
 from __future__ import annotations
 
-import argparse
-import json
-import tempfile
 import threading
 
-import httpx
 import torch
 
-from benchmarks.common import Row, print_table, time_pair
+from benchmarks.common import Row, time_pair
+
+CLIENTS, TOKENS = 8, 64
 
 
-def _model_dir(path: str, preset: str) -> None:
+def _stream(client, prompt: str) -> int:
+    n = 0
+    for chunk in client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}],
+                                                max_tokens=TOKENS, temperature=1.0, stream=True,
+                                                extra_body={"ignore_eos": True}):
+        n += sum(bool(c.delta.content or (c.delta.model_extra or {}).get("reasoning_content")) for c in chunk.choices)
+    return n
+
+
+def run(reps: int = 3, preset: str = "tiny", clients: int = CLIENTS) -> list[Row]:
+    import openai
+
     from nanoseek.config import get_preset
-    from nanoseek.data.corpus import default_corpus
+    from nanoseek.infer.server import BackgroundServer, Options
     from nanoseek.model.transformer import Transformer
     from nanoseek.tokenizer import train_tokenizer
 
-    tok = train_tokenizer(default_corpus(300), vocab_size=512)
-    cfg = get_preset(preset).replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-                                     max_position_embeddings=512)
+    tok = train_tokenizer(["the quick brown fox jumps over the lazy dog, 0123456789."] * 50, vocab_size=600)
     torch.manual_seed(0)
-    Transformer(cfg).eval().save_pretrained(path, tokenizer=tok)
+    model = Transformer(get_preset(preset).replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
+                                                   eos_token_id=tok.eos_id)).eval()
+    opts = Options(served_model_name="tiny", max_batch=max(16, clients), max_len=512, shutdown_timeout=5)
+    prompts = [f"client {i}: tell me about the quick brown fox" for i in range(clients)]
+    with BackgroundServer(opts, model=model, tokenizer=tok) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=600)
 
+        def concurrent():
+            threads = [threading.Thread(target=_stream, args=(client, p)) for p in prompts]
+            [t.start() for t in threads]
+            [t.join() for t in threads]
 
-def _stream_one(url: str, model: str, tokens: int, i: int) -> int:
-    """One streaming request; returns the completion tokens the server reports."""
-    body = {"model": model, "prompt": f"request {i}: the quick brown fox", "max_tokens": tokens, "stream": True,
-            "ignore_eos": True, "temperature": 1.0, "seed": i, "stream_options": {"include_usage": True}}
-    used = 0
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=300) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                used = (json.loads(line[6:]).get("usage") or {}).get("completion_tokens", used)
-    return used
-
-
-def run(reps: int = 3, clients: int = 8, tokens: int = 32, preset: str = "tiny") -> list[Row]:
-    from nanoseek.infer.server import BackgroundServer, Options
-
-    with tempfile.TemporaryDirectory() as d:
-        _model_dir(d, preset)
-        opts = Options(model=d, max_batch=clients, max_queue=clients, shutdown_timeout=5)
-        with BackgroundServer(opts) as srv:
-            name = httpx.get(srv.url + "/v1/models").json()["data"][0]["id"]
-            counts: list[int] = []
-
-            def concurrent():
-                threads = [threading.Thread(target=lambda i=i: counts.append(_stream_one(srv.url, name, tokens, i)))
-                           for i in range(clients)]
-                [t.start() for t in threads]
-                [t.join() for t in threads]
-
-            def sequential():
-                for i in range(clients):
-                    counts.append(_stream_one(srv.url, name, tokens, i))
-
-            t_conc, t_seq = time_pair(concurrent, sequential, reps=reps, warmup=1)
-    # every request must have run to its full length, or the rates below compare different work
-    assert counts and all(c == tokens for c in counts), f"short completions: {sorted(set(counts))}"
-    n_tok = clients * tokens
-    note = f"{clients} clients x {tokens} tokens, preset {preset}, {torch.get_num_threads()} threads"
-    return [Row(f"serve: {clients} streaming requests", clients / t_conc, clients / t_seq, "req/s", t_seq / t_conc,
-                note + "; reference = same requests sequentially"),
-            Row(f"serve: {clients} streaming requests", n_tok / t_conc, n_tok / t_seq, "tokens/s", t_seq / t_conc,
-                note + "; reference = same requests sequentially")]
+        def sequential():
+            for p in prompts:
+                _stream(client, p)
+        t_par, t_seq = time_pair(concurrent, sequential, reps=reps, warmup=1)
+        peak = server.service.loop.stats["peak_running"]
+    tokens = clients * TOKENS
+    note = f"{clients} clients x {TOKENS} tokens, preset {preset}, peak batch {peak}"
+    return [Row(f"serve: {clients} streaming clients, tokens/s", tokens / t_par, tokens / t_seq, "tokens/s",
+                t_seq / t_par, note + " (reference: one request at a time)"),
+            Row(f"serve: {clients} streaming clients, requests/s", clients / t_par, clients / t_seq, "req/s",
+                t_seq / t_par, "same runs")]
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(prog="python -m benchmarks.serve_load", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--clients", type=int, default=8)
-    p.add_argument("--tokens", type=int, default=32)
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--preset", default="tiny")
-    a = p.parse_args()
-    print_table(run(reps=a.reps, clients=a.clients, tokens=a.tokens, preset=a.preset))
+    from benchmarks.common import print_table
+    print_table(run())
