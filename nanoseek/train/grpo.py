@@ -16,8 +16,6 @@ seed of step s depend only on (seed, s).
 from __future__ import annotations
 
 import copy
-import json
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -25,10 +23,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from nanoseek.model.moe import balance_losses, moe_layers, update_balancing_bias
-from nanoseek.train.grpo_loss import group_advantages, grpo_loss, normalizer, token_logprobs
+from nanoseek.train.grpo_loss import group_advantages, grpo_loss, normalizer, policy_logprobs
 
 POSITIONAL = (("model", "model directory (HF layout with tokenizer): the SFT model (r1) or a base model (r1-zero)"),)
 
@@ -182,28 +179,6 @@ def reward_config(o: Options):
     lang = o.language_weight if o.language_weight >= 0 else (0.1 if o.mode == "r1" else 0.0)
     return RewardConfig(accuracy=o.accuracy_weight, format=o.format_weight, language=lang, length=o.length_weight,
                         max_len=o.max_new_tokens, cache_len=max(1, o.max_new_tokens // 4))
-
-
-def policy_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, temperature: float, mtp_weight: float = 0.0,
-                    entropy: bool = False):
-    """Per-token log-probs of ids[:, 1:] [B, T-1]; entropy; the MTP CE on the masked tokens."""
-    inp, tgt = ids[:, :-1], ids[:, 1:]
-    mtp_loss = None
-    if mtp_weight and len(getattr(model, "mtp", ())) and inp.shape[1] > 1:
-        h, kw = model.hidden_states(inp)
-        logits = model.lm_head(h)
-        T = inp.shape[1] - 1
-        # MTP learns the policy's own next-next token; the trunk is detached so this does not
-        # pull the policy itself (its only objective stays the GRPO one)
-        h1 = model.mtp_hidden(1, h[:, :T].detach(), inp[:, 1:], rotary=model.rotary, cos=kw["cos"][:, :T],
-                              sin=kw["sin"][:, :T], positions=kw["positions"][:, :T], mask=None, absorb=None)
-        ce = F.cross_entropy(model.mtp_logits(1, h1).float().flatten(0, 1), tgt[:, 1:].flatten(), reduction="none")
-        m = mask[:, 1:].reshape(-1)
-        mtp_loss = (ce * m).sum() / m.sum().clamp_min(1.0)
-    else:
-        logits = model(inp)
-    logp, ent = token_logprobs(logits, tgt, temperature, with_entropy=entropy)
-    return logp, ent, mtp_loss
 
 
 class GRPO:

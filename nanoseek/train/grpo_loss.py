@@ -1,4 +1,4 @@
-"""The GRPO math, free of models and data: advantages, per-token log-probs, the clipped objective.
+"""The GRPO math: advantages, the policy's per-token log-probs, the clipped objective (no data, no sampling).
 
     A_i      = (r_i - mean(r_group)) / (std(r_group) + eps)      scale_rewards="group" (GRPO)
              =  r_i - mean(r_group)                                scale_rewards="none"  (Dr. GRPO)
@@ -101,3 +101,25 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
         stats = {"clipped": (is_clipped.float() * mask).sum(), "ratio": (ratio * mask).sum(),
                  "kl": (kl * mask).sum() if kl is not None else torch.zeros(())}
     return loss, stats
+
+
+def policy_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, temperature: float, mtp_weight: float = 0.0,
+                    entropy: bool = False):
+    """Per-token log-probs of ids[:, 1:] [B, T-1]; entropy; the MTP CE on the masked tokens."""
+    inp, tgt = ids[:, :-1], ids[:, 1:]
+    mtp_loss = None
+    if mtp_weight and len(getattr(model, "mtp", ())) and inp.shape[1] > 1:
+        h, kw = model.hidden_states(inp)
+        logits = model.lm_head(h)
+        T = inp.shape[1] - 1
+        # MTP learns the policy's own next-next token; the trunk is detached so this does not
+        # pull the policy itself (its only objective stays the GRPO one)
+        h1 = model.mtp_hidden(1, h[:, :T].detach(), inp[:, 1:], rotary=model.rotary, cos=kw["cos"][:, :T],
+                              sin=kw["sin"][:, :T], positions=kw["positions"][:, :T], mask=None, absorb=None)
+        ce = F.cross_entropy(model.mtp_logits(1, h1).float().flatten(0, 1), tgt[:, 1:].flatten(), reduction="none")
+        m = mask[:, 1:].reshape(-1)
+        mtp_loss = (ce * m).sum() / m.sum().clamp_min(1.0)
+    else:
+        logits = model(inp)
+    logp, ent = token_logprobs(logits, tgt, temperature, with_entropy=entropy)
+    return logp, ent, mtp_loss
