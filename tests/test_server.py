@@ -95,6 +95,25 @@ def test_chat_reasoning_content_and_usage(client):
     assert again["prompt_cache_hit_tokens"] + again["prompt_cache_miss_tokens"] == u.prompt_tokens
 
 
+def test_chat_n_choices(client):
+    r = chat(client, temperature=0.8, max_tokens=60, n=2, seed=1)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert all(c.message.content == ANSWER for c in r.choices)  # the programmed answer, sampled twice
+
+
+def test_request_timeout_is_a_clean_error(server, client):
+    opts = server.service.opts
+    old, opts.request_timeout = opts.request_timeout, 0.3
+    try:
+        with pytest.raises(openai.APIStatusError) as e:
+            chat(client, max_tokens=200, extra_body=LONG)
+        assert e.value.status_code == 408 and e.value.body["code"] == "timeout"
+        with pytest.raises(openai.APIError, match="timed out"):
+            list(chat(client, max_tokens=200, stream=True, extra_body=LONG))
+    finally:
+        opts.request_timeout = old
+
+
 def test_chat_stream_reasoning_before_content(client):
     stream = chat(client, "say hi", temperature=0.5, max_tokens=60, stream=True,
                   stream_options={"include_usage": True}, logprobs=True, top_logprobs=2)
@@ -191,7 +210,7 @@ def test_bad_completion_input_auth_and_size(server, client):
 def test_concurrent_requests_are_batched(server, client):
     svc = server.service
     base = svc.loop.stats["peak_running"]
-    kw = dict(model="served", prompt="say hi", max_tokens=40, temperature=1.0, extra_body=LONG)
+    kw = dict(model="served", prompt="say hi", max_tokens=32, temperature=1.0, extra_body=LONG)
     t = time.perf_counter()
     for _ in range(2):
         client.completions.create(**kw)
@@ -202,7 +221,7 @@ def test_concurrent_requests_are_batched(server, client):
     [th.start() for th in threads]
     [th.join() for th in threads]
     six = time.perf_counter() - t
-    assert len(results) == 6 and all(r.usage.completion_tokens == 40 for r in results)
+    assert len(results) == 6 and all(r.usage.completion_tokens == 32 for r in results)
     assert svc.loop.stats["peak_running"] >= max(base, 3)  # several sequences decoded in one batch
     assert six < 4 * one, (six, one)  # six in parallel cost well under six one after the other
 
@@ -245,3 +264,49 @@ def test_think_splitter_holds_back_a_partial_tag():
     sp = ThinkSplitter()
     parts = [sp.feed(x) for x in ["abc</th", "ink>\n\nans", "wer"]]
     assert parts == [("abc", ""), ("", "ans"), ("", "wer")]
+
+
+def test_cli_env_key_and_graceful_shutdown(model_dir):
+    """`nanoseek serve DIR` in a subprocess: NANOSEEK_API_KEY guards /v1; on SIGTERM the in-flight stream
+    still runs to its end before the process exits."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    exe = Path(sys.executable).with_name("nanoseek")
+    proc = subprocess.Popen([str(exe), "serve", model_dir, "--port", str(port), "--max-len", "256"],
+                            env={**os.environ, "NANOSEEK_API_KEY": "k1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url, lines = f"http://127.0.0.1:{port}", []
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(url + "/health")
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
+                time.sleep(0.2)
+        assert httpx.get(url + "/v1/models").status_code == 401
+        body = {"model": Path(model_dir).name, "prompt": "hi", "max_tokens": 100, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, headers={"Authorization": "Bearer k1"},
+                          timeout=60) as r:
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+                if len(lines) == 3:
+                    proc.send_signal(signal.SIGTERM)
+        assert lines[-1] == "data: [DONE]"  # finished, not cut:
+        assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "Application shutdown complete" in proc.stdout.read()
