@@ -1,0 +1,49 @@
+"""Batched generation tokens/s: nanoseek's engine vs HF `generate` (with its KV cache), same model and prompts."""
+from __future__ import annotations
+
+import tempfile
+
+import torch
+
+from benchmarks.common import Row, time_pair
+from nanoseek.config import get_preset
+from nanoseek.infer.engine import Engine
+from nanoseek.infer.sampling import SamplingParams
+from nanoseek.model.transformer import Transformer
+
+
+def run(preset: str = "tiny", batches: tuple[int, ...] = (16, 64), prompt_len: int = 32, new_tokens: int = 128,
+        reps: int = 3, device: str = "cpu") -> list[Row]:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = get_preset(preset)
+    ours = Transformer(cfg)
+    with tempfile.TemporaryDirectory() as d:
+        ours.save_pretrained(d)
+        hf = AutoModelForCausalLM.from_pretrained(d).to(device).eval()
+    ours = ours.to(device).eval()
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    ours, hf = ours.to(dtype), hf.to(dtype)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    rows = []
+    for B in batches:
+        prompts = torch.randint(2, cfg.vocab_size, (B, prompt_len), device=device)
+        engine = Engine(ours, max_batch=B, max_len=prompt_len + new_tokens)
+        sp = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+
+        def gen_ours():
+            engine.generate(prompts.tolist(), sp)
+            sync()
+
+        def gen_hf():
+            with torch.no_grad():
+                hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                            max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+            sync()
+
+        a, b = time_pair(gen_ours, gen_hf, reps=reps)
+        tokens = B * new_tokens
+        rows.append(Row(f"generate greedy ({preset}, batch {B}, {prompt_len}+{new_tokens} tokens, {str(dtype)[6:]}, "
+                        f"{device})", tokens / a, tokens / b, "tokens/s", b / a, "HF generate with its DynamicCache"))
+    return rows
