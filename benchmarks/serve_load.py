@@ -2,7 +2,7 @@
 
 The server batches concurrent requests in one engine loop, so N clients should finish in far less than
 N times one client's time. Tiny random model (preset "tiny"), fixed-length answers (ignore_eos).
-Run alone: python -c "from benchmarks.serve_load import run; from benchmarks.common import print_table; print_table(run())"
+Run alone: python -m benchmarks.serve_load
 """
 from __future__ import annotations
 

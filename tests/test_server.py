@@ -60,8 +60,8 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    opts = Options(model=model_dir, served_model_name="served", api_key=KEY, max_batch=8, max_queue=8, max_len=256, max_body_bytes=64 << 10,
-                   request_timeout=30, shutdown_timeout=5)
+    opts = Options(model=model_dir, served_model_name="served", api_key=KEY, max_batch=8, max_queue=8, max_len=256,
+                   max_body_bytes=64 << 10, request_timeout=30, shutdown_timeout=5)
     with BackgroundServer(opts) as s:
         yield s
 
@@ -174,6 +174,7 @@ BAD = [  # (body, status, param it should name or None)
     ({**OK, "temperature": 2.5}, 400, "temperature"),
     ({**OK, "temperature": "hot"}, 400, "temperature"),
     ({**OK, "top_p": 0}, 400, "top_p"),
+    ({**OK, "top_k": 10**30}, 400, "top_k"),
     ({**OK, "n": 0}, 400, "n"),
     ({**OK, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({**OK, "top_logprobs": 3}, 400, "top_logprobs"),
@@ -204,13 +205,15 @@ def test_bad_completion_input_auth_and_size(server, client):
     r = raw(server, {**OK, "messages": [{"role": "user", "content": "x" * (70 << 10)}]})
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     assert httpx.get(server.url + "/v1/nowhere", headers={"Authorization": f"Bearer {KEY}"}).status_code == 404
+    for odd in ({"temperature": 1e-40}, {"seed": -(10**30)}, {"top_p": 1e-30, "temperature": 2}):  # valid, extreme
+        assert raw(server, {**OK, **odd}).status_code == 200
     assert httpx.get(server.url + "/health").json()["status"] == "ok"  # nothing above broke the engine
 
 
 def test_concurrent_requests_are_batched(server, client):
     svc = server.service
     base = svc.loop.stats["peak_running"]
-    kw = dict(model="served", prompt="say hi", max_tokens=32, temperature=1.0, extra_body=LONG)
+    kw = dict(model="served", prompt="say hi", max_tokens=20, temperature=1.0, extra_body=LONG)
     t = time.perf_counter()
     for _ in range(2):
         client.completions.create(**kw)
@@ -221,7 +224,7 @@ def test_concurrent_requests_are_batched(server, client):
     [th.start() for th in threads]
     [th.join() for th in threads]
     six = time.perf_counter() - t
-    assert len(results) == 6 and all(r.usage.completion_tokens == 32 for r in results)
+    assert len(results) == 6 and all(r.usage.completion_tokens == 20 for r in results)
     assert svc.loop.stats["peak_running"] >= max(base, 3)  # several sequences decoded in one batch
     assert six < 4 * one, (six, one)  # six in parallel cost well under six one after the other
 
@@ -242,7 +245,8 @@ def test_disconnect_frees_the_slot(server):
 
 
 def test_queue_full_gives_429(model_dir):
-    opts = Options(model=model_dir, served_model_name="served", max_batch=1, max_queue=1, max_len=256, shutdown_timeout=2)
+    opts = Options(model=model_dir, served_model_name="served", max_batch=1, max_queue=1, max_len=256,
+                   shutdown_timeout=2)
     with BackgroundServer(opts) as s:
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=30)
         long = dict(model="served", prompt="hi", max_tokens=120, extra_body=LONG)

@@ -12,7 +12,8 @@ from nanoseek.infer.server import BackgroundServer, Options
 
 CHROMIUM = "/usr/bin/chromium"
 SHOT = Path(__file__).resolve().parents[1] / "docs" / "web-chat.png"
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"no browser at {CHROMIUM}: apt-get install chromium")
+pytestmark = [pytest.mark.browser, pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                                                     reason=f"no browser at {CHROMIUM}: apt-get install chromium")]
 
 
 def test_web_chat_streams_thinking_and_escapes_html(tmp_path):

@@ -61,7 +61,7 @@ class _Sampling(BaseModel):
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
     # engine extras (vLLM names)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=0, le=1 << 30)
     min_p: float = Field(0.0, ge=0, le=1)
     repetition_penalty: float = Field(1.0, gt=0, le=10)
     ignore_eos: bool = False

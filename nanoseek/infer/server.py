@@ -132,9 +132,12 @@ class Service:
         room = self.max_len - n_prompt
         if req.n > self.opts.max_batch:
             raise APIError(400, f"n={req.n} exceeds the server's max_batch={self.opts.max_batch}", param="n")
-        return SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+        # a vanishing temperature overflows logits / t: it means greedy; any int is a seed (torch wants < 2**63)
+        temperature = req.temperature if req.temperature >= 1e-4 else 0.0
+        seed = None if req.seed is None else req.seed % 2**62
+        return SamplingParams(temperature=temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
                               repetition_penalty=req.repetition_penalty, max_tokens=min(max_tokens or room, room),
-                              stop=list(req.stop or []), seed=req.seed, top_logprobs=top_logprobs, n=req.n,
+                              stop=list(req.stop or []), seed=seed, top_logprobs=top_logprobs, n=req.n,
                               ignore_eos=req.ignore_eos)
 
     def usage(self, handles: list[Handle], outputs: list) -> dict:
@@ -247,7 +250,8 @@ def create_app(opts: Options, model=None, tokenizer=None) -> FastAPI:
         for o in outputs:
             p = parse_completion(o.text)
             choices.append({"index": o.index, "finish_reason": o.finish_reason,
-                            "message": {"role": "assistant", "content": p.answer, "reasoning_content": p.reasoning or ""},
+                            "message": {"role": "assistant", "content": p.answer,
+                                        "reasoning_content": p.reasoning or ""},
                             "logprobs": svc.chat_logprobs(o.token_ids, o.logprobs, o.top_logprobs)
                             if req.logprobs else None})
         return {**meta, "object": "chat.completion", "choices": choices, "usage": svc.usage([h], outputs)}
@@ -321,7 +325,8 @@ def create_app(opts: Options, model=None, tokenizer=None) -> FastAPI:
 
     async def stream_completion(h: Handle, req: CompletionRequest, meta: dict, request: Request, echo: str):
         def chunk(i, text, finish=None, logprobs=None):
-            return _sse({**meta, "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
+            return _sse({**meta, "choices": [{"index": i, "text": text, "logprobs": logprobs,
+                                              "finish_reason": finish}]})
         for i in range(req.n if echo else 0):
             yield chunk(i, echo)
         async for kind, payload in events(h, request):
