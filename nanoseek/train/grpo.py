@@ -418,6 +418,10 @@ def grpo(o: Options) -> Path:
 
     if not o.model:
         raise SystemExit("grpo: MODEL is required (the cold-start SFT model for r1, a pretrained base for r1-zero)")
+    for name, ok in (("mode", ("r1", "r1-zero")), ("scale_rewards", ("group", "none")),
+                     ("loss_agg", ("token", "sequence", "dr_grpo")), ("nan_policy", ("skip", "error"))):
+        if getattr(o, name) not in ok:
+            raise SystemExit(f"grpo: --{name.replace('_', '-')} must be one of {', '.join(ok)}, got {getattr(o, name)!r}")
     if o.group_size < 2:
         raise SystemExit("grpo: --group-size must be >= 2 (advantages are relative to the group)")
     t_start = time.time()
