@@ -66,6 +66,7 @@ class _Seq:
     dec_from: int = 0         # token index the decode window starts at
     dec_upto: int = 0         # tokens [dec_from, dec_upto) are already in `text`
     u: list[float] = field(default_factory=list)  # pre-drawn uniforms from `gen` (one per sampled token)
+    q: torch.Tensor | None = None  # speculative: MTP draft logits [V] for the token after `last`
 
     def uniform(self) -> float:
         if self.gen is None:
@@ -77,13 +78,17 @@ class _Seq:
 
 class Engine:
     def __init__(self, model: torch.nn.Module, tokenizer=None, max_batch: int = 64, max_len: int | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, speculative: bool = False):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.max_batch = max_batch
         self.max_len = max_len or model.config.max_position_embeddings
-        self.cache = model.make_cache(max_batch, self.max_len, dtype=dtype)
+        # speculative: MTP self-speculative decoding for every active sequence (models with MTP only);
+        # the cache then also holds the MTP block's latent (layer num_hidden_layers)
+        self.speculative = bool(speculative and len(getattr(model, "mtp", ())))
+        self.cache = model.make_cache(max_batch, self.max_len, dtype=dtype, mtp=self.speculative)
+        self._layers = model.config.num_hidden_layers
         self.active: list[_Seq] = []                   # row i of the cache <-> active[i]
         self.waiting: deque[tuple[RequestOutput, SamplingParams]] = deque()
         self.requests: dict[int, RequestOutput] = {}
@@ -95,7 +100,8 @@ class Engine:
 
     # ------------------------------------------------------------------ public API
     def cache_bytes_per_token(self) -> int:
-        return self.cache.bytes_per_token()
+        """Cache bytes per token of the main model: (kv_lora_rank + qk_rope_head_dim) x layers x dtype for MLA."""
+        return self.cache.bytes_per_token() * self._layers // len(self.cache.layers)
 
     def add_request(self, prompt: list[int], params: SamplingParams | None = None, request_id: int | None = None) -> int:
         params = params or SamplingParams()
@@ -125,7 +131,10 @@ class Engine:
         events: list[Event] = []
         self._drop_aborted(events)
         self._admit(events)
-        if self.active:
+        if self.active and self.speculative:
+            from nanoseek.infer.speculative import speculative_step
+            speculative_step(self, events)
+        elif self.active:
             B = len(self.active)
             ids = torch.tensor([[s.last] for s in self.active], device=self.device)
             pos = torch.tensor([[s.pos] for s in self.active], device=self.device)
@@ -138,14 +147,15 @@ class Engine:
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
-                 progress: bool = False, speculative: bool = False) -> list[RequestOutput]:
+                 progress: bool = False, speculative: bool | None = None) -> list[RequestOutput]:
         """Run prompts to completion; one RequestOutput (with n outputs) per prompt, in order.
 
-        speculative: MTP self-speculative decoding, one sequence at a time (models with MTP only).
+        speculative: switch this engine's MTP self-speculative decoding on / off (None: keep).
         """
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
-        if speculative and len(getattr(self.model, "mtp", ())):
-            return [self._generate_speculative(p, sp) for p, sp in zip(prompts, plist)]
+        if speculative is not None and speculative != self.speculative and len(getattr(self.model, "mtp", ())) and not self.has_work():
+            self.speculative = speculative
+            self.cache = self.model.make_cache(self.max_batch, self.max_len, dtype=self.cache.dtype, mtp=speculative)
         rids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
         bar = None
         if progress:
@@ -158,22 +168,6 @@ class Engine:
         if bar is not None:
             bar.close()
         return [self.requests.pop(r) for r in rids]
-
-    def _generate_speculative(self, prompt: list[int], params: SamplingParams) -> RequestOutput:
-        from nanoseek.infer.speculative import speculative_decode
-
-        req = RequestOutput(next(self._ids), list(prompt), [])
-        for j in range(params.n):
-            gen = self._generator(params, j)
-            toks, lps, reason, drafted, accepted = speculative_decode(self.model, prompt, params, self.max_len,
-                                                                      self.eos_id, gen)
-            self.spec_stats["drafted"] += drafted
-            self.spec_stats["accepted"] += accepted
-            out = CompletionOutput(j, toks, lps, finish_reason=reason)
-            if self.tokenizer is not None:
-                out.text = self.tokenizer.decode(toks[:-1] if reason == "stop" else toks)
-            req.outputs.append(out)
-        return req
 
     @property
     def acceptance_rate(self) -> float:
@@ -222,8 +216,12 @@ class Engine:
             ids[i, :lens[i]] = torch.tensor(r.prompt_token_ids, device=self.device)
         pos = torch.arange(T, device=self.device).expand(len(batch), T)
         self.cache.rows = slice(start, start + len(batch))
-        logits = self.model(ids, positions=pos, cache=self.cache)
-        last = logits[torch.arange(len(batch)), torch.tensor(lens) - 1]            # [R, V]
+        h, _ = self.model.hidden_states(ids, pos, self.cache)                  # [R, T, D]
+        h_last = h[torch.arange(len(batch)), torch.tensor(lens) - 1]              # [R, D]
+        last = self.model.lm_head(h_last)                                          # [R, V]: no head on the prompt
+        if self.speculative:  # MTP latent of the prompt pairs (h_i, t_{i+1}); the last pair waits for the sample
+            from nanoseek.infer.speculative import mtp_forward
+            mtp_forward(self, h[:, :-1], ids[:, 1:], pos[:, :-1], slice(start, start + len(batch)))
         # Lay the groups out: prompt row i -> rows of its n sequences (copying the prompt's cache rows).
         # Prompt rows are moved from the back so no prompt row is overwritten before it is copied.
         rows_logits, seqs = [], []
@@ -238,27 +236,44 @@ class Engine:
                 seqs.append(s)
                 rows_logits.append(i)
         self.active.extend(seqs)
-        self._emit(last[torch.tensor(rows_logits, device=self.device)], seqs, events)
+        rows = torch.tensor(rows_logits, device=self.device)
+        logits = last[rows]
+        toks = self._choose(logits, seqs)
+        if self.speculative:  # the first draft: MTP on (h_{L-1}, sampled token) at position L-1
+            from nanoseek.infer.speculative import mtp_forward
+            lp = torch.tensor([s.pos - 1 for s in seqs], device=self.device).unsqueeze(1)
+            d = mtp_forward(self, h_last[rows].unsqueeze(1), toks.unsqueeze(1), lp, slice(start, start + len(seqs)))
+            for s, q in zip(seqs, d[:, -1]):
+                s.q = q
+        self._finish_all(self._record(logits, toks, seqs, events))
 
     def _emit(self, logits: torch.Tensor, seqs: list[_Seq], events: list[Event]) -> None:
         """Sample one token for each of `seqs` from its logits row, record it, retire finished ones."""
-        raw = logits = logits.float()                                            # [B, V]
+        self._finish_all(self._record(logits, self._choose(logits, seqs), seqs, events))
+
+    def _choose(self, logits: torch.Tensor, seqs: list[_Seq]) -> torch.Tensor:
+        """logits [B, V] -> the next token of each sequence [B], by its own sampling parameters."""
+        logits = logits.float()
         P = [s.params for s in seqs]
-        # log-probs of the model's own distribution (what GRPO's ratio and the API's logprobs need)
-        lse = raw.logsumexp(-1)                                                  # [B]
         if any(p.repetition_penalty != 1 for p in P):
             rep = torch.tensor([p.repetition_penalty for p in P], device=logits.device)
             logits = apply_repetition_penalty(logits.clone(), [s.req.prompt_token_ids + s.out.token_ids for s in seqs], rep)
         if all(p.temperature == 0 for p in P):
-            tok = logits.argmax(-1)
-        else:
-            f = lambda name, dt: torch.tensor([getattr(p, name) for p in P], dtype=dt, device=logits.device)  # noqa: E731
-            filtered = any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in P)
-            u = torch.tensor([s.uniform() for s in seqs], device=logits.device)
-            tok = sample(logits, f("temperature", torch.float32), f("top_k", torch.long), f("top_p", torch.float32),
-                         f("min_p", torch.float32), u, filtered)
+            return logits.argmax(-1)
+        f = lambda name, dt: torch.tensor([getattr(p, name) for p in P], dtype=dt, device=logits.device)  # noqa: E731
+        filtered = any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in P)
+        u = torch.tensor([s.uniform() for s in seqs], device=logits.device)
+        return sample(logits, f("temperature", torch.float32), f("top_k", torch.long), f("top_p", torch.float32),
+                      f("min_p", torch.float32), u, filtered)
+
+    def _record(self, logits: torch.Tensor, tok: torch.Tensor, seqs: list[_Seq], events: list[Event]) -> list:
+        """Append tokens [B] (with their log-probs under `logits` [B, V]) to `seqs`; emit events.
+        Returns the (seq, reason) pairs that finished; the caller retires them once the step is done."""
+        raw = logits.float()
+        # log-probs of the model's own distribution (what GRPO's ratio and the API's logprobs need)
+        lse = raw.logsumexp(-1)                                                  # [B]
         tok_lp = raw.gather(1, tok.unsqueeze(1)).squeeze(1) - lse
-        kmax = max(p.top_logprobs for p in P)
+        kmax = max(s.params.top_logprobs for s in seqs)
         top = raw.topk(kmax, -1) if kmax else None
         # the one host sync per step: token ids for stop checks; a NaN/inf in the logits shows up in lse
         toks, tok_lp, ok = tok.tolist(), tok_lp.tolist(), bool(torch.isfinite(lse).all())
@@ -280,6 +295,9 @@ class Engine:
             events.append(Event(s.req.request_id, s.out.index, t, delta, tok_lp[i], reason is not None, reason))
             if reason is not None:
                 finished.append((s, reason))
+        return finished
+
+    def _finish_all(self, finished: list) -> None:
         for s, reason in finished:
             self._finish(s, reason, None)
 

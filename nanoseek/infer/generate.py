@@ -41,11 +41,12 @@ def run(opts: Options) -> None:
     prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
                if opts.chat else tok.encode(p, add_bos=True) for p in opts.prompt]
     eng = Engine(model, tok, max_batch=max(1, len(prompts) * opts.n),
-                 max_len=min(model.config.max_position_embeddings, max(map(len, prompts)) + opts.max_tokens))
+                 max_len=min(model.config.max_position_embeddings, max(map(len, prompts)) + opts.max_tokens),
+                 speculative=opts.speculative)
     sp = SamplingParams(temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k, max_tokens=opts.max_tokens,
                         n=opts.n, seed=opts.seed)
     t0 = time.perf_counter()
-    results = eng.generate(prompts, sp, speculative=opts.speculative)
+    results = eng.generate(prompts, sp)
     dt = time.perf_counter() - t0
     n_tok = 0
     for p, r in zip(opts.prompt, results):
