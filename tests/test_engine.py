@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from nanoseek.config import DenseConfig, ModelConfig
+from nanoseek.config import DenseConfig, ModelConfig, get_preset
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.model.dense import DenseTransformer
@@ -151,7 +151,11 @@ def test_abort_frees_the_slot(model):
 def test_mla_cache_bytes_per_token():
     eng = Engine(Transformer(MOE), max_batch=2, max_len=32)
     assert eng.cache_bytes_per_token() == (16 + 8) * 3 * 4  # (kv_lora + rope) x layers x fp32
-    assert MOE.naive_cache_values_per_token() == 4 * (16 + 8)
+    assert MOE.naive_cache_values_per_token() == 4 * (16 + 8)  # heads x (qk_head_dim + v_head_dim) per layer
+    # the MTP block's extra cache layer (speculative decoding) is not part of the main model's figure
+    assert Engine(Transformer(MOE), max_batch=2, max_len=32, speculative=True).cache_bytes_per_token() == 24 * 3 * 4
+    v3 = get_preset("deepseek-v3")  # the paper's figure: 576 latent values / token / layer vs 40,960 naive (71x)
+    assert v3.kv_lora_rank + v3.qk_rope_head_dim == 576 and v3.naive_cache_values_per_token() == 40960
 
 
 
@@ -177,3 +181,17 @@ def test_stop_strings_and_streaming(model):
         streamed += [e for e in eng.step() if e.request_id == rid]
     assert "".join(e.text for e in streamed) == text and [e.token_id for e in streamed] == ref
     assert streamed[-1].finished and streamed[-1].finish_reason == "length"
+
+
+def test_speculative_sampling_keeps_the_distribution():
+    torch.manual_seed(0)
+    m = Transformer(MOE.replace(vocab_size=12, eos_token_id=11)).eval()
+    with torch.no_grad():
+        m.lm_head.weight.mul_(8)  # peaked, non-uniform, ~40% accepted: accepting every draft gives TV ~0.5
+    sp = lambda seed: SamplingParams(temperature=1.0, n=300, seed=seed, max_tokens=2, ignore_eos=True)  # noqa: E731
+    plain = Engine(m, max_batch=300, max_len=8).generate([[1, 2]], sp(0))[0].outputs
+    eng = Engine(m, max_batch=300, max_len=8, speculative=True)
+    spec = eng.generate([[1, 2]], sp(1))[0].outputs
+    hist = lambda outs: torch.bincount(torch.tensor([o.token_ids[1] for o in outs]), minlength=12).float() / len(outs)  # noqa: E731
+    assert 0.5 * (hist(plain) - hist(spec)).abs().sum().item() < 0.15
+    assert 0.1 < eng.acceptance_rate < 0.9
