@@ -5,6 +5,7 @@ Active sequences sit compacted in cache rows 0..B-1, so each decode step is one 
 New requests are prefilled together into the rows after them; a request with n > 1 (a GRPO
 group) prefills its prompt once and copies those cache rows to its other n-1 sequences.
 A finished sequence leaves at once: the last active row moves into its hole.
+With speculative=True every decode step is an MTP draft + one [B, 2] verify (speculative.py).
 
 `add_request` / `abort` may be called from any thread; one thread drives `step()`.
 """
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nanoseek.infer.sampling import SamplingParams, apply_repetition_penalty, sample
+from nanoseek.infer.speculative import mtp_forward, speculative_step
 
 
 @dataclass
@@ -132,7 +134,6 @@ class Engine:
         self._drop_aborted(events)
         self._admit(events)
         if self.active and self.speculative:
-            from nanoseek.infer.speculative import speculative_step
             speculative_step(self, events)
         elif self.active:
             B = len(self.active)
@@ -220,7 +221,6 @@ class Engine:
         h_last = h[torch.arange(len(batch)), torch.tensor(lens) - 1]              # [R, D]
         last = self.model.lm_head(h_last)                                          # [R, V]: no head on the prompt
         if self.speculative:  # MTP latent of the prompt pairs (h_i, t_{i+1}); the last pair waits for the sample
-            from nanoseek.infer.speculative import mtp_forward
             mtp_forward(self, h[:, :-1], ids[:, 1:], pos[:, :-1], slice(start, start + len(batch)))
         # Lay the groups out: prompt row i -> rows of its n sequences (copying the prompt's cache rows).
         # Prompt rows are moved from the back so no prompt row is overwritten before it is copied.
@@ -240,7 +240,6 @@ class Engine:
         logits = last[rows]
         toks = self._choose(logits, seqs)
         if self.speculative:  # the first draft: MTP on (h_{L-1}, sampled token) at position L-1
-            from nanoseek.infer.speculative import mtp_forward
             lp = torch.tensor([s.pos - 1 for s in seqs], device=self.device).unsqueeze(1)
             d = mtp_forward(self, h_last[rows].unsqueeze(1), toks.unsqueeze(1), lp, slice(start, start + len(seqs)))
             for s, q in zip(seqs, d[:, -1]):
