@@ -275,8 +275,11 @@ class Engine:
         kmax = max(s.params.top_logprobs for s in seqs)
         top = raw.topk(kmax, -1) if kmax else None
         # the one host sync per step: token ids for stop checks; a NaN/inf in the logits shows up in lse
-        toks, tok_lp, ok = tok.tolist(), tok_lp.tolist(), bool(torch.isfinite(lse).all())
-        if not ok:
+        ok = torch.isfinite(lse).all().to(torch.float64).view(1)
+        host = torch.cat([tok.to(torch.float64), tok_lp.to(torch.float64), ok]).tolist()  # one transfer
+        B = len(seqs)
+        toks, tok_lp = [int(t) for t in host[:B]], host[B:2 * B]
+        if not host[-1]:
             raise FloatingPointError("non-finite logits during generation: the model weights are broken "
                                      "(NaN/inf) or the dtype overflowed; try --dtype fp32")
         finished = []

@@ -48,10 +48,10 @@ def speculative_step(engine, events: list) -> None:
     engine.cache.rows = slice(0, B)
     h, _ = engine.model.hidden_states(ids, pos, engine.cache)                      # [B, 2, D]
     lg = engine.model.lm_head(h).float()                                           # [B, 2, V]
-    greedy = torch.tensor([s.params.temperature == 0 for s in seqs], device=dev)
     tok = lg[:, 0].argmax(-1)
     accepted = tok == draft
-    if not bool(greedy.all()):
+    if not all(s.params.temperature == 0 for s in seqs):
+        greedy = torch.tensor([s.params.temperature == 0 for s in seqs], device=dev)
         u = torch.tensor([s.uniform() for s in seqs], device=dev)
         acc_s, tok_s = speculative_accept(_probs(lg[:, 0], seqs), _probs(q, seqs), draft, u, [s.gen for s in seqs])
         accepted, tok = torch.where(greedy, accepted, acc_s), torch.where(greedy, tok, tok_s)
