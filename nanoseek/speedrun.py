@@ -141,12 +141,13 @@ def speedrun(o: Options) -> Path:
         rl["model"], out=str(d), tasks=o.tasks, difficulty=o.difficulty, n_prompts=o.rejection_prompts,
         max_new_tokens=o.max_new_tokens, seed=o.seed))})
     sft2 = run.run("sft2", lambda d: {"model": str(S.sft(S.Options(
-        model=rl["model"], data=rej["data"], out=str(d), steps=o.sft2_steps, lr=3e-4, resume=True,
-        seq_len=(128 if o.quick else 256), **common)))})
+        model=rl["model"], data=str(mixed_sft_data(d, rej["data"], o)), out=str(d), steps=o.sft2_steps, lr=3e-4,
+        resume=True, seq_len=(128 if o.quick else 256), **common)))})
     dist = {}
     for method in ("sft", "logits"):
         dist[method] = run.run(f"distill-{method}", lambda d, m=method: {"model": str(D.distill(D.Options(
-            teacher=sft2["model"], data=rej["data"], method=m, out=str(d), steps=o.distill_steps,
+            teacher=sft2["model"], data=str(mixed_sft_data(d, rej["data"], o)), method=m, out=str(d),
+            steps=o.distill_steps,
             student_preset=("small" if small else "tiny"), seq_len=(128 if o.quick else 256), **common)))})
     if o.r1_zero:
         run.run("r1-zero", lambda d: {"model": str(G.grpo(G.Options(model=base, mode="r1-zero", out=str(d),
@@ -158,6 +159,24 @@ def speedrun(o: Options) -> Path:
     print(f"\n[speedrun] done in {(time.time() - run.t0) / 60:.1f} min this session: "
           f"report {run.root / 'report.md'}, plots in {run.root / 'plots'}")
     return run.root / "report.md"
+
+
+def mixed_sft_data(d: Path, traces: str, o: Options, min_records: int = 256) -> Path:
+    """The RL model's kept traces, topped up with cold-start worked solutions when there are few.
+
+    R1's second SFT mixes ~600K reasoning traces with ~200K other samples; at toy scale a weak RL
+    model may keep only a handful of traces, and an SFT on (almost) nothing would undo the cold start.
+    """
+    from nanoseek.data.coldstart import coldstart_dataset
+
+    lines = [x for x in Path(traces).read_text().splitlines() if x.strip()]
+    extra = max(0, min_records - len(lines))
+    records = coldstart_dataset(extra, tasks=o.tasks, difficulty=o.difficulty, seed=o.seed + 17) if extra else []
+    d.mkdir(parents=True, exist_ok=True)
+    out = d / "sft_data.jsonl"
+    out.write_text("".join(x + "\n" for x in lines) + "".join(json.dumps(r) + "\n" for r in records))
+    print(f"[speedrun] SFT data: {len(lines)} rejection-sampled traces + {len(records)} cold-start solutions -> {out}")
+    return out
 
 
 def student_grpo_baseline(d: Path, base: str, o: Options, budget_s: float, grpo_kw: dict) -> dict:
