@@ -38,7 +38,7 @@ class Options:
     sft2_steps: int = field(default=60, metadata={"help": "steps of the second (rejection-sampling) SFT"})
     distill_steps: int = field(default=200, metadata={"help": "distillation steps per method"})
     rejection_prompts: int = field(default=256, metadata={"help": "prompts sampled for rejection sampling"})
-    eval_n: int = field(default=30, metadata={"help": "held-out test questions per task"})
+    eval_n: int = field(default=20, metadata={"help": "held-out test questions per task"})
     eval_k: int = field(default=4, metadata={"help": "samples per question (pass@1, cons@k)"})
     max_new_tokens: int = field(default=96, metadata={"help": "completion length in RL, sampling and eval"})
     r1_zero: bool = field(default=True, metadata={"help": "also run the R1-Zero branch (GRPO on the base)"})
@@ -65,6 +65,7 @@ class Run:
         self.o, self.root = o, Path(o.out)
         self.root.mkdir(parents=True, exist_ok=True)
         self.t0 = time.time()
+        self.spent, self.ran_weight = 0.0, 0.0
         self.stages = [s for s in STAGES if o.r1_zero or s != "r1-zero"]
 
     def marker(self, stage: str) -> Path:
@@ -80,13 +81,15 @@ class Run:
             return d
         i = self.stages.index(stage)
         left = sum(self.WEIGHT[s] for s in self.stages[i:] if not self.done(s))
-        spent = time.time() - self.t0
-        doneweight = sum(self.WEIGHT[s] for s in self.stages[:i])
-        eta = f", ETA {spent / doneweight * left / 60:.0f} min" if doneweight and spent > 30 else ""
+        # rate from the stages run in this session only (a resumed run skipped the others)
+        eta = (f", ETA {self.spent / self.ran_weight * left / 60:.0f} min"
+               if self.ran_weight and self.spent > 30 else "")
         print(f"\n[speedrun] stage {i + 1}/{len(self.stages)}: {stage}{eta}", flush=True)
         t = time.time()
         out = fn(self.root / stage)
         d = {"stage": stage, "wall_s": round(time.time() - t, 1), **out}
+        self.spent += d["wall_s"]
+        self.ran_weight += self.WEIGHT[stage]
         self.marker(stage).parent.mkdir(parents=True, exist_ok=True)
         self.marker(stage).write_text(json.dumps(d, indent=2) + "\n")
         return d

@@ -1,0 +1,35 @@
+"""The CI variant of the main job: every stage runs end to end and leaves finite metrics and every artifact."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from nanoseek.speedrun import EVALUATED, Options, speedrun
+
+
+@pytest.mark.slow
+def test_quick_speedrun_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    report = speedrun(Options(out=str(out), quick=True))
+    assert report.exists()
+    md = report.read_text()
+    assert "| stage | pass@1 %" in md
+    for name in ("accuracy", "loss", "reward", "expert_load"):
+        assert (out / "plots" / f"{name}.png").stat().st_size > 1000
+    for _, stage, _ in EVALUATED:
+        marker = json.loads((out / stage / "stage.json").read_text())
+        assert (Path(marker["model"]) / "config.json").exists() and (Path(marker["model"]) / "tokenizer.json").exists()
+        ev = json.loads((out / "eval" / f"{stage}.json").read_text())["overall"]
+        for k in ("pass@1", "cons@k", "format_error", "mean_len"):
+            assert ev[k] is not None and math.isfinite(ev[k]), (stage, k)
+    for stage in ("pretrain", "sft", "sft2", "grpo"):
+        rows = [json.loads(x) for x in (out / stage / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        assert rows, stage
+        key = "reward" if stage == "grpo" else "loss"
+        assert all(math.isfinite(r[key]) for r in rows if key in r), stage
+    assert (out / "rejection" / "rejection.jsonl").exists()
+    # rerunning resumes: every stage is skipped, nothing retrains
+    before = (out / "pretrain" / "stage.json").read_text()
+    speedrun(Options(out=str(out), quick=True))
+    assert (out / "pretrain" / "stage.json").read_text() == before
