@@ -96,17 +96,14 @@ class Run:
 
 
 def _tokens(stage_dir: Path) -> int | None:
-    """Tokens a stage trained on, from its cost.json or metrics.jsonl."""
-    cost = stage_dir / "cost.json"
-    if cost.exists():
-        return json.loads(cost.read_text()).get("tokens")
+    """Tokens a stage processed: trained tokens from cost.json, or GRPO's rollout tokens."""
+    costs = sorted(stage_dir.glob("cost.json")) + sorted(stage_dir.glob("*/cost.json"))
+    if costs:
+        return json.loads(costs[0].read_text()).get("tokens")
     m = stage_dir / "metrics.jsonl"
     if m.exists():
         rows = [json.loads(x) for x in m.read_text().splitlines() if x.strip()]
-        for key in ("tokens", "total_tokens"):
-            if rows and key in rows[-1]:
-                return rows[-1][key]
-        return sum(r.get("rollout_tokens", 0) + r.get("train_tokens", 0) for r in rows) or None
+        return int(sum(r.get("rollout_tokens_per_s", 0) * r.get("time_rollout", 0) for r in rows)) or None
     return None
 
 

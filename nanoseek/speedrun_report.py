@@ -106,15 +106,17 @@ def _checks(results: dict) -> list[str]:
 
 
 def render_report(root: Path, o, results: dict, stages: dict, tokens_fn) -> tuple[str, list[Path]]:
+    from nanoseek.hardware import describe_device
+
     total = sum(s["wall_s"] for s in stages.values())
     lines = ["# nanoseek speedrun report", "",
-             f"Machine: {platform.processor() or platform.machine()}, {platform.system()}; preset `{o.preset}`"
+             f"Machine: {describe_device()}, {platform.system()}; preset `{o.preset}`"
              f"{' (quick CI variant)' if o.quick else ''}; tasks {', '.join(o.tasks)} at difficulty {o.difficulty}; "
              f"seed {o.seed}. Total wall time of all stages: **{total / 60:.1f} min**.", "",
              f"Held-out test questions: {o.eval_n} per task, k = {o.eval_k} samples at temperature 0.6 / top-p 0.95 "
              "(as the R1 report); greedy = one greedy sample. Cost = wall time × "
              f"${o.price_per_hour:.2f}/machine-hour.", "",
-             "| stage | pass@1 % | greedy % | cons@k % | format ok % | mean length | wall time | tokens | cost $ |",
+             "| stage | pass@1 % | greedy % | cons@k % | format ok % | mean length | wall time | tokens (trained / rolled out) | cost $ |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for stage, r in results.items():
         st = stages.get(stage, {})
