@@ -14,7 +14,7 @@ from nanoseek.model.cache import KVCache
 from nanoseek.model.moe import MLP
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import RotaryEmbedding
-from nanoseek.model.transformer import _masked_ce, attention_mask
+from nanoseek.model.transformer import Transformer, _masked_ce
 
 
 class GQA(nn.Module):
@@ -75,27 +75,9 @@ class DenseTransformer(nn.Module):
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
 
-    def hidden_states(self, input_ids, positions=None, cache: KVCache | None = None, doc_ids=None, absorb=None):
-        B, T = input_ids.shape
-        if positions is None:
-            positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        kv_len = None
-        if cache is not None:
-            kv_len = int(positions.max()) + 1
-            if kv_len > cache.max_len:
-                raise ValueError(f"position {kv_len - 1} is past the cache length {cache.max_len}")
-            cache.limit = kv_len
-        x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions, x.dtype)
-        kw = dict(rotary=self.rotary, cos=cos, sin=sin, positions=positions,
-                  mask=attention_mask(positions, kv_len, doc_ids))
-        for layer in self.layers:
-            x = layer(x, cache=cache, **kw)
-        return self.norm(x), kw
-
-    def forward(self, input_ids, positions=None, cache=None, doc_ids=None, absorb=None):
-        """input_ids [B, T] -> logits [B, T, vocab]."""
-        return self.lm_head(self.hidden_states(input_ids, positions, cache, doc_ids)[0])
+    # Same decoder loop and calling convention as the MoE model (GQA ignores `absorb`).
+    hidden_states = Transformer.hidden_states
+    forward = Transformer.forward
 
     def loss(self, input_ids, targets, loss_mask=None, doc_ids=None, mtp_weight: float = 0.0):
         mask = torch.ones_like(targets, dtype=torch.float32) if loss_mask is None else loss_mask.float()
