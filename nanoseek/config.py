@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import Any
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message says which file/tensor and why."""
+
+
 def _check(cond: bool, field_name: str, why: str) -> None:
     if not cond:
         raise ValueError(f"invalid config: {field_name}: {why}")
@@ -315,5 +319,5 @@ def load_config(path: str | Path) -> ModelConfig | DenseConfig:
     try:
         d = json.loads(p.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{p} is not valid JSON ({e}); the file is corrupt") from e
+        raise CheckpointError(f"{p} is not valid JSON ({e}); the file is corrupt") from e
     return config_from_dict(d)

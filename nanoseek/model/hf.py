@@ -16,15 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nanoseek.config import DenseConfig, ModelConfig, config_from_dict
+from nanoseek.config import CheckpointError, DenseConfig, ModelConfig, load_config
 
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
 _MTP = re.compile(r"^mtp\.(\d+)\.(.*)$")
 _HF_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message says which file/tensor and why."""
 
 
 def build_model(cfg: ModelConfig | DenseConfig) -> nn.Module:
@@ -172,14 +168,7 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a model directory (expected config.json + model.safetensors)")
-    cfg_file = path / "config.json"
-    if not cfg_file.exists():
-        raise FileNotFoundError(f"{cfg_file} not found: not an HF-layout model directory")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file} is not valid JSON ({e})") from e
-    cfg = config_from_dict(raw)
+    cfg = load_config(path)
     sd = _read_safetensors(path)
     if isinstance(cfg, ModelConfig):
         # Keep only the MTP depth actually stored (transformers' own saves drop MTP weights).
