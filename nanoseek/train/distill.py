@@ -153,11 +153,10 @@ def _split(examples: list, val_frac: float) -> tuple[list, list]:
 def distill(opts: Options) -> Path:
     """Train the student(s); returns the final student directory (method 'both': the sft one).
     The run folder (its parent's parent) holds distill.json and report.md comparing the methods."""
-    from nanoseek.cli import save_options
     from nanoseek.model.hf import from_pretrained
     from nanoseek.tokenizer import load_tokenizer
     from nanoseek.train.data import BatchIterator, make_batch, pack_examples
-    from nanoseek.train.pretrain import finish, run_dir
+    from nanoseek.train.pretrain import finish, start_run
     from nanoseek.train.sft import encode_records, read_chat_jsonl
 
     if not opts.teacher:
@@ -166,10 +165,7 @@ def distill(opts: Options) -> Path:
     if any(m not in METHODS for m in methods):
         raise SystemExit(f"distill: --method must be sft, logits or both, got {opts.method!r}")
     t_start = time.time()
-    out = run_dir(opts.out, "distill")
-    out.mkdir(parents=True, exist_ok=True)
-    save_options(opts, out / "config.yaml")
-    seed_everything(opts.seed)
+    out = start_run(opts, "distill")
     tok = load_tokenizer(opts.teacher)
     device = resolve_device(opts.device)
     teacher = from_pretrained(opts.teacher).to(device).eval().requires_grad_(False)

@@ -409,12 +409,11 @@ def plot_run(out: Path) -> list[Path]:
 
 def grpo(o: Options) -> Path:
     """Run GRPO from o.model; returns the final model directory (HF layout, with tokenizer)."""
-    from nanoseek.cli import save_options
     from nanoseek.model.hf import from_pretrained
     from nanoseek.tokenizer import load_tokenizer
     from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-    from nanoseek.train.pretrain import run_dir
-    from nanoseek.train.trainer import MetricsLog, resolve_device, seed_everything
+    from nanoseek.train.pretrain import start_run
+    from nanoseek.train.trainer import MetricsLog, resolve_device
 
     if not o.model:
         raise SystemExit("grpo: MODEL is required (the cold-start SFT model for r1, a pretrained base for r1-zero)")
@@ -425,10 +424,7 @@ def grpo(o: Options) -> Path:
     if o.group_size < 2:
         raise SystemExit("grpo: --group-size must be >= 2 (advantages are relative to the group)")
     t_start = time.time()
-    out = run_dir(o.out, "grpo")
-    out.mkdir(parents=True, exist_ok=True)
-    save_options(o, out / "config.yaml")
-    seed_everything(o.seed)
+    out = start_run(o, "grpo")
     tok = load_tokenizer(o.model)
     model = from_pretrained(o.model).to(resolve_device(o.device)).train()
     run = GRPO(model, tok, o)  # the reference (if beta > 0) is the *initial* model, also on resume

@@ -30,6 +30,17 @@ def run_dir(out: str, stage: str) -> Path:
     return Path(out) if out else Path("runs") / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def start_run(opts, stage: str) -> Path:
+    """Every stage starts alike: the run folder, its config.yaml (the resolved options), the seed."""
+    from nanoseek.cli import save_options
+
+    out = run_dir(opts.out, stage)
+    out.mkdir(parents=True, exist_ok=True)
+    save_options(opts, out / "config.yaml")
+    seed_everything(opts.seed)
+    return out
+
+
 def encode_documents(tok, docs: list[str]) -> list[list[int]]:
     """Every document framed as <bos> ... <eos> (chat-rendered documents already carry both)."""
     out = []
@@ -72,7 +83,6 @@ def finish(trainer: Trainer, opts: TrainOptions, out: Path, tok, row: dict, stag
 
 def pretrain(opts: Options) -> Path:
     """Run pretraining; returns the final model directory (HF layout, with tokenizer)."""
-    from nanoseek.cli import save_options
     from nanoseek.config import get_preset
     from nanoseek.data.corpus import iter_documents
     from nanoseek.model.hf import build_model
@@ -80,11 +90,8 @@ def pretrain(opts: Options) -> Path:
     from nanoseek.train.data import BatchIterator, pack_stream
 
     t0 = time.time()
-    out = run_dir(opts.out, "pretrain")
-    out.mkdir(parents=True, exist_ok=True)
-    save_options(opts, out / "config.yaml")
+    out = start_run(opts, "pretrain")
     print(f"pretrain: run folder {out}")
-    seed_everything(opts.seed)
     docs = list(iter_documents(opts.n_docs, seed=opts.seed, files=opts.data))
     if opts.tokenizer:
         tok = load_tokenizer(opts.tokenizer)

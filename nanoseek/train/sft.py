@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nanoseek.train.pretrain import finish, run_dir
-from nanoseek.train.trainer import TrainOptions, Trainer, seed_everything
+from nanoseek.train.pretrain import finish, start_run
+from nanoseek.train.trainer import TrainOptions, Trainer
 
 
 @dataclass
@@ -55,7 +55,6 @@ def encode_records(tok, records: list[dict]) -> list[tuple[list[int], list[int]]
 
 def sft(opts: Options) -> Path:
     """Fine-tune opts.model; returns the final model directory (HF layout, with tokenizer)."""
-    from nanoseek.cli import save_options
     from nanoseek.model.hf import from_pretrained
     from nanoseek.tokenizer import load_tokenizer
     from nanoseek.train.data import BatchIterator, pack_examples
@@ -63,11 +62,8 @@ def sft(opts: Options) -> Path:
     if not opts.model:
         raise SystemExit("sft: --model DIR is required (e.g. the final/ folder of a pretrain run)")
     t0 = time.time()
-    out = run_dir(opts.out, "sft")
-    out.mkdir(parents=True, exist_ok=True)
-    save_options(opts, out / "config.yaml")
+    out = start_run(opts, "sft")
     print(f"sft: run folder {out}, model {opts.model}")
-    seed_everything(opts.seed)
     model = from_pretrained(opts.model)
     tok = load_tokenizer(opts.model)
     if opts.data:
