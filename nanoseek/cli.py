@@ -85,6 +85,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: se
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_)
             continue
+        if f.metadata.get("repeat"):  # free text that may hold commas: one item per use of the flag
+            parser.add_argument(flag, dest=f.name, action="append", default=argparse.SUPPRESS,
+                                metavar=f.metadata.get("metavar", f.name.upper()), help=help_)
+            continue
         parser.add_argument(flag, dest=f.name, type=_converter(hints[f.name]), default=argparse.SUPPRESS,
                             metavar=f.metadata.get("metavar", f.name.upper()), help=help_)
 

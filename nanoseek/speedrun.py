@@ -131,7 +131,8 @@ def speedrun(o: Options) -> Path:
         seq_len=(128 if o.quick else 256), save_every=100, resume=True, **common)))})
     base = pre["model"]
     sft1 = run.run("sft", lambda d: {"model": str(S.sft(S.Options(
-        model=base, out=str(d), steps=o.sft_steps, n_examples=(200 if o.quick else 4000), save_every=100,
+        model=base, out=str(d), steps=o.sft_steps, n_examples=(200 if o.quick else 4000), tasks=o.tasks,
+        difficulty=o.difficulty, save_every=100,
         resume=True, seq_len=(128 if o.quick else 256), **common)))})
     grpo_kw = dict(tasks=o.tasks, difficulty=o.difficulty, steps=o.grpo_steps, max_new_tokens=o.max_new_tokens,
                    eval_n=(8 if o.quick else 64), save_every=20, resume=True, **common)

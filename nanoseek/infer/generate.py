@@ -11,7 +11,7 @@ POSITIONAL = (("model", "model directory (HF layout, with tokenizer files)"),)
 class Options:
     model: str = field(default="", metadata={"help": "model directory"})
     prompt: list[str] = field(default_factory=lambda: ["What is 12 + 35?"],
-                              metadata={"help": "prompt(s), comma-separated"})
+                              metadata={"help": "a prompt; repeat the flag for several", "repeat": True})
     chat: bool = field(default=True, metadata={"help": "wrap prompts in the chat template (opens <think>)"})
     max_tokens: int = field(default=256, metadata={"help": "new tokens per completion"})
     temperature: float = field(default=0.6, metadata={"help": "0 = greedy"})

@@ -23,6 +23,10 @@ class Options(TrainOptions):
     data: str = field(default="", metadata={
         "help": "chat JSONL, one {\"messages\": [...]} per line (default: the built-in cold-start set)"})
     n_examples: int = field(default=2000, metadata={"help": "built-in cold-start examples when --data is not given"})
+    tasks: list[str] = field(default_factory=list, metadata={
+        "help": "tasks of the built-in cold-start set, comma separated (default: every task with a solver)"})
+    difficulty: int | None = field(default=None, metadata={
+        "help": "difficulty of the built-in cold-start set (none = mixed over each task's range)"})
     steps: int = field(default=150, metadata={"help": "optimizer steps"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps"})
@@ -70,7 +74,8 @@ def sft(opts: Options) -> Path:
         records, source = read_chat_jsonl(opts.data), opts.data
     else:
         from nanoseek.data.coldstart import coldstart_dataset
-        records, source = coldstart_dataset(opts.n_examples, seed=opts.seed), "built-in cold-start set"
+        records = coldstart_dataset(opts.n_examples, opts.tasks or None, opts.difficulty, seed=opts.seed)
+        source = "built-in cold-start set"
     examples = encode_records(tok, records)
     data = pack_examples(examples, opts.seq_len, tok.pad_id)
     n_train = int(data.mask[:, 1:].sum())
