@@ -88,20 +88,27 @@ def build_prompt(sample: Sample, template: str, tokenizer=None) -> str:
 # --------------------------------------------------------------------------------------------
 # generation on the batched engine
 
-def model_generator(model: torch.nn.Module, tokenizer, max_batch: int = 256) -> GenerateFn:
+def model_generator(model: torch.nn.Module, tokenizer, max_batch: int = 256, speculative: bool = False,
+                    stats: dict | None = None) -> GenerateFn:
     """A GenerateFn over `model` on nanoseek.infer.engine: each prompt is prefilled once and
-    shared by its n samples; rows of finished sequences are refilled with waiting ones."""
+    shared by its n samples; rows of finished sequences are refilled with waiting ones.
+    speculative: MTP self-speculative decoding; `stats` then accumulates drafted/accepted tokens."""
     from nanoseek.infer.engine import Engine, SamplingParams
 
     def generate(prompts, n, temperature, top_p, max_tokens, seed):
         ids = [tokenizer.encode(p) for p in prompts]
-        engine = Engine(model, tokenizer, max_batch=max(max_batch, n), max_len=max(map(len, ids)) + max_tokens + 1)
+        engine = Engine(model, tokenizer, max_batch=max(max_batch, n), max_len=max(map(len, ids)) + max_tokens + 1,
+                        speculative=speculative)
         # one seed per question: questions get independent sample streams, and the run is repeatable
         params = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, n=n,
                                  seed=seed * 1_000_003 + i, stop_token_ids=[tokenizer.eos_id])
                   for i in range(len(ids))]
-        return [[Completion(o.text, len(o.token_ids), o.finish_reason) for o in r.outputs]
-                for r in engine.generate(ids, params)]
+        out = [[Completion(o.text, len(o.token_ids), o.finish_reason) for o in r.outputs]
+               for r in engine.generate(ids, params)]
+        if stats is not None:
+            for key, v in engine.spec_stats.items():
+                stats[key] = stats.get(key, 0) + v
+        return out
     return generate
 
 
@@ -110,12 +117,15 @@ def model_generator(model: torch.nn.Module, tokenizer, max_batch: int = 256) -> 
 def evaluate(model=None, tokenizer=None, tasks: list[str] | None = None, n: int = 20, k: int = 4,
              difficulty: int | None = 1, template: str = "r1", temperature: float = 0.6, top_p: float = 0.95,
              max_tokens: int = 128, seed: int = 0, greedy: bool = True, max_batch: int = 256,
-             generate: GenerateFn | None = None, samples: list[Sample] | None = None) -> dict:
+             generate: GenerateFn | None = None, samples: list[Sample] | None = None,
+             speculative: bool = False) -> dict:
     """Evaluate a model (directory or module) on n test questions per task; returns the report dict
     (per-task and overall METRICS, settings, a few example completions). `generate` replaces the
-    model (tests, other backends); `samples` replaces the task questions."""
+    model (tests, other backends); `samples` replaces the task questions. speculative: decode with
+    MTP self-speculation (same outputs) and report its acceptance rate."""
     t0 = time.time()
     name = str(model) if isinstance(model, (str, Path)) else type(model).__name__
+    spec: dict[str, int] = {}
     if generate is None:
         if isinstance(model, (str, Path)):
             from nanoseek.model.hf import from_pretrained
@@ -124,7 +134,7 @@ def evaluate(model=None, tokenizer=None, tasks: list[str] | None = None, n: int 
             model = from_pretrained(model)
         if model is None or tokenizer is None:
             raise ValueError("evaluate needs a model directory, or a model and its tokenizer, or generate=")
-        generate = model_generator(model, tokenizer, max_batch)
+        generate = model_generator(model, tokenizer, max_batch, speculative, spec)
     if samples is None:
         tasks = list(tasks or list_tasks(own_only=True))
         samples = [s for t in tasks for s in get_task(t).generate(n, split="test", difficulty=difficulty, seed=seed)]
@@ -148,6 +158,8 @@ def evaluate(model=None, tokenizer=None, tasks: list[str] | None = None, n: int 
                       "answer": q["answers"][0], "correct": q["correct"][0]}
                      for (s, q), c in list(zip(per_q, sampled))[::max(1, len(per_q) // 8)] if c],
     }
+    if spec.get("drafted"):
+        report["mtp_acceptance"] = spec["accepted"] / spec["drafted"]
     report["time_s"] = round(time.time() - t0, 2)
     return report
 
@@ -208,6 +220,8 @@ class Options:
     max_batch: int = field(default=256, metadata={"help": "rows decoded together"})
     seed: int = field(default=0, metadata={"help": "seed for questions and sampling"})
     out: str = field(default="", metadata={"help": "write eval.json + eval.md here (dir or .json path)"})
+    speculative: bool = field(default=False, metadata={
+        "help": "MTP self-speculative decoding (MoE models with MTP; same outputs), reports its acceptance rate"})
 
 
 def run(opts: Options) -> dict:
@@ -216,9 +230,11 @@ def run(opts: Options) -> dict:
     torch.manual_seed(opts.seed)
     report = evaluate(opts.model, tasks=opts.tasks, n=opts.n, k=opts.k, difficulty=opts.difficulty,
                       template=opts.template, temperature=opts.temperature, top_p=opts.top_p,
-                      max_tokens=opts.max_tokens, seed=opts.seed, greedy=opts.greedy, max_batch=opts.max_batch)
+                      max_tokens=opts.max_tokens, seed=opts.seed, greedy=opts.greedy, max_batch=opts.max_batch,
+                      speculative=opts.speculative)
     print(to_markdown(report))
-    print(f"({report['time_s']:.1f}s)")
+    acc = report.get("mtp_acceptance")
+    print(f"({report['time_s']:.1f}s" + (f", MTP draft acceptance {acc:.1%})" if acc is not None else ")"))
     if opts.out:
         js, md = write_report(report, opts.out)
         print(f"wrote {js} and {md}")

@@ -97,3 +97,12 @@ def test_greedy_on_the_engine_matches_full_recomputation(tiny):
             break
     assert out.n_tokens == len(seq) - len(tok.encode(prompt))
     assert tok.decode(seq[len(tok.encode(prompt)):]).replace(EOS, "") == out.text
+
+
+def test_speculative_eval_gives_the_same_greedy_results_and_reports_acceptance(tiny):
+    kw = dict(tasks=["add", "compare"], n=3, k=1, temperature=0.0, max_tokens=8, seed=2, greedy=False)
+    plain = evaluate(str(tiny), **kw)
+    spec = evaluate(str(tiny), speculative=True, **kw)
+    assert "mtp_acceptance" not in plain and 0.0 <= spec["mtp_acceptance"] <= 1.0
+    assert [e["completion"] for e in spec["examples"]] == [e["completion"] for e in plain["examples"]]
+    assert spec["overall"] == plain["overall"]
