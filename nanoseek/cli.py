@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -170,6 +171,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"nanoseek: the '{name}' command is not available in this build ({module_name} missing)", file=sys.stderr)
             return 2
         raise SystemExit(f"nanoseek {name}: missing dependency '{e.name}'. Install the extras: pip install 'nanoseek[dev]'")
+    names = {f.name for f in dataclasses.fields(module.Options)}
+    if "parallel" not in names and (int(os.environ.get("WORLD_SIZE", "1")) > 1
+                                    or any(a.split("=")[0] in ("--parallel", "--ep") for a in argv[1:])):
+        print(f"nanoseek {name} runs in one process: launch it without torchrun, --parallel and --ep "
+              "(pretrain, sft and distill run distributed)", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(prog=f"nanoseek {name}", description=getattr(module, "__doc__", None) or desc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for pos in getattr(module, "POSITIONAL", ()):  # e.g. ("model", "model directory")
@@ -180,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv[1:])
     opts = build_options(module.Options, ns, ns.config)
     module.run(opts)
+    from nanoseek.parallel.parallelize import destroy_distributed
+    destroy_distributed()  # a no-op unless the stage joined torchrun's process group
     return 0
 
 

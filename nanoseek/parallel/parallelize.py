@@ -148,13 +148,16 @@ def parallelize(model: nn.Module, mode: str = "none", ep: int = 1, device: torch
     return model
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def full_state_dict(model: nn.Module, rank0_only: bool = False) -> dict[str, torch.Tensor]:
     """Unsharded fp32 CPU copy of the parameters and buffers (every rank must call it):
-    DTensors (FSDP shards, EP expert shards) are gathered into plain tensors."""
+    DTensors (FSDP shards, EP expert shards) are gathered into plain tensors.
+    rank0_only: the other ranks get {} (one full copy in host memory, not one per rank)."""
     from torch.distributed.tensor import DTensor
+    keep = not rank0_only or not dist.is_initialized() or dist.get_rank() == 0
     out = {}
     for k, v in model.state_dict().items():
         if isinstance(v, DTensor):
             v = v.full_tensor()
-        out[k] = v.detach().float().cpu().clone()
+        if keep:
+            out[k] = v.detach().float().cpu().clone()
     return out

@@ -9,9 +9,16 @@ A checkpoint is a directory `step_000123/` holding
 It is written to `tmp-step_000123-<pid>/`, every file fsync'd, then renamed into place (rename
 is atomic on POSIX), so a run killed mid-save leaves only a temp dir that `latest_checkpoint`
 ignores and the next save removes.
+
+Distributed runs (`save_sharded_checkpoint`) use the same scheme with the model and optimizer
+as a torch.distributed.checkpoint (DCP) instead of model.pt / optimizer.pt: every rank writes
+its own shards (`*.distcp`, `.metadata`), then rank 0 adds trainer.pt and meta.json
+(`"format": "dcp"`) and renames. `load_checkpoint` reads either format; a DCP checkpoint
+reshards on load, so it resumes on any world size and layout, a single process included.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -19,6 +26,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +98,13 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model: torch.nn.Module, opt
     if os.environ.get("NANOSEEK_TEST_SLOW_SAVE"):  # test hook: widen the window for a kill mid-save
         time.sleep(float(os.environ["NANOSEEK_TEST_SLOW_SAVE"]))
     meta["files"]["optimizer.pt"] = _write(optimizer.state_dict(), tmp / "optimizer.pt")
+    _finish(root, tmp, final, meta, step, scheduler, data_state, extra, keep_last)
+    return final
+
+
+def _finish(root: Path, tmp: Path, final: Path, meta: dict, step: int, scheduler, data_state, extra,
+            keep_last: int) -> None:
+    """trainer.pt, then meta.json (the completion mark), then the atomic rename and pruning."""
     trainer_state = {"step": step, "rng": rng_state(), "data": data_state, "extra": extra or {},
                      "scheduler": scheduler.state_dict() if scheduler is not None else None}
     meta["files"]["trainer.pt"] = _write(trainer_state, tmp / "trainer.pt")
@@ -105,6 +120,35 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model: torch.nn.Module, opt
     if keep_last > 0:
         for old in list_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def save_sharded_checkpoint(ckpt_dir: str | Path, step: int, model: torch.nn.Module,
+                            optimizer: torch.optim.Optimizer, scheduler=None, data_state: dict | None = None,
+                            extra: dict | None = None, keep_last: int = 3) -> Path:
+    """Collective (every rank calls it): step_<step>/ as a DCP checkpoint plus rank 0's trainer.pt
+    and meta.json. RNG and data position are rank 0's: every rank holds the same ones."""
+    import torch.distributed as dist
+
+    from nanoseek.parallel import dcp
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    barrier = dist.barrier if dist.is_initialized() else (lambda: None)
+    root = Path(ckpt_dir)
+    final = root / f"step_{step:06d}"
+    tmp = root / f"tmp-{final.name}"  # one name for all ranks (a pid would differ per rank)
+    if rank0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob("tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    barrier()
+    with _single_process_ok():
+        dcp.save(tmp, model, optimizer)
+    barrier()  # every rank's shards are on disk
+    if rank0:
+        # sizes only: hashing every shard on rank 0 would re-read the whole (large) checkpoint
+        meta = {"step": step, "time": time.time(), "format": "dcp",
+                "files": {p.name: {"bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}}
+        _finish(root, tmp, final, meta, step, scheduler, data_state, extra, keep_last)
+    barrier()  # nobody starts the next save (which clears tmp-*) or reads before the rename
     return final
 
 
@@ -148,6 +192,23 @@ def load_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimizer: torch.o
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{meta_path} is missing or not valid JSON ({e}): {ckpt} is not a complete "
                               "checkpoint; delete it to resume from the previous one") from e
+    if meta.get("format") == "dcp":
+        _load_sharded(ckpt, meta, model, optimizer)
+    else:
+        _load_plain(ckpt, meta, model, optimizer)
+    state = _load_file(ckpt, "trainer.pt", meta)
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if restore_rng:
+        set_rng_state(state["rng"])
+    return state
+
+
+def _load_plain(ckpt: Path, meta: dict, model: torch.nn.Module, optimizer) -> None:
+    from torch.distributed.tensor import DTensor
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        raise CheckpointError(f"{ckpt} was written by a single-process run: resume it in one process without "
+                              "--parallel (its next checkpoints stay single-process), or start a fresh --out")
     sd = _load_file(ckpt, "model.pt", meta)
     try:
         model.load_state_dict(sd)
@@ -161,9 +222,29 @@ def load_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimizer: torch.o
         except ValueError as e:
             raise CheckpointError(f"{ckpt / 'optimizer.pt'} does not fit this optimizer ({e}); resume with the "
                                   "run's original options or start a fresh --out directory") from e
-    state = _load_file(ckpt, "trainer.pt", meta)
-    if scheduler is not None and state.get("scheduler") is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    if restore_rng:
-        set_rng_state(state["rng"])
-    return state
+
+
+def _load_sharded(ckpt: Path, meta: dict, model: torch.nn.Module, optimizer) -> None:
+    """Collective when a process group exists; reshards onto this run's world size and layout."""
+    from nanoseek.parallel import dcp
+    for name, want in meta["files"].items():
+        path = ckpt / name
+        if not path.exists() or path.stat().st_size != want["bytes"]:
+            raise CheckpointError(f"checkpoint file {path} is missing or truncated (size differs from meta.json); "
+                                  f"delete {ckpt} to resume from the previous checkpoint")
+    try:
+        with _single_process_ok():
+            dcp.load(ckpt, model, optimizer)
+    except Exception as e:  # noqa: BLE001 - DCP raises several types for a state that does not fit
+        raise CheckpointError(f"{ckpt} does not fit this model/optimizer (was it written with another model "
+                              f"config?): {str(e).splitlines()[0]} ... Resume with the run's original options "
+                              "(its config.yaml) or start a fresh --out directory") from e
+
+
+@contextlib.contextmanager
+def _single_process_ok():
+    """DCP warns when no process group exists; one process (--parallel without torchrun, or a
+    resume on one process) is a case this module supports on purpose."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        yield

@@ -119,7 +119,9 @@ def validate(student, teacher, batches: list[dict], top_k: int, tail: bool) -> d
 # data and models
 
 def teacher_traces(opts: Options, out: Path) -> Path:
-    """opts.data, or correct teacher traces sampled with rejection sampling into out/traces.jsonl."""
+    """opts.data, or correct teacher traces sampled with rejection sampling into out/traces.jsonl
+    (by rank 0 alone under torchrun; the others wait and read its file)."""
+    from nanoseek.train import distributed
     if opts.data:
         return Path(opts.data)
     from nanoseek.train.rejection import rejection_sample
@@ -127,7 +129,10 @@ def teacher_traces(opts: Options, out: Path) -> Path:
     wanted = {"out": out / "traces.jsonl", "out_path": out / "traces.jsonl", "n_prompts": opts.n_prompts,
               "n": opts.n_prompts, "seed": opts.seed}
     params = inspect.signature(rejection_sample).parameters
-    return Path(rejection_sample(opts.teacher, **{k: v for k, v in wanted.items() if k in params}))
+    path = None
+    if distributed.is_main():
+        path = str(rejection_sample(opts.teacher, **{k: v for k, v in wanted.items() if k in params}))
+    return Path(distributed.broadcast(path))
 
 
 def make_student(opts: Options, vocab_size: int, tok):
@@ -155,6 +160,7 @@ def distill(opts: Options) -> Path:
     The run folder (its parent's parent) holds distill.json and report.md comparing the methods."""
     from nanoseek.model.hf import from_pretrained
     from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.train import distributed
     from nanoseek.train.data import BatchIterator, make_batch, pack_examples
     from nanoseek.train.pretrain import finish, start_run
     from nanoseek.train.sft import encode_records, read_chat_jsonl
@@ -194,6 +200,8 @@ def distill(opts: Options) -> Path:
                            "tokens_per_s": row["tokens_per_s"], "model": str(finals[method]),
                            **(validate(trainer.model, teacher, val_batches, opts.top_k, opts.kd_tail)
                               if val_batches else {})}
+    if not distributed.is_main():  # the report is rank 0's
+        return finals["sft" if "sft" in finals else methods[0]]
     if opts.eval_n > 0:
         from nanoseek.eval import evaluate
         for name, path in [("teacher", opts.teacher), *finals.items()]:

@@ -11,7 +11,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nanoseek.train.trainer import TrainOptions, Trainer, seed_everything
+from nanoseek.train import distributed
+from nanoseek.train.trainer import TrainOptions, Trainer, resolve_device, seed_everything
 
 
 @dataclass
@@ -31,13 +32,18 @@ def run_dir(out: str, stage: str) -> Path:
 
 
 def start_run(opts, stage: str) -> Path:
-    """Every stage starts alike: the run folder, its config.yaml (the resolved options), the seed."""
+    """Every stage starts alike: the run folder, its config.yaml (the resolved options), the seed.
+    Under torchrun the ranks join the process group first and share rank 0's run folder."""
     from nanoseek.cli import save_options
 
-    out = run_dir(opts.out, stage)
-    out.mkdir(parents=True, exist_ok=True)
-    save_options(opts, out / "config.yaml")
-    seed_everything(opts.seed)
+    if distributed.wanted(opts):
+        distributed.join(opts, resolve_device(opts.device))
+    out = Path(distributed.broadcast(str(run_dir(opts.out, stage))))  # default name has the time: rank 0's
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_options(opts, out / "config.yaml")
+    distributed.barrier()
+    seed_everything(opts.seed)  # the same on every rank: identical initial weights
     return out
 
 
@@ -59,16 +65,19 @@ def write_cost(trainer: Trainer, out: Path, opts: TrainOptions, row: dict) -> di
     from nanoseek.hardware import device_peak_flops
     peak = device_peak_flops(trainer.device, trainer.amp_dtype)  # the dtype the matmuls actually ran in
     cost = summarize_run(trainer.model.config, row.get("tokens", 0), row.get("elapsed", 0.0), opts.seq_len,
-                         peak_flops=peak)
+                         peak_flops=peak * trainer.world)  # tokens are counted over all ranks
     (out / "cost.json").write_text(json.dumps(cost, indent=2) + "\n")
     return cost
 
 
 def finish(trainer: Trainer, opts: TrainOptions, out: Path, tok, row: dict, stage: str, t0: float) -> Path:
-    """Shared end of a run: final HF model, plots, cost.json, and a summary of where things went."""
+    """Shared end of a run: final HF model, plots, cost.json, and a summary of where things went.
+    Every rank calls it (the export gathers the shards); rank 0 writes."""
     from nanoseek.train.plots import plot_metrics
     final = out / "final"
-    trainer.model.save_pretrained(final, tokenizer=tok)
+    trainer.save_pretrained(final, tokenizer=tok)
+    if not distributed.is_main():
+        return final
     plots = plot_metrics(out / "metrics.jsonl", out / "plots")
     cost = write_cost(trainer, out, opts, row)
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
@@ -97,7 +106,10 @@ def pretrain(opts: Options) -> Path:
         tok = load_tokenizer(opts.tokenizer)
         print(f"tokenizer: {opts.tokenizer} (vocab {tok.vocab_size})")
     else:
-        tok = train_tokenizer(docs, opts.vocab_size, out / "tokenizer")
+        if distributed.is_main():  # one writer; the other ranks read its files
+            train_tokenizer(docs, opts.vocab_size, out / "tokenizer")
+        distributed.barrier()
+        tok = load_tokenizer(out / "tokenizer")
         print(f"tokenizer: trained on {len(docs)} documents, vocab {tok.vocab_size} -> {out / 'tokenizer'}")
     data = pack_stream(encode_documents(tok, docs), opts.seq_len)
     print(f"data: {len(docs)} documents, {data.tokens.numel():,} tokens in {len(data)} rows of {opts.seq_len + 1}; "

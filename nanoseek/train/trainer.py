@@ -10,12 +10,17 @@ checkpointed) and optionally a `step_fn(model, batch, trainer) -> dict` whose "l
 back-propagated and whose other entries are logged (tensors or floats). The default step_fn is
 the language-model loss of `model.loss`. The pieces are usable on their own too:
 `make_optimizer`, `lr_factor`, `MetricsLog`, `checkpoint.save_checkpoint/load_checkpoint`.
+
+Under torchrun, or with `parallel` set, the Trainer joins the process group, wraps the model with
+`nanoseek.parallel.parallelize` and trains each rank on its slice of every global micro-batch
+(train/distributed.py); checkpoints are then sharded (DCP) and only rank 0 logs.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -27,7 +32,9 @@ import numpy as np
 import torch
 
 from nanoseek.model.moe import moe_layers, update_balancing_bias
-from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from nanoseek.parallel.parallelize import all_reduce_sum
+from nanoseek.train import distributed
+from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_sharded_checkpoint
 
 
 @dataclass
@@ -36,7 +43,8 @@ class TrainOptions:
 
     out: str = field(default="", metadata={"help": "run directory (default: runs/<stage>-<time>)"})
     steps: int = field(default=300, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch"})
+    batch_size: int = field(default=8, metadata={
+        "help": "sequences per micro-batch, over all ranks (each of N ranks trains on batch_size/N of them)"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     seq_len: int = field(default=256, metadata={"help": "tokens per sequence"})
     lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
@@ -63,11 +71,18 @@ class TrainOptions:
     keep_last: int = field(default=2, metadata={"help": "checkpoints kept (0 = all)"})
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --out"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    parallel: str = field(default="none", metadata={
+        "help": "none | ddp (full replicas) | fsdp (sharded): data parallelism over the ranks torchrun starts "
+                "(under torchrun, none means ddp); checkpoints become sharded DCP ones"})
+    ep: int = field(default=1, metadata={
+        "help": "expert-parallel degree: routed experts split over groups of this many ranks (divides the world)"})
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device(name)
 
 
@@ -134,10 +149,12 @@ class MetricsLog:
 
 
 def lm_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], trainer: "Trainer") -> dict[str, torch.Tensor]:
-    """The default step: next-token + MTP (+ MoE sequence balance) loss."""
+    """The default step: next-token + MTP (+ MoE sequence balance) loss; on several ranks, each
+    rank's share of the token mean over the global micro-batch."""
     kw = {"mtp_weight": trainer.mtp_weight()} if hasattr(model, "mtp") else {}
-    return model.loss(batch["input_ids"], batch["targets"], loss_mask=batch.get("loss_mask"),
-                      doc_ids=batch.get("doc_ids"), **kw)
+    out = model.loss(batch["input_ids"], batch["targets"], loss_mask=batch.get("loss_mask"),
+                     doc_ids=batch.get("doc_ids"), **kw)
+    return distributed.global_token_mean(out, batch, trainer.mtp_weight()) if trainer.world > 1 else out
 
 
 class Trainer:
@@ -150,12 +167,19 @@ class Trainer:
         self.log_extra, self.all_reduce = log_extra, all_reduce  # all_reduce: sum expert loads over ranks
         self.out_dir = Path(out_dir)
         self.device = resolve_device(opts.device)
+        self.rank, self.world, self.sharded = 0, 1, distributed.wanted(opts)
+        if self.sharded:
+            self.rank, self.world, self.device = distributed.join(opts, self.device)
+            # every rank must apply the identical routing-bias step: sum the expert loads first
+            self.all_reduce = all_reduce or all_reduce_sum
         _, self.amp_dtype = pick_dtype(self.device, opts.dtype)
         if opts.deterministic and self.device.type == "cpu":
             # with >1 thread the MoE layer's scatter/gather-add kernels otherwise accumulate in a varying
             # order: losses of two identical runs differed in the 7th digit (a dense model did not)
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.model = model.to(self.device).train()
+        if self.sharded:
+            self.model = distributed.wrap(self.model, opts, self.world)  # before the optimizer: params become DTensors
         self.optimizer = make_optimizer(self.model, opts.lr, opts.weight_decay, (opts.beta1, opts.beta2))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
             s, opts.steps, opts.warmup_steps, opts.schedule, opts.min_lr_ratio, opts.decay_frac))
@@ -173,7 +197,7 @@ class Trainer:
                 self.step, resume_step = state["step"], state["step"]
                 self.tokens, self.elapsed = state["extra"].get("tokens", 0), state["extra"].get("elapsed", 0.0)
                 print(f"resumed from {ckpt} (step {self.step})")
-        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", resume_step)
+        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", resume_step) if self.rank == 0 else _NoLog()
         self.has_moe = bool(moe_layers(self.model))
 
     # ------------------------------------------------------------------ schedules
@@ -199,7 +223,7 @@ class Trainer:
         sums: dict[str, float] = {}
         tokens = 0
         for _ in range(o.grad_accum):
-            batch = next(self.batches)
+            batch = distributed.shard(next(self.batches), self.rank, self.world)
             if isinstance(batch, dict):
                 batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with self.autocast():
@@ -208,8 +232,11 @@ class Trainer:
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + (v.item() if torch.is_tensor(v) else float(v)) / o.grad_accum
             tokens += int(out["tokens"]) if "tokens" in out else int(batch["input_ids"].numel())
+        sums, tokens = distributed.reduce_row(sums, tokens, self.device)
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # DTensor parameters: the norm is one too
+            grad_norm = grad_norm.full_tensor()
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -228,13 +255,14 @@ class Trainer:
 
     def save(self) -> Path:
         data = self.batches.state_dict() if hasattr(self.batches, "state_dict") else None
-        return save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, self.scheduler, data,
-                               {"tokens": self.tokens, "elapsed": self.elapsed}, keep_last=self.opts.keep_last)
+        save = save_sharded_checkpoint if self.sharded else save_checkpoint
+        return save(self.ckpt_dir, self.step, self.model, self.optimizer, self.scheduler, data,
+                    {"tokens": self.tokens, "elapsed": self.elapsed}, keep_last=self.opts.keep_last)
 
     def fit(self) -> dict[str, Any]:
         """Train until opts.steps; checkpoint every save_every steps and at the end. Returns the last row."""
         o = self.opts
-        bar = _progress(o.steps, self.step, o.progress)
+        bar = _progress(o.steps, self.step, o.progress and self.rank == 0)
         row: dict[str, Any] = {}
         try:
             while self.step < o.steps:
@@ -247,6 +275,20 @@ class Trainer:
             bar.close()
             self.metrics.close()
         return row
+
+    def save_pretrained(self, path: str | Path, tokenizer=None) -> None:
+        """The HF export of the trained model (gathered from the ranks when sharded)."""
+        distributed.save_pretrained(self.model, path, tokenizer)
+
+
+class _NoLog:
+    """Ranks > 0 log nothing (rank 0 logs the all-reduced row)."""
+
+    def log(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class _progress:
