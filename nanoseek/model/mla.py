@@ -85,8 +85,16 @@ class MLA(nn.Module):
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]                  # [H, nope, C], [H, v, C]
         q_lat = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)              # W_UK folded into q: [B, H, T, C]
-        q = torch.cat([q_lat, q_pe], dim=-1)                              # [B, H, T, C+rope]
-        k = torch.cat([c_kv, k_pe], dim=-1).unsqueeze(1)                  # one latent "head": [B, 1, S, C+rope]
-        o_lat = F.scaled_dot_product_attention(q, k, c_kv.unsqueeze(1), attn_mask=mask, is_causal=mask is None,
-                                               scale=self.scale, enable_gqa=True)  # [B, H, T, C]
+        B, H, T, _ = q_lat.shape
+        S = c_kv.shape[1]
+        # One latent key/value "head" serves all H query heads, so the heads become query rows of a
+        # single-head attention (as FlashMLA does): no K/V copy per head. SDPA's enable_gqa path
+        # instead repeats K/V H times, ~10x slower at decode on CPU.
+        q = torch.cat([q_lat, q_pe], dim=-1).transpose(1, 2).reshape(B, 1, T * H, -1)  # rows (t, h): [B, 1, T*H, C+rope]
+        k = torch.cat([c_kv, k_pe], dim=-1).unsqueeze(1)                  # [B, 1, S, C+rope]
+        if mask is None:  # plain causal, queries at the last T of S positions
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T).view(1, 1, T, S)
+        mask = mask.unsqueeze(3).expand(-1, -1, -1, H, -1).reshape(mask.shape[0], 1, T * H, S)
+        o_lat = F.scaled_dot_product_attention(q, k, c_kv.unsqueeze(1), attn_mask=mask, scale=self.scale)
+        o_lat = o_lat.view(B, T, H, -1).transpose(1, 2)                   # [B, H, T, C]
         return torch.einsum("bhtc,hvc->bhtv", o_lat, w_uv)                # W_UV after attention: [B, H, T, v]
