@@ -16,6 +16,8 @@ from their own checkpoints), so an interrupted speedrun loses at most part of on
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +46,11 @@ class Options:
     r1_zero: bool = field(default=True, metadata={"help": "also run the R1-Zero branch (GRPO on the base)"})
     seed: int = field(default=0, metadata={"help": "seed for every stage"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per step in pretraining, SFT and distillation "
+                                                         "(the global batch when --nproc > 1)"})
+    nproc: int = field(default=1, metadata={
+        "help": "processes (GPUs) for the training stages, launched with torchrun + FSDP; GRPO, sampling and "
+                "evaluation run in this process"})
     price_per_hour: float = field(default=0.10, metadata={"help": "$ per machine-hour for the cost column"})
 
 
@@ -124,16 +131,17 @@ def speedrun(o: Options) -> Path:
     save_options(o, run.root / "config.yaml")
     print(f"[speedrun] run folder {run.root.resolve()} (rerun the same command to resume)")
     common = dict(seed=o.seed, device=o.device)
+    tcommon = dict(common, batch_size=o.batch_size)  # training stages
     small = o.preset != "tiny"
 
-    pre = run.run("pretrain", lambda d: {"model": str(P.pretrain(P.Options(
-        out=str(d), preset=o.preset, steps=o.pretrain_steps, n_docs=(1500 if o.quick else 20000),
-        seq_len=(128 if o.quick else 256), save_every=100, resume=True, **common)))})
+    pre = run.run("pretrain", lambda d: train("pretrain", P.pretrain, P.Options(
+        out=str(d), preset=o.preset, steps=o.pretrain_steps, n_docs=(1500 if o.quick else corpus_docs(o)),
+        seq_len=(128 if o.quick else 256), save_every=100, resume=True, **tcommon), o.nproc))
     base = pre["model"]
-    sft1 = run.run("sft", lambda d: {"model": str(S.sft(S.Options(
+    sft1 = run.run("sft", lambda d: train("sft", S.sft, S.Options(
         model=base, out=str(d), steps=o.sft_steps, n_examples=(200 if o.quick else 4000), tasks=o.tasks,
-        difficulty=o.difficulty, save_every=100,
-        resume=True, seq_len=(128 if o.quick else 256), **common)))})
+        difficulty=o.difficulty, save_every=100, resume=True, seq_len=(128 if o.quick else 256), **tcommon),
+        o.nproc))
     grpo_kw = dict(tasks=o.tasks, difficulty=o.difficulty, steps=o.grpo_steps, max_new_tokens=o.max_new_tokens,
                    eval_n=(8 if o.quick else 64), save_every=20, resume=True, **common)
     rl = run.run("grpo", lambda d: {"model": str(G.grpo(G.Options(model=sft1["model"], mode="r1", out=str(d),
@@ -141,15 +149,15 @@ def speedrun(o: Options) -> Path:
     rej = run.run("rejection", lambda d: {"data": str(R.rejection_sample(
         rl["model"], out=str(d), tasks=o.tasks, difficulty=o.difficulty, n_prompts=o.rejection_prompts,
         max_new_tokens=o.max_new_tokens, seed=o.seed))})
-    sft2 = run.run("sft2", lambda d: {"model": str(S.sft(S.Options(
+    sft2 = run.run("sft2", lambda d: train("sft", S.sft, S.Options(
         model=rl["model"], data=str(mixed_sft_data(d, rej["data"], o)), out=str(d), steps=o.sft2_steps, lr=3e-4,
-        resume=True, seq_len=(128 if o.quick else 256), **common)))})
+        resume=True, seq_len=(128 if o.quick else 256), **tcommon), o.nproc))
     dist = {}
     for method in ("sft", "logits"):
-        dist[method] = run.run(f"distill-{method}", lambda d, m=method: {"model": str(D.distill(D.Options(
+        dist[method] = run.run(f"distill-{method}", lambda d, m=method: train("distill", D.distill, D.Options(
             teacher=sft2["model"], data=str(mixed_sft_data(d, rej["data"], o)), method=m, out=str(d),
-            steps=o.distill_steps,
-            student_preset=("small" if small else "tiny"), seq_len=(128 if o.quick else 256), **common)))})
+            steps=o.distill_steps, student_preset=("small" if small else "tiny"), seq_len=(128 if o.quick else 256),
+            **tcommon), o.nproc, final=d / m / "final"))
     if o.r1_zero:
         run.run("r1-zero", lambda d: {"model": str(G.grpo(G.Options(model=base, mode="r1-zero", out=str(d),
                                                                    **grpo_kw)))})
@@ -160,6 +168,29 @@ def speedrun(o: Options) -> Path:
     print(f"\n[speedrun] done in {(time.time() - run.t0) / 60:.1f} min this session: "
           f"report {run.root / 'report.md'}, plots in {run.root / 'plots'}")
     return run.root / "report.md"
+
+
+def corpus_docs(o: Options, tokens_per_doc: int = 200) -> int:
+    """Task documents for pretraining: at least 20K, more for longer runs (at most ~3 epochs, capped)."""
+    return min(500_000, max(20_000, o.pretrain_steps * o.batch_size * 256 // (3 * tokens_per_doc)))
+
+
+def train(command: str, fn, opts, nproc: int, final: Path | None = None) -> dict:
+    """A training stage in this process, or with nproc > 1 as `torchrun -m nanoseek <command>` with FSDP
+    (the same code, fed the same options through a config file); returns {"model": final dir}."""
+    if nproc <= 1:
+        return {"model": str(fn(opts))}
+    from nanoseek.cli import save_options
+    opts.parallel = "fsdp"
+    cfg = save_options(opts, Path(opts.out) / "launch.yaml")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "nanoseek", command, "--config", str(cfg)]
+    print(f"[speedrun] {' '.join(cmd)}", flush=True)
+    rc = subprocess.run(cmd).returncode
+    if rc:
+        raise SystemExit(f"[speedrun] {command} under torchrun failed (exit {rc}); the output above says why. "
+                         "Rerun the same speedrun command to resume from the last checkpoint.")
+    return {"model": str(final or Path(opts.out) / "final")}
 
 
 def mixed_sft_data(d: Path, traces: str, o: Options, min_records: int = 256) -> Path:

@@ -123,3 +123,20 @@ def test_options_that_cannot_run_distributed_fail_early(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["grpo", "m"]) == 2
     assert capsys.readouterr().err.count("nanoseek grpo runs in one process") == 2
+
+
+@pytest.mark.distributed
+def test_speedrun_launches_training_stages_with_torchrun(tmp_path, monkeypatch, capsys):
+    """`nanoseek speedrun --nproc 2` runs a training stage as torchrun + FSDP from a config file."""
+    from nanoseek.speedrun import train
+    from nanoseek.train import pretrain as P
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    opts = P.Options(out=str(tmp_path / "pre"), steps=2, batch_size=4, seq_len=64, n_docs=200, vocab_size=300,
+                     warmup_steps=1, model_overrides=OVERRIDES, progress=False, dtype="fp32", device="cpu")
+    out = train("pretrain", P.pretrain, opts, nproc=2)
+    assert "torch.distributed.run --standalone --nproc_per_node=2" in capsys.readouterr().out
+    assert Path(out["model"]) == tmp_path / "pre" / "final" and (tmp_path / "pre" / "final" / "config.json").exists()
+    assert "parallel: fsdp" in (tmp_path / "pre" / "launch.yaml").read_text()
+    assert len(_losses(tmp_path / "pre")) == 2
+    meta = json.loads((tmp_path / "pre" / "checkpoints" / "step_000002" / "meta.json").read_text())
+    assert meta["format"] == "dcp"
