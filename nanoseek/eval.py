@@ -154,6 +154,8 @@ def evaluate(model=None, tokenizer=None, tasks: list[str] | None = None, n: int 
         "top_p": top_p, "max_tokens": max_tokens, "seed": seed,
         "tasks": {t: _aggregate(qs) for t, qs in by_task.items()},
         "overall": _aggregate([q for _, q in per_q]),
+        # per question, for paired comparisons of two models on the same questions
+        "questions": [{"task": s.task, "prompt": s.prompt, "pass@1": q["pass@1"]} for s, q in per_q],
         "examples": [{"task": s.task, "prompt": s.prompt, "reference": s.answer, "completion": c[0].text,
                       "answer": q["answers"][0], "correct": q["correct"][0]}
                      for (s, q), c in list(zip(per_q, sampled))[::max(1, len(per_q) // 8)] if c],

@@ -86,7 +86,20 @@ def _plot(root: Path, results: dict) -> list[Path]:
     return paths
 
 
+def paired_two_se(xs: list[float] | None, ys: list[float] | None) -> tuple[int, float]:
+    """(n, 2 x standard error of mean(y - x)) over questions answered by both; (0, inf) without data."""
+    if not xs or not ys or len(xs) != len(ys) or len(xs) < 2:
+        return 0, float("inf")
+    d = [y - x for x, y in zip(xs, ys)]
+    m = sum(d) / len(d)
+    var = sum((v - m) ** 2 for v in d) / (len(d) - 1)
+    return len(d), 2 * (var / len(d)) ** 0.5
+
+
 def _checks(results: dict) -> list[str]:
+    """Each claim of the R1 report, judged against the noise of the held-out questions: a change within
+    two standard errors of the mean per-question difference (both stages answer the same questions)
+    is reported as noise, not as a win."""
     def acc(stage):
         r = results.get(stage)
         return None if r is None else r["pass@1"]
@@ -100,8 +113,13 @@ def _checks(results: dict) -> list[str]:
         x, y = acc(a), acc(b)
         if x is None or y is None:
             continue
-        verdict = "yes" if y > x else "**no**"
-        lines.append(f"- {what}: {verdict} ({_pct(x)} % → {_pct(y)} %)")
+        n, two_se = paired_two_se(results[a].get("per_question"), results[b].get("per_question"))
+        if not n:  # no per-question data: the bare comparison
+            lines.append(f"- {what}: {'yes' if y > x else '**no**'} ({_pct(x)} % → {_pct(y)} %)")
+            continue
+        verdict = "yes" if y - x > two_se else "**no**" if x - y > two_se else "**within noise**"
+        lines.append(f"- {what}: {verdict} ({_pct(x)} % → {_pct(y)} %; two standard errors of the paired "
+                     f"difference ±{100 * two_se:.1f} pts over {n} questions)")
     return lines
 
 

@@ -33,3 +33,19 @@ def test_quick_speedrun_end_to_end(tmp_path):
     before = (out / "pretrain" / "stage.json").read_text()
     speedrun(Options(out=str(out), quick=True))
     assert (out / "pretrain" / "stage.json").read_text() == before
+
+
+def test_report_checks_weigh_the_change_against_question_noise():
+    from nanoseek.speedrun_report import _checks, paired_two_se
+    same = [0.0, 1.0] * 50
+    assert paired_two_se(same, same) == (100, 0.0)
+    n, two_se = paired_two_se([0.0] * 100, [1.0] * 10 + [0.0] * 90)   # 10 of 100 questions flip to right
+    assert n == 100 and 0.05 < two_se < 0.07
+    res = lambda xs: {"pass@1": sum(xs) / len(xs), "per_question": xs}  # noqa: E731
+    base, sft = [0.0] * 100, [1.0] * 30 + [0.0] * 70
+    wobble = [1.0] * 29 + [0.0] * 70 + [1.0]                           # a 1-question difference
+    lines = _checks({"pretrain": res(base), "sft": res(sft), "grpo": res(wobble)})
+    assert lines[0].startswith("- cold-start SFT raises held-out accuracy over the base: yes")
+    assert "GRPO raises held-out accuracy over cold-start SFT: **within noise**" in lines[1]
+    lines = _checks({"sft": res(sft), "grpo": res([0.0] * 100)})
+    assert "**no**" in lines[0]
