@@ -10,7 +10,7 @@ import torch
 
 from benchmarks.common import print_table, write_json
 
-SUITES = ["train_step", "generate", "grpo_step", "serve_load"]
+SUITES = ["train_step", "train_memory", "generate", "grpo_step", "serve_load"]
 
 
 def main(argv=None) -> None:

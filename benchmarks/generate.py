@@ -46,4 +46,24 @@ def run(preset: str = "tiny", batches: tuple[int, ...] = (16, 64), prompt_len: i
         tokens = B * new_tokens
         rows.append(Row(f"generate greedy ({preset}, batch {B}, {prompt_len}+{new_tokens} tokens, {str(dtype)[6:]}, "
                         f"{device})", tokens / a, tokens / b, "tokens/s", b / a, "HF generate with its DynamicCache"))
+    rows.append(cache_row(ours, hf, cfg, device, dtype))
     return rows
+
+
+def cache_row(ours, hf, cfg, device: str, dtype) -> Row:
+    """Decode cache bytes per token: our latent cache vs what HF's DynamicCache actually holds."""
+    T = 16
+    ids = torch.randint(2, cfg.vocab_size, (1, T), device=device)
+    with torch.no_grad():
+        cache = hf(input_ids=ids, use_cache=True).past_key_values
+    layers = getattr(cache, "layers", None)
+    tensors = ([t for lay in layers for t in (lay.keys, lay.values)] if layers is not None
+               else [t for kv in cache for t in kv])
+    hf_bytes = sum(t.numel() * t.element_size() for t in tensors) / T
+    ours_bytes = Engine(ours, max_batch=1, max_len=T).cache_bytes_per_token()
+    formula = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * torch.empty((), dtype=dtype).element_size()
+    assert ours_bytes == formula, (ours_bytes, formula)
+    return Row(f"decode cache bytes/token ({cfg.num_hidden_layers} layers, {str(dtype)[6:]})", ours_bytes, hf_bytes,
+               "bytes", hf_bytes / ours_bytes,
+               f"= (kv_lora_rank {cfg.kv_lora_rank} + rope {cfg.qk_rope_head_dim}) x layers x dtype; HF: what its "
+               "DynamicCache holds (transformers 5 caches the same latent)")

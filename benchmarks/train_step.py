@@ -48,5 +48,14 @@ def run(preset: str = "tiny", batch: int = 8, seq: int = 256, reps: int = 5, dev
     a, b = time_pair(step_ours, step_hf, reps=reps)
     tokens = batch * seq
     dtype = "bf16 autocast" if cuda else "fp32"
+    # MFU: model FLOPs (6 x active matmul params + causal attention, per token) over the peak
+    # measured now, in this process (CPU: fp32 matmul; GPU: datasheet bf16)
+    from nanoseek.cost import flops_per_token
+    from nanoseek.hardware import device_peak_flops
+    peak = device_peak_flops(device)
+    per_tok = flops_per_token(cfg.replace(num_nextn_predict_layers=0), seq)
     return [Row(f"train step fwd+bwd+AdamW ({preset}, {batch}x{seq}, {dtype}, {device})", tokens / a, tokens / b,
-                "tokens/s", b / a, "no MTP on either side")]
+                "tokens/s", b / a, "no MTP on either side"),
+            Row(f"train MFU ({preset}, {batch}x{seq}, {dtype}, {device})", 100 * tokens / a * per_tok / peak,
+                100 * tokens / b * per_tok / peak, "% of peak", b / a,
+                f"peak {peak / 1e9:,.0f} GFLOP/s measured in this run; {per_tok / 1e6:.1f} MFLOP/token")]
