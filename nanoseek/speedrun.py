@@ -134,21 +134,20 @@ def speedrun(o: Options) -> Path:
     save_options(o, run.root / "config.yaml")
     print(f"[speedrun] run folder {run.root.resolve()} (rerun the same command to resume)")
     common = dict(seed=o.seed, device=o.device)
-    tcommon = dict(common, batch_size=o.batch_size)  # training stages
+    tcommon = dict(common, batch_size=o.batch_size, seq_len=seq_len(o))  # training stages
     small = o.preset != "tiny"
 
     pre = run.run("pretrain", lambda d: train("pretrain", P.pretrain, P.Options(
         out=str(d), preset=o.preset, steps=o.pretrain_steps, n_docs=(1500 if o.quick else corpus_docs(o)),
-        seq_len=(128 if o.quick else 256), save_every=100, resume=True, **tcommon), o.nproc))
+        save_every=100, resume=True, **tcommon), o.nproc))
     base = pre["model"]
     sft1 = run.run("sft", lambda d: train("sft", S.sft, S.Options(
         model=base, out=str(d), steps=o.sft_steps, n_examples=(200 if o.quick else 4000), tasks=o.tasks,
-        difficulty=o.difficulty, save_every=100, resume=True, seq_len=(128 if o.quick else 256), **tcommon),
-        o.nproc))
+        difficulty=o.difficulty, save_every=100, resume=True, **tcommon), o.nproc))
     grpo_kw = dict(tasks=o.tasks, difficulty=o.difficulty, steps=o.grpo_steps, max_new_tokens=o.max_new_tokens,
                    eval_n=(8 if o.quick else 64), save_every=20, resume=True, **common)
-    # On the SFT model a gentle update pays: lr 2e-4 / temperature 1.0 (R1-Zero's) lowered held-out accuracy
-    # at this scale, 5e-5 / 0.8 raised it (docs in README "GRPO settings").
+    # On the SFT model a gentle update pays: at this scale lr 2e-4 / temperature 1.0 (R1-Zero's) lowered
+    # held-out accuracy; 5e-5 / 0.8 raised it (the README's speedrun section has the runs).
     r1_kw = dict(grpo_kw, lr=o.grpo_lr, temperature=o.grpo_temperature)
     rl = run.run("grpo", lambda d: {"model": str(G.grpo(G.Options(model=sft1["model"], mode="r1", out=str(d),
                                                                  **r1_kw)))})
@@ -157,13 +156,13 @@ def speedrun(o: Options) -> Path:
         max_new_tokens=o.max_new_tokens, seed=o.seed))})
     sft2 = run.run("sft2", lambda d: train("sft", S.sft, S.Options(
         model=rl["model"], data=str(mixed_sft_data(d, rej["data"], o)), out=str(d), steps=o.sft2_steps, lr=3e-4,
-        resume=True, seq_len=(128 if o.quick else 256), **tcommon), o.nproc))
+        resume=True, **tcommon), o.nproc))
     dist = {}
     for method in ("sft", "logits"):
         dist[method] = run.run(f"distill-{method}", lambda d, m=method: train("distill", D.distill, D.Options(
             teacher=sft2["model"], data=str(mixed_sft_data(d, rej["data"], o)), method=m, out=str(d),
-            steps=o.distill_steps, student_preset=("small" if small else "tiny"), seq_len=(128 if o.quick else 256),
-            **tcommon), o.nproc, final=d / m / "final"))
+            steps=o.distill_steps, student_preset=("small" if small else "tiny"), **tcommon), o.nproc,
+            final=d / m / "final"))
     if o.r1_zero:
         run.run("r1-zero", lambda d: {"model": str(G.grpo(G.Options(model=base, mode="r1-zero", out=str(d),
                                                                    **grpo_kw)))})
@@ -176,9 +175,13 @@ def speedrun(o: Options) -> Path:
     return run.root / "report.md"
 
 
+def seq_len(o: Options) -> int:
+    return 128 if o.quick else 256
+
+
 def corpus_docs(o: Options, tokens_per_doc: int = 200) -> int:
     """Task documents for pretraining: at least 20K, more for longer runs (at most ~3 epochs, capped)."""
-    return min(500_000, max(20_000, o.pretrain_steps * o.batch_size * 256 // (3 * tokens_per_doc)))
+    return min(500_000, max(20_000, o.pretrain_steps * o.batch_size * seq_len(o) // (3 * tokens_per_doc)))
 
 
 def train(command: str, fn, opts, nproc: int, final: Path | None = None) -> dict:
