@@ -36,7 +36,8 @@ class Options:
     difficulty: int = field(default=1, metadata={"help": "task difficulty for SFT, RL and evaluation"})
     pretrain_steps: int = field(default=400, metadata={"help": "pretraining optimizer steps"})
     sft_steps: int = field(default=150, metadata={"help": "cold-start SFT steps"})
-    grpo_steps: int = field(default=40, metadata={"help": "GRPO steps (R1 and R1-Zero)"})
+    grpo_steps: int = field(default=100, metadata={"help": "GRPO steps on the cold-start SFT model (R1)"})
+    r1_zero_steps: int = field(default=40, metadata={"help": "GRPO steps of the R1-Zero branch (on the base)"})
     grpo_lr: float = field(default=5e-5, metadata={"help": "GRPO learning rate on the SFT model (R1-Zero: 2e-4)"})
     grpo_temperature: float = field(default=0.8, metadata={
         "help": "GRPO rollout temperature on the SFT model (R1-Zero: 1.0)"})
@@ -60,6 +61,7 @@ class Options:
 def quick(o: Options) -> Options:
     """Smallest settings that still run every stage end to end (CI)."""
     o.pretrain_steps, o.sft_steps, o.grpo_steps, o.sft2_steps, o.distill_steps = 30, 20, 3, 10, 15
+    o.r1_zero_steps = 3
     o.rejection_prompts, o.eval_n, o.eval_k, o.max_new_tokens = 16, 4, 2, 24
     o.tasks = o.tasks[:2]
     return o
@@ -165,7 +167,7 @@ def speedrun(o: Options) -> Path:
             final=d / m / "final"))
     if o.r1_zero:
         run.run("r1-zero", lambda d: {"model": str(G.grpo(G.Options(model=base, mode="r1-zero", out=str(d),
-                                                                   **grpo_kw)))})
+                                                                   **{**grpo_kw, "steps": o.r1_zero_steps})))})
     budget = dist["sft"]["wall_s"]
     run.run("student-grpo", lambda d: student_grpo_baseline(d, base, o, budget, grpo_kw))
     ev = run.run("eval", lambda d: evaluate_all(d, run, o))
