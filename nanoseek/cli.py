@@ -152,6 +152,24 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_command(name: str, module, argv: list[str], desc: str = ""):
+    """The options of `nanoseek <name> argv...`: module.Options from defaults < --config file < flags."""
+    parser = argparse.ArgumentParser(prog=f"nanoseek {name}", description=getattr(module, "__doc__", None) or desc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    optional = set()
+    for pos in getattr(module, "POSITIONAL", ()):  # ("model", "model directory"[, optional])
+        if len(pos) > 2 and pos[2]:
+            optional.add(pos[0])
+        parser.add_argument(pos[0], nargs="?" if pos[0] in optional else None, help=pos[1],
+                            default=argparse.SUPPRESS)
+    parser.add_argument("--config", metavar="FILE", help="YAML/JSON file of options; flags override it")
+    # an optional positional keeps its --flag too (`nanoseek sft DIR` and `nanoseek sft --model DIR`)
+    required = {p[0] for p in getattr(module, "POSITIONAL", ())} - optional
+    add_dataclass_arguments(parser, module.Options, skip=required)
+    ns = parser.parse_args(argv)
+    return build_options(module.Options, ns, ns.config)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     top = make_parser()
@@ -177,15 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nanoseek {name} runs in one process: launch it without torchrun, --parallel and --ep "
               "(pretrain, sft and distill run distributed)", file=sys.stderr)
         return 2
-    parser = argparse.ArgumentParser(prog=f"nanoseek {name}", description=getattr(module, "__doc__", None) or desc,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    for pos in getattr(module, "POSITIONAL", ()):  # e.g. ("model", "model directory")
-        parser.add_argument(pos[0], nargs="?" if len(pos) > 2 and pos[2] else None, help=pos[1],
-                            default=argparse.SUPPRESS)
-    parser.add_argument("--config", metavar="FILE", help="YAML/JSON file of options; flags override it")
-    add_dataclass_arguments(parser, module.Options, skip={p[0] for p in getattr(module, "POSITIONAL", ())})
-    ns = parser.parse_args(argv[1:])
-    opts = build_options(module.Options, ns, ns.config)
+    opts = parse_command(name, module, argv[1:], desc)
     module.run(opts)
     from nanoseek.parallel.parallelize import destroy_distributed
     destroy_distributed()  # a no-op unless the stage joined torchrun's process group

@@ -74,3 +74,13 @@ def test_help_of_every_command_renders(capsys):
 def test_unknown_command(capsys):
     assert main(["frobnicate"]) == 2
     assert "unknown command" in capsys.readouterr().err
+
+
+def test_model_directory_as_positional_or_flag():
+    from nanoseek.cli import parse_command
+    from nanoseek.train import grpo, sft
+    assert parse_command("sft", sft, ["runs/a/final", "--steps", "3"]).model == "runs/a/final"
+    assert parse_command("sft", sft, ["--model", "runs/a/final"]).model == "runs/a/final"
+    assert parse_command("grpo", grpo, ["runs/b/final"]).model == "runs/b/final"
+    with pytest.raises(SystemExit):  # grpo's model is required and has no --model flag
+        parse_command("grpo", grpo, ["--model", "x"])

@@ -17,6 +17,9 @@ from nanoseek.train.pretrain import finish, start_run
 from nanoseek.train.trainer import TrainOptions, Trainer
 
 
+POSITIONAL = (("model", "model directory (HF layout with tokenizer) to fine-tune; or --model", True),)
+
+
 @dataclass
 class Options(TrainOptions):
     model: str = field(default="", metadata={"help": "model directory (HF layout with tokenizer) to fine-tune"})
@@ -64,7 +67,8 @@ def sft(opts: Options) -> Path:
     from nanoseek.train.data import BatchIterator, pack_examples
 
     if not opts.model:
-        raise SystemExit("sft: --model DIR is required (e.g. the final/ folder of a pretrain run)")
+        raise SystemExit("sft: a model directory is required: nanoseek sft DIR "
+                         "(e.g. the final/ folder of a pretrain run)")
     t0 = time.time()
     out = start_run(opts, "sft")
     print(f"sft: run folder {out}, model {opts.model}")
