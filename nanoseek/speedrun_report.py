@@ -25,6 +25,12 @@ def _plot(root: Path, results: dict) -> list[Path]:
     out.mkdir(exist_ok=True)
     paths = []
 
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        paths.append(out / f"{name}.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
     fig, ax = plt.subplots(figsize=(9, 4))
     labels = [r["label"] for r in results.values()]
     ax.bar(range(len(labels)), [100 * (r["pass@1"] or 0) for r in results.values()], color="#4c72b0", label="pass@1")
@@ -34,10 +40,7 @@ def _plot(root: Path, results: dict) -> list[Path]:
     ax.set_ylabel("held-out accuracy (%)")
     ax.set_title("accuracy per stage")
     ax.legend()
-    fig.tight_layout()
-    paths.append(out / "accuracy.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    save(fig, "accuracy")
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for stage in ("pretrain", "sft", "sft2"):
@@ -49,10 +52,7 @@ def _plot(root: Path, results: dict) -> list[Path]:
     ax.set_yscale("log")
     ax.legend()
     ax.set_title("training loss")
-    fig.tight_layout()
-    paths.append(out / "loss.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    save(fig, "loss")
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for stage in ("grpo", "r1-zero", "student-grpo"):
@@ -67,10 +67,7 @@ def _plot(root: Path, results: dict) -> list[Path]:
     ax.set_ylabel("reward (mean ± std over samples)")
     ax.legend()
     ax.set_title("reward during RL")
-    fig.tight_layout()
-    paths.append(out / "reward.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    save(fig, "reward")
 
     rows = [r for r in _metrics(root / "pretrain" / "metrics.jsonl") if "load_max_over_mean" in r]
     if rows:
@@ -79,10 +76,7 @@ def _plot(root: Path, results: dict) -> list[Path]:
         ax.set_xlabel("pretraining step")
         ax.set_ylabel("max / mean expert load")
         ax.set_title("expert load balance (aux-loss-free bias)")
-        fig.tight_layout()
-        paths.append(out / "expert_load.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        save(fig, "expert_load")
     return paths
 
 
