@@ -10,7 +10,8 @@ import torch
 from nanoseek.config import get_preset
 from nanoseek.model.moe import moe_layers
 from nanoseek.model.transformer import Transformer
-from nanoseek.train.grpo import GRPO, Options, grpo, sample_groups
+from nanoseek.train.grpo import GRPO, Options, grpo
+from nanoseek.train.rollout import engine_rollout
 from nanoseek.train.grpo_loss import group_advantages, grpo_loss, k3_kl, normalizer
 
 SMALL = {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32, "num_hidden_layers": 2,
@@ -166,9 +167,9 @@ def test_zero_variance_filter_and_nan_policy():
 def test_sampler_prefix_sharing_matches_per_prompt_greedy():
     model = tiny(16).eval()
     prompts = [[12, 3], [12, 5, 7, 2]]
-    both = sample_groups(model, prompts, 2, 5, eos_id=None, temperature=0.0)
+    both = engine_rollout(model, prompts, 2, 5, eos_id=None, temperature=0.0)
     for i, p in enumerate(prompts):
-        alone = sample_groups(model, [p], 1, 5, eos_id=None, temperature=0.0)[0]
+        alone = engine_rollout(model, [p], 1, 5, eos_id=None, temperature=0.0)[0]
         assert both[2 * i] == both[2 * i + 1] == alone
     ids = torch.tensor([prompts[1] + both[2]])
     greedy = model(ids).argmax(-1)[0, len(prompts[1]) - 1:-1].tolist()  # no cache: the same tokens

@@ -26,6 +26,7 @@ import torch
 
 from nanoseek.model.moe import balance_losses, moe_layers, update_balancing_bias
 from nanoseek.train.grpo_loss import group_advantages, grpo_loss, normalizer, policy_logprobs
+from nanoseek.train.rollout import engine_rollout
 
 POSITIONAL = (("model", "model directory (HF layout with tokenizer): the SFT model (r1) or a base model (r1-zero)"),)
 
@@ -73,93 +74,6 @@ class Options:
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --out"})
     seed: int = field(default=0, metadata={"help": "seed of prompts, sampling and everything else"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-
-
-# ------------------------------------------------------------------------------------ sampling
-
-def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_l, idx = logits.sort(dim=-1, descending=True)
-        cum = sorted_l.softmax(-1).cumsum(-1)
-        drop = cum - sorted_l.softmax(-1) > top_p  # keep the smallest set whose mass reaches top_p
-        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
-    return logits
-
-
-@torch.no_grad()
-def sample_groups(model, prompts: list[list[int]], n: int, max_new_tokens: int, eos_id: int | None,
-                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                  pad_id: int = 0) -> list[list[int]]:
-    """n completions per prompt (prompt-major), each ending at (and including) eos.
-    The built-in sampler: latent KV cache, each prompt prefilled once and its cache rows shared by
-    its n samples (prefix sharing); a private generator makes the samples depend on seed only."""
-    was_training = model.training
-    model.eval()
-    dev = next(model.parameters()).device
-    lens = torch.tensor([len(p) for p in prompts], device=dev)
-    N, L = len(prompts), int(lens.max())
-    x = torch.full((N, L), pad_id, dtype=torch.long, device=dev)
-    for i, p in enumerate(prompts):
-        x[i, :len(p)] = torch.tensor(p, device=dev)
-    cache = model.make_cache(N, L + max_new_tokens)
-    # right padding is harmless: pad keys sit at positions a row's own decode steps overwrite first
-    logits = model(x, positions=torch.arange(L, device=dev).expand(N, L), cache=cache)
-    last = logits[torch.arange(N, device=dev), lens - 1].float().repeat_interleave(n, 0)
-    cache.layers = [tuple(b.repeat_interleave(n, 0) for b in layer) for layer in cache.layers]
-    pos = lens.repeat_interleave(n)
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    out = torch.full((N * n, max_new_tokens), pad_id, dtype=torch.long, device=dev)
-    done = torch.zeros(N * n, dtype=torch.bool, device=dev)
-    steps = 0
-    for t in range(max_new_tokens):
-        if temperature <= 0:
-            tok = last.argmax(-1)
-        else:
-            probs = _filter_logits(last / temperature, top_k, top_p).softmax(-1)
-            tok = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
-        out[:, t] = torch.where(done, torch.full_like(tok, pad_id), tok)
-        steps = t + 1
-        if eos_id is not None:
-            done |= tok == eos_id
-        if bool(done.all()) or t == max_new_tokens - 1:
-            break
-        last = model(out[:, t:t + 1], positions=pos.unsqueeze(1), cache=cache)[:, -1].float()
-        pos = pos + 1
-    model.train(was_training)
-    result = []
-    for row, fin in zip(out[:, :steps].tolist(), done.tolist()):
-        result.append(row[:row.index(eos_id) + 1] if fin else row)
-    return result
-
-
-def engine_rollout(model, prompts: list[list[int]], n: int, max_new_tokens: int, eos_id: int | None,
-                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                   pad_id: int = 0) -> list[list[int]]:
-    """`sample_groups` through nanoseek.infer.engine: continuous batching (finished sequences
-    leave the batch) and prefix sharing for n > 1; per-request seeds keep it reproducible."""
-    from nanoseek.infer.engine import Engine
-    from nanoseek.infer.sampling import SamplingParams
-    was_training = model.training
-    engine = Engine(model, max_batch=min(len(prompts) * n, 512), max_len=max(map(len, prompts)) + max_new_tokens)
-    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_new_tokens,
-                            stop_token_ids=[eos_id] if eos_id is not None else [], seed=seed, logprobs=False, n=n,
-                            ignore_eos=eos_id is None)
-    try:
-        outs = engine.generate(prompts, params)
-    finally:
-        model.train(was_training)  # the engine puts the model in eval mode
-    return [list(c.token_ids) for r in outs for c in r.outputs]
-
-
-def default_sampler() -> Callable:
-    try:
-        import nanoseek.infer.engine  # noqa: F401
-        return engine_rollout
-    except ImportError:  # a build without the engine: the built-in sampler does the same job
-        return sample_groups
 
 
 # ------------------------------------------------------------------------------------ one step
@@ -239,7 +153,7 @@ class GRPO:
         o = self.o
         args = (self.model, prompts, o.group_size, o.max_new_tokens, self.eos_id, o.temperature, o.top_k, o.top_p, seed,
                 self.tok.pad_id)
-        return (self.rollout_fn or default_sampler())(*args)
+        return (self.rollout_fn or engine_rollout)(*args)
 
     # -------------------------------------------------------------- the step
     def step(self, step: int) -> dict:
@@ -363,7 +277,7 @@ def evaluate(model, tok, o: Options, n: int | None = None) -> dict:
     prompts = [make_prompt(tok, s.prompt, o.mode) for s in samples]
     comps = []
     for i in range(0, len(prompts), 64):
-        comps += default_sampler()(model, prompts[i:i + 64], 1, o.max_new_tokens, tok.eos_id, temperature=0.0, pad_id=tok.pad_id)
+        comps += engine_rollout(model, prompts[i:i + 64], 1, o.max_new_tokens, tok.eos_id, temperature=0.0, pad_id=tok.pad_id)
     rs = compute_rewards(samples, [tok.decode(c) for c in comps], reward_config(o))
     return {"eval_accuracy": sum(r.accuracy > 0 for r in rs) / len(rs), "eval_format": sum(r.format for r in rs) / len(rs)}
 

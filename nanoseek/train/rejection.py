@@ -74,7 +74,8 @@ def rejection_sample(model_dir: str | Path, opts: Options | None = None, sampler
 
     from nanoseek.data.tasks import mix
     from nanoseek.tokenizer import load_tokenizer
-    from nanoseek.train.grpo import default_sampler, make_prompt
+    from nanoseek.train.grpo import make_prompt
+    from nanoseek.train.rollout import engine_rollout
     from nanoseek.train.pretrain import run_dir
     from nanoseek.train.trainer import resolve_device
 
@@ -89,8 +90,8 @@ def rejection_sample(model_dir: str | Path, opts: Options | None = None, sampler
         model = from_pretrained(model_dir).to(resolve_device(o.device)).eval()
 
         def sampler(prompts, k, seed):
-            return default_sampler()(model, prompts, k, o.max_new_tokens, tok.eos_id, o.temperature, 0, o.top_p, seed,
-                                 tok.pad_id)
+            return engine_rollout(model, prompts, k, o.max_new_tokens, tok.eos_id, o.temperature, 0, o.top_p, seed,
+                                  tok.pad_id)
     samples = mix(o.tasks, o.n_prompts, "train", o.difficulty or None, o.seed)
     records, n_prompts_kept, n_done = [], 0, 0
     for b in range(0, len(samples), o.batch_prompts):
