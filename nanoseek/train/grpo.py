@@ -26,7 +26,7 @@ import torch
 
 from nanoseek.model.moe import balance_losses, moe_layers, update_balancing_bias
 from nanoseek.train.grpo_loss import group_advantages, grpo_loss, normalizer, policy_logprobs
-from nanoseek.train.rollout import engine_rollout
+from nanoseek.train.rollout import engine_rollout, make_rollout
 
 POSITIONAL = (("model", "model directory (HF layout with tokenizer): the SFT model (r1) or a base model (r1-zero)"),)
 
@@ -47,6 +47,7 @@ class Options:
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of rollouts"})
     top_k: int = field(default=0, metadata={"help": "rollout top-k (0 = off)"})
     top_p: float = field(default=1.0, metadata={"help": "rollout nucleus top-p (1 = off)"})
+    rollout: str = field(default="engine", metadata={"help": "rollout backend: engine (built-in) or vllm (when installed)"})
     lr: float = field(default=2e-4, metadata={"help": "peak learning rate"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
     min_lr_ratio: float = field(default=1.0, metadata={"help": "final lr / peak (1 = constant, usual for RL)"})
@@ -341,7 +342,7 @@ def grpo(o: Options) -> Path:
     out = start_run(o, "grpo")
     tok = load_tokenizer(o.model)
     model = from_pretrained(o.model).to(resolve_device(o.device)).train()
-    run = GRPO(model, tok, o)  # the reference (if beta > 0) is the *initial* model, also on resume
+    run = GRPO(model, tok, o, rollout_fn=make_rollout(o.rollout))  # the reference (if beta > 0) is the *initial* model, also on resume
     start, resume_step = 0, None
     if o.resume and (ckpt := latest_checkpoint(out / "checkpoints")) is not None:
         state = load_checkpoint(ckpt, model, run.optimizer)

@@ -28,3 +28,13 @@ def engine_rollout(model, prompts: list[list[int]], n: int, max_new_tokens: int,
     finally:
         model.train(was_training)  # the engine puts the model in eval mode
     return [list(c.token_ids) for r in outs for c in r.outputs]
+
+
+BACKENDS = ("engine", "vllm")
+
+
+def make_rollout(name: str):
+    """The rollout function for `--rollout NAME`."""
+    if name == "engine":
+        return engine_rollout
+    raise SystemExit(f"error: --rollout must be one of {', '.join(BACKENDS)}, got {name!r}")
