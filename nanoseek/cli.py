@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     if "parallel" not in names and (int(os.environ.get("WORLD_SIZE", "1")) > 1
                                     or any(a.split("=")[0] in ("--parallel", "--ep") for a in argv[1:])):
         print(f"nanoseek {name} runs in one process: launch it without torchrun, --parallel and --ep "
-              "(pretrain, sft and distill run distributed)", file=sys.stderr)
+              "(pretrain, sft, distill and grpo run distributed)", file=sys.stderr)
         return 2
     opts = parse_command(name, module, argv[1:], desc)
     module.run(opts)

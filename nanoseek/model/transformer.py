@@ -109,6 +109,15 @@ class Transformer(nn.Module):
     def mtp_logits(self, k: int, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.mtp[k - 1].head_norm(h))
 
+    def logits_with_mtp(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids [B, T] -> logits [B, T, V] and depth-1 MTP logits [B, T-1, V] (for GRPO: MTP
+        learns the policy's own next-next token on a detached trunk, so it never pulls the policy)."""
+        h, kw = self.hidden_states(input_ids)
+        T = input_ids.shape[1] - 1
+        h1 = self.mtp_hidden(1, h[:, :T].detach(), input_ids[:, 1:], rotary=self.rotary, cos=kw["cos"][:, :T],
+                             sin=kw["sin"][:, :T], positions=kw["positions"][:, :T], mask=None, absorb=None)
+        return self.lm_head(h), self.mtp_logits(1, h1)
+
     # ------------------------------------------------------------------ training loss
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None = None,
              doc_ids: torch.Tensor | None = None, mtp_weight: float = 0.3) -> dict[str, torch.Tensor]:

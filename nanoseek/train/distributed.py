@@ -47,9 +47,11 @@ def join(opts, device: torch.device) -> tuple[int, int, torch.device]:
     if opts.parallel not in MODES:
         raise SystemExit(f"error: --parallel must be one of {', '.join(MODES)}, got {opts.parallel!r}")
     w = int(os.environ.get("WORLD_SIZE", "1"))  # checked before joining: a bad option fails at once
-    if opts.batch_size % w:
-        raise SystemExit(f"error: --batch-size {opts.batch_size} (the global batch) is not divisible by the world "
-                         f"size {w}: every rank trains on an equal slice of it")
+    for name in ("batch_size", "prompts_per_step"):  # the global batch of a trainer stage / of GRPO
+        if getattr(opts, name, 0) % w:
+            flag = "--" + name.replace("_", "-")
+            raise SystemExit(f"error: {flag} {getattr(opts, name)} (the global batch) is not divisible by the world "
+                             f"size {w}: every rank trains on an equal slice of it")
     if w % opts.ep:
         raise SystemExit(f"error: --ep {opts.ep} must divide the world size {w} "
                          f"(launch with torchrun --nproc_per_node <a multiple of {opts.ep}>)")
@@ -139,3 +141,12 @@ def save_pretrained(model: torch.nn.Module, path: str | Path, tokenizer=None) ->
         plain.to_empty(device="cpu").load_state_dict(sd)
         plain.save_pretrained(path, tokenizer=tokenizer)
     barrier()
+
+
+def gather_lists(items: list) -> list:
+    """Every rank's list of small picklable items, concatenated in rank order (rewards, completions)."""
+    if world() == 1:
+        return items
+    parts = [None] * world()
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]

@@ -25,6 +25,8 @@ from typing import Callable
 import torch
 
 from nanoseek.model.moe import balance_losses, moe_layers, update_balancing_bias
+from nanoseek.parallel.parallelize import all_reduce_sum
+from nanoseek.train import distributed
 from nanoseek.train.grpo_loss import group_advantages, grpo_loss, normalizer, policy_logprobs
 from nanoseek.train.rollout import engine_rollout, make_rollout
 
@@ -75,6 +77,10 @@ class Options:
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --out"})
     seed: int = field(default=0, metadata={"help": "seed of prompts, sampling and everything else"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    parallel: str = field(default="none", metadata={
+        "help": "none | ddp | fsdp: under torchrun every rank rolls out its share of the prompts and the "
+                "update is data parallel (under torchrun, none means ddp)"})
+    ep: int = field(default=1, metadata={"help": "expert-parallel degree of the update (divides the world size)"})
 
 
 # ------------------------------------------------------------------------------------ one step
@@ -101,9 +107,14 @@ class GRPO:
     the logged row; a benchmark can time exactly that."""
 
     def __init__(self, model, tok, o: Options, reward_fn: Callable | None = None, eos_id: int | None = -1,
-                 rollout_fn: Callable | None = None):
+                 rollout_fn: Callable | None = None, plain: torch.nn.Module | None = None):
+        """plain: when `model` is wrapped for data parallelism (under torchrun), an unwrapped copy of
+        it. The ranks generate different lengths, so rollouts (and the frozen reference) run on
+        plain copies, free of collectives; the policy's weights are gathered into it before each rollout."""
         from nanoseek.train.trainer import lr_factor, make_optimizer
         self.model, self.tok, self.o = model, tok, o
+        self.rank, self.world = distributed.rank(), distributed.world()
+        self.rollout_model = plain if plain is not None else model
         self.dev = next(model.parameters()).device
         self.eos_id = tok.eos_id if eos_id == -1 else eos_id  # None: never stop (benchmarks)
         self.reward_cfg = reward_config(o)
@@ -112,7 +123,7 @@ class GRPO:
         # beta = 0: no reference model at all (no memory, no forward)
         self.ref = None
         if o.beta > 0:
-            self.ref = copy.deepcopy(model).eval()
+            self.ref = copy.deepcopy(self.rollout_model).eval()
             self.ref.requires_grad_(False)
         self.optimizer = make_optimizer(model, o.lr, o.weight_decay, (0.9, 0.99))
         # the lr is a function of the step, set at the start of each one: nothing to checkpoint
@@ -152,9 +163,15 @@ class GRPO:
 
     def rollout(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
         o = self.o
-        args = (self.model, prompts, o.group_size, o.max_new_tokens, self.eos_id, o.temperature, o.top_k, o.top_p, seed,
+        args = (self.rollout_model, prompts, o.group_size, o.max_new_tokens, self.eos_id, o.temperature, o.top_k, o.top_p, seed,
                 self.tok.pad_id)
         return (self.rollout_fn or engine_rollout)(*args)
+
+    def sync_rollout_model(self) -> None:
+        """Gather the policy's current weights into the plain rollout copy (collective)."""
+        if self.rollout_model is not self.model:
+            from nanoseek.parallel.parallelize import full_state_dict
+            self.rollout_model.load_state_dict(full_state_dict(self.model))
 
     # -------------------------------------------------------------- the step
     def step(self, step: int) -> dict:
@@ -163,6 +180,9 @@ class GRPO:
         for g in self.optimizer.param_groups:
             g["lr"] = self.lr_at(step)
         samples = self.prompts_at(step)
+        per = len(samples) // self.world
+        samples = samples[self.rank * per:(self.rank + 1) * per]  # this rank's prompts; same seeds as one process
+        self.sync_rollout_model()
         prompts = [self.encode_prompt(s) for s in samples]
         comps = self.rollout(prompts, seed=o.seed * 1_000_003 + step)
         t_roll = time.perf_counter() - t0
@@ -172,16 +192,20 @@ class GRPO:
         rewards = self.reward_fn(group_samples, texts, [len(c) for c in comps])
         r = torch.tensor([x.total for x in rewards])
         adv, zero_var = group_advantages(r, G, o.scale_rewards)
-        row = {"step": step + 1, **self._reward_stats(rewards, r, comps, zero_var), "lr": self.optimizer.param_groups[0]["lr"]}
+        # logged over the global batch: every rank's rewards and completions
+        all_rewards, all_comps = distributed.gather_lists(rewards), distributed.gather_lists(comps)
+        all_r = torch.tensor([x.total for x in all_rewards])
+        row = {"step": step + 1, **self._reward_stats(all_rewards, all_r, all_comps, group_advantages(all_r, G, o.scale_rewards)[1]),
+               "lr": self.optimizer.param_groups[0]["lr"]}
         keep = [i for i in range(len(comps)) if not (o.filter_zero_var and zero_var[i // G])]
         row["trained_seqs"] = len(keep)
         t1 = time.perf_counter()
         if keep:
             row.update(self.update([prompts[i // G] for i in keep], [comps[i] for i in keep], adv[keep]))
         t_train = time.perf_counter() - t1
-        n_roll = sum(map(len, comps))
+        n_roll = sum(map(len, all_comps))
         row.update(rollout_tokens_per_s=n_roll / max(t_roll, 1e-9), time_rollout=t_roll, time_train=t_train,
-                   train_tokens_per_s=row.pop("_train_tokens", 0) * o.mu / max(t_train, 1e-9), skipped=self.skipped)
+                   train_tokens_per_s=row.pop("_train_tokens", 0) * self.world * o.mu / max(t_train, 1e-9), skipped=self.skipped)
         return row
 
     def _reward_stats(self, rewards, r, comps, zero_var) -> dict:
@@ -223,6 +247,12 @@ class GRPO:
         old_logp = self._frozen_logprobs(model, ids, mask) if o.mu > 1 else None
         norm = normalizer(mask, o.loss_agg, o.max_new_tokens)
         n_tok = mask.sum().clamp_min(1.0)
+        W = self.world
+        if W > 1:
+            # normalize by the global batch and scale by W: the wrappers average the ranks' gradients,
+            # so the update equals one process's on all the rollouts
+            n_tok = all_reduce_sum(mask.sum()).clamp_min(1.0)
+            norm = n_tok if o.loss_agg == "token" else norm * W
         model.train()
         sums = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0, "mtp_loss": 0.0}
         grad_norm = 0.0
@@ -237,23 +267,27 @@ class GRPO:
                                      ref_logp[sl] if ref_logp is not None else None, o.beta, o.eps_low, o.eps_high)
                 if mtp is not None:
                     loss = loss + o.mtp_weight * mtp * (mask[sl].sum() / n_tok)
-                bal = balance_losses(model)
-                if bal is not None:
-                    loss = loss + bal * (len(ids[sl]) / len(ids))
-                if not torch.isfinite(loss):
+                bal = balance_losses(model)  # a per-rank mean: the wrappers' average makes it the global one
+                bal = bal * (len(ids[sl]) / len(ids)) if bal is not None else loss.new_zeros(())
+                if W > 1:  # every rank must take the same branch (a backward is collective)
+                    if all_reduce_sum(torch.isfinite(loss + bal).float().reshape(1)).item() < W:
+                        loss = loss.new_tensor(float("nan"))
+                if not torch.isfinite(loss + bal):
                     if o.nan_policy == "error":
-                        raise FloatingPointError(f"GRPO loss is {loss.item()} at micro-batch {i // o.micro_batch}; "
+                        raise FloatingPointError(f"GRPO loss is {(loss + bal).item()} at micro-batch {i // o.micro_batch}; "
                                                  "lower --lr, check rewards for NaN, or use --nan-policy skip")
                     finite = False
                     break
-                loss.backward()
-                sums["loss"] += loss.item() / o.mu
+                (loss * W + bal).backward()
+                sums["loss"] += (loss.item() + bal.item() / W) / o.mu  # summed over the ranks below
                 for k in ("kl", "clipped"):
                     sums[k] += st[k].item() / n_tok.item() / o.mu
                 sums["entropy"] += (ent * mask[sl]).sum().item() / n_tok.item() / o.mu
                 sums["mtp_loss"] += (mtp.item() * mask[sl].sum().item() / n_tok.item() / o.mu) if mtp is not None else 0.0
             params = [p for p in model.parameters() if p.grad is not None]
             gn = torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else float("inf")) if params else torch.zeros(())
+            if hasattr(gn, "full_tensor"):  # DTensor parameters: the norm is one too
+                gn = gn.full_tensor()
             if not finite or not torch.isfinite(gn):
                 self.skipped += 1  # a NaN step must not reach the weights or Adam's moments
                 self.optimizer.zero_grad(set_to_none=True)
@@ -263,7 +297,10 @@ class GRPO:
             grad_norm = gn.item()
             self.optimizer.step()
             if self.has_moe:  # the routing bias keeps balancing during RL
-                update_balancing_bias(model, o.bias_gamma)
+                update_balancing_bias(model, o.bias_gamma, all_reduce_sum)
+        if W > 1:  # every rank holds its share of the global sums
+            sums, _ = distributed.reduce_row(sums, 0, self.dev)
+            sums = {k: v * W for k, v in sums.items()}
         sums["clip_frac"] = sums.pop("clipped")
         return {**sums, "grad_norm": grad_norm, "_train_tokens": ids.numel()}
 
@@ -326,9 +363,9 @@ def grpo(o: Options) -> Path:
     """Run GRPO from o.model; returns the final model directory (HF layout, with tokenizer)."""
     from nanoseek.model.hf import from_pretrained
     from nanoseek.tokenizer import load_tokenizer
-    from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_sharded_checkpoint
     from nanoseek.train.pretrain import start_run
-    from nanoseek.train.trainer import MetricsLog, resolve_device
+    from nanoseek.train.trainer import MetricsLog, NoLog, resolve_device
 
     if not o.model:
         raise SystemExit("grpo: MODEL is required (the cold-start SFT model for r1, a pretrained base for r1-zero)")
@@ -338,26 +375,39 @@ def grpo(o: Options) -> Path:
             raise SystemExit(f"grpo: --{name.replace('_', '-')} must be one of {', '.join(ok)}, got {getattr(o, name)!r}")
     if o.group_size < 2:
         raise SystemExit("grpo: --group-size must be >= 2 (advantages are relative to the group)")
+    sharded = distributed.wanted(o)
+    if sharded and o.filter_zero_var:
+        raise SystemExit("grpo: --filter-zero-var is single-process only: under torchrun every rank must train "
+                         "equally many sequences (their advantages are 0 anyway)")
     t_start = time.time()
     out = start_run(o, "grpo")
+    device = distributed.join(o, resolve_device(o.device))[2] if sharded else resolve_device(o.device)
     tok = load_tokenizer(o.model)
-    model = from_pretrained(o.model).to(resolve_device(o.device)).train()
-    run = GRPO(model, tok, o, rollout_fn=make_rollout(o.rollout))  # the reference (if beta > 0) is the *initial* model, also on resume
+    model = from_pretrained(o.model).to(device).train()
+    plain = None
+    if sharded:  # rollouts and the reference run on an unwrapped copy; the policy is wrapped for the update
+        plain = copy.deepcopy(model)
+        model = distributed.wrap(model, o, distributed.world())
+    # the reference (if beta > 0) is the *initial* model, also on resume
+    run = GRPO(model, tok, o, rollout_fn=make_rollout(o.rollout), plain=plain)
     start, resume_step = 0, None
     if o.resume and (ckpt := latest_checkpoint(out / "checkpoints")) is not None:
         state = load_checkpoint(ckpt, model, run.optimizer)
         start = resume_step = state["step"]
         run.skipped = state["extra"].get("skipped", 0)
         print(f"grpo: resumed from {ckpt} (step {start})")
-    log = MetricsLog(out / "metrics.jsonl", resume_step, tensorboard=False)
+    log = MetricsLog(out / "metrics.jsonl", resume_step, tensorboard=False) if distributed.is_main() else NoLog()
     print(f"grpo ({o.mode}): {o.steps} steps x {o.prompts_per_step} prompts x G={o.group_size}, tasks {','.join(o.tasks)}, "
-          f"run folder {out}")
+          f"{run.world} rank(s), run folder {out}")
 
     def eval_row(step):
         if o.eval_n > 0:
-            ev = evaluate(model, tok, o)
-            log.log({"step": step, **ev})
-            print(f"step {step}: held-out accuracy {ev['eval_accuracy']:.1%}, format {ev['eval_format']:.1%}", flush=True)
+            run.sync_rollout_model()
+            if distributed.is_main():  # rank 0 alone: greedy decoding of eval_n prompts is short
+                ev = evaluate(run.rollout_model, tok, o)
+                log.log({"step": step, **ev})
+                print(f"step {step}: held-out accuracy {ev['eval_accuracy']:.1%}, format {ev['eval_format']:.1%}", flush=True)
+            distributed.barrier()
 
     if start == 0:
         eval_row(0)
@@ -373,14 +423,14 @@ def grpo(o: Options) -> Path:
         if o.eval_every and (s + 1) % o.eval_every == 0 and s + 1 < o.steps:
             eval_row(s + 1)
         if (o.save_every and (s + 1) % o.save_every == 0) or s + 1 == o.steps:
-            save_checkpoint(out / "checkpoints", s + 1, model, run.optimizer, None, {"step": s + 1},
+            (save_sharded_checkpoint if sharded else save_checkpoint)(out / "checkpoints", s + 1, model, run.optimizer, None, {"step": s + 1},
                             {"skipped": run.skipped}, keep_last=o.keep_last)
     if start < o.steps:
         eval_row(o.steps)
     log.close()
     final = out / "final"
-    model.save_pretrained(final, tokenizer=tok)
-    plots = plot_run(out)
+    distributed.save_pretrained(model, final, tokenizer=tok)
+    plots = plot_run(out) if distributed.is_main() else []
     print(f"grpo done in {time.time() - t_start:.0f}s: model {final}, metrics {out / 'metrics.jsonl'}, "
           f"{len(plots)} plots in {out / 'plots'}, {run.skipped} skipped steps")
     return final

@@ -109,14 +109,8 @@ def policy_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, temperature: f
     inp, tgt = ids[:, :-1], ids[:, 1:]
     mtp_loss = None
     if mtp_weight and len(getattr(model, "mtp", ())) and inp.shape[1] > 1:
-        h, kw = model.hidden_states(inp)
-        logits = model.lm_head(h)
-        T = inp.shape[1] - 1
-        # MTP learns the policy's own next-next token; the trunk is detached so this does not
-        # pull the policy itself (its only objective stays the GRPO one)
-        h1 = model.mtp_hidden(1, h[:, :T].detach(), inp[:, 1:], rotary=model.rotary, cos=kw["cos"][:, :T],
-                              sin=kw["sin"][:, :T], positions=kw["positions"][:, :T], mask=None, absorb=None)
-        ce = F.cross_entropy(model.mtp_logits(1, h1).float().flatten(0, 1), tgt[:, 1:].flatten(), reduction="none")
+        logits, mtp_logits = model.logits_with_mtp(inp)
+        ce = F.cross_entropy(mtp_logits.float().flatten(0, 1), tgt[:, 1:].flatten(), reduction="none")
         m = mask[:, 1:].reshape(-1)
         mtp_loss = (ce * m).sum() / m.sum().clamp_min(1.0)
     else:

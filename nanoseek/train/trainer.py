@@ -197,7 +197,7 @@ class Trainer:
                 self.step, resume_step = state["step"], state["step"]
                 self.tokens, self.elapsed = state["extra"].get("tokens", 0), state["extra"].get("elapsed", 0.0)
                 print(f"resumed from {ckpt} (step {self.step})")
-        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", resume_step) if self.rank == 0 else _NoLog()
+        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", resume_step) if self.rank == 0 else NoLog()
         self.has_moe = bool(moe_layers(self.model))
 
     # ------------------------------------------------------------------ schedules
@@ -281,7 +281,7 @@ class Trainer:
         distributed.save_pretrained(self.model, path, tokenizer)
 
 
-class _NoLog:
+class NoLog:
     """Ranks > 0 log nothing (rank 0 logs the all-reduced row)."""
 
     def log(self, row: dict) -> None:
