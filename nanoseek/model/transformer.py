@@ -174,11 +174,11 @@ class Transformer(nn.Module):
         return total
 
     def make_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None, mtp: bool = False) -> KVCache:
-        """Latent cache (c_kv, k_pe) per layer; `mtp` adds the MTP blocks' layers (ids n .. n+D-1)."""
+        """Latent cache [c_kv | k_pe] per layer; `mtp` adds the MTP blocks' layers (ids n .. n+D-1)."""
         cfg = self.config
         p = next(self.parameters())
         layers = cfg.num_hidden_layers + (len(self.mtp) if mtp else 0)
-        return KVCache(layers, batch, max_len, ((cfg.kv_lora_rank,), (cfg.qk_rope_head_dim,)), dtype or p.dtype, p.device)
+        return KVCache(layers, batch, max_len, ((cfg.kv_lora_rank + cfg.qk_rope_head_dim,),), dtype or p.dtype, p.device)
 
     def save_pretrained(self, path, **kw) -> None:
         from nanoseek.model.hf import save_pretrained
