@@ -84,13 +84,16 @@ class Experts(nn.Module):
             return torch.cat([self._ffn(e, h) for e, h in enumerate(xs.split(counts.tolist())) if h.shape[0]])
 
     def _padded_ffn(self, xs: torch.Tensor, counts: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
-        """All experts in three batched matmuls over zero-padded blocks [E, max count, D].
-        For few tokens per expert (decoding) the padding costs less than E small matmul calls."""
+        """All experts in three batched matmuls over zero-padded blocks of up to max-count tokens.
+        For few tokens per expert (decoding) the padding costs less than E small matmul calls.
+        Tokens are the blocks' columns (W [out, in] @ X^T): the weights' stored layout, which CPU
+        batched matmul runs ~2x faster than with transposed weights."""
         E, cap = counts.shape[0], int(counts.max())
-        slot = torch.arange(len(xs), device=xs.device) - (counts.cumsum(0) - counts)[expert]  # row in its block
-        xp = xs.new_zeros(E, cap, xs.shape[-1]).index_put((expert, slot), xs)
-        h = F.silu(torch.bmm(xp, self.gate_proj.transpose(1, 2))) * torch.bmm(xp, self.up_proj.transpose(1, 2))
-        return torch.bmm(h, self.down_proj.transpose(1, 2))[expert, slot]
+        slot = torch.arange(len(xs), device=xs.device) - (counts.cumsum(0) - counts)[expert]  # column in its block
+        xt = xs.new_zeros(E, xs.shape[-1], cap)
+        xt[expert, :, slot] = xs                                          # [E, D, cap]
+        h = F.silu(torch.bmm(self.gate_proj, xt)) * torch.bmm(self.up_proj, xt)  # [E, I, cap]
+        return torch.bmm(self.down_proj, h)[expert, :, slot]             # [N*k, D]
 
     def _ffn(self, e: int, h: torch.Tensor) -> torch.Tensor:
         return (F.silu(h @ self.gate_proj[e].t()) * (h @ self.up_proj[e].t())) @ self.down_proj[e].t()
