@@ -228,3 +228,32 @@ def test_padded_experts_match_the_per_expert_loop(seed, n, k):
     gb = torch.autograd.grad((loop * w).sum(), [x, *ex.parameters()])
     for a, b in zip(ga, gb):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_transposed_weight_cache_is_used_and_never_stale():
+    """The engine's [in, out] weight copies give the same logits, and a weight update (optimizer
+    step, load_state_dict) makes the layers drop back to the live weights."""
+    from nanoseek.model.linear import cache_transposed
+    m = Transformer(ModelConfig(**SMALL))
+    ids = torch.randint(0, 97, (3, 7))
+    with torch.no_grad():
+        plain = m(ids)
+        cache_transposed(m)
+        assert torch.allclose(m(ids), plain, atol=1e-5)
+        m.lm_head.__dict__["_transposed"][0].zero_()        # proves the copy is what runs
+        assert m(ids).abs().max() == 0
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    m.loss(ids, ids)["loss"].backward()
+    opt.step()
+    with torch.no_grad():
+        live = m(ids)
+    assert not torch.allclose(live, plain) and live.abs().max() > 0
+    cache_transposed(m)
+    fresh = Transformer(ModelConfig(**SMALL))
+    fresh.load_state_dict(m.state_dict())
+    m.load_state_dict(Transformer(ModelConfig(**SMALL)).state_dict())  # a load replaces the weights in place
+    with torch.no_grad():
+        assert torch.allclose(fresh(ids), live, atol=1e-5)
+        other = Transformer(ModelConfig(**SMALL))
+        other.load_state_dict(m.state_dict())
+        assert torch.allclose(m(ids), other(ids), atol=1e-5)

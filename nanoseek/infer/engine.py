@@ -21,6 +21,7 @@ import torch
 
 from nanoseek.infer.sampling import SamplingParams, apply_repetition_penalty, sample
 from nanoseek.infer.speculative import mtp_forward, speculative_step
+from nanoseek.model.linear import cache_transposed
 
 
 @dataclass
@@ -90,6 +91,8 @@ class Engine:
         # the cache then also holds the MTP block's latent (layer num_hidden_layers)
         self.speculative = bool(speculative and len(getattr(model, "mtp", ())))
         self.cache = model.make_cache(max_batch, self.max_len, dtype=dtype, mtp=self.speculative)
+        if self.device.type == "cpu":  # decode-sized matmuls run faster on [in, out] weights (model/linear.py)
+            cache_transposed(model)
         self._layers = model.config.num_hidden_layers
         self.active: list[_Seq] = []                   # row i of the cache <-> active[i]
         self.waiting: deque[tuple[RequestOutput, SamplingParams]] = deque()

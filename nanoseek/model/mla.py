@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.linear import Linear
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import RotaryEmbedding
 
@@ -33,15 +34,15 @@ class MLA(nn.Module):
         self.q_lora_rank = cfg.q_lora_rank
         qk_dim = self.n_heads * cfg.qk_head_dim
         if cfg.q_lora_rank is None:
-            self.q_proj = nn.Linear(cfg.hidden_size, qk_dim, bias=False)
+            self.q_proj = Linear(cfg.hidden_size, qk_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, qk_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, cfg.kv_lora_rank + self.rope, bias=cfg.attention_bias)
+            self.q_b_proj = Linear(cfg.q_lora_rank, qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, cfg.kv_lora_rank + self.rope, bias=cfg.attention_bias)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=cfg.attention_bias)
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = Linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=cfg.attention_bias)
         self.scale = cfg.softmax_scale()
 
     def _queries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
