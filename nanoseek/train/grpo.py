@@ -376,6 +376,9 @@ def grpo(o: Options) -> Path:
     if o.group_size < 2:
         raise SystemExit("grpo: --group-size must be >= 2 (advantages are relative to the group)")
     sharded = distributed.wanted(o)
+    if sharded and o.rollout != "engine":
+        raise SystemExit("grpo: under torchrun the rollouts use the built-in engine (--rollout engine); "
+                         "--rollout vllm is single-process for now")
     if sharded and o.filter_zero_var:
         raise SystemExit("grpo: --filter-zero-var is single-process only: under torchrun every rank must train "
                          "equally many sequences (their advantages are 0 anyway)")
