@@ -53,8 +53,8 @@ class Options:
     batch_size: int = field(default=8, metadata={"help": "sequences per step in pretraining, SFT and distillation "
                                                          "(the global batch when --nproc > 1)"})
     nproc: int = field(default=1, metadata={
-        "help": "processes (GPUs) for the training stages, launched with torchrun + FSDP; GRPO, sampling and "
-                "evaluation run in this process"})
+        "help": "processes (GPUs) for the training and GRPO stages, launched with torchrun + FSDP (GRPO's 8 "
+                "prompts per step must divide among them); sampling and evaluation run in this process"})
     price_per_hour: float = field(default=0.10, metadata={"help": "$ per machine-hour for the cost column"})
 
 
@@ -151,8 +151,8 @@ def speedrun(o: Options) -> Path:
     # On the SFT model a gentle update pays: at this scale lr 2e-4 / temperature 1.0 (R1-Zero's) lowered
     # held-out accuracy; 5e-5 / 0.8 raised it (the README's speedrun section has the runs).
     r1_kw = dict(grpo_kw, lr=o.grpo_lr, temperature=o.grpo_temperature)
-    rl = run.run("grpo", lambda d: {"model": str(G.grpo(G.Options(model=sft1["model"], mode="r1", out=str(d),
-                                                                 **r1_kw)))})
+    rl = run.run("grpo", lambda d: train("grpo", G.grpo, G.Options(model=sft1["model"], mode="r1", out=str(d), **r1_kw),
+                                         o.nproc))
     rej = run.run("rejection", lambda d: {"data": str(R.rejection_sample(
         rl["model"], out=str(d), tasks=o.tasks, difficulty=o.difficulty, n_prompts=o.rejection_prompts,
         max_new_tokens=o.max_new_tokens, seed=o.seed))})
@@ -166,8 +166,8 @@ def speedrun(o: Options) -> Path:
             steps=o.distill_steps, student_preset=("small" if small else "tiny"), **tcommon), o.nproc,
             final=d / m / "final"))
     if o.r1_zero:
-        run.run("r1-zero", lambda d: {"model": str(G.grpo(G.Options(model=base, mode="r1-zero", out=str(d),
-                                                                   **{**grpo_kw, "steps": o.r1_zero_steps})))})
+        run.run("r1-zero", lambda d: train("grpo", G.grpo, G.Options(model=base, mode="r1-zero", out=str(d),
+                                                                    **{**grpo_kw, "steps": o.r1_zero_steps}), o.nproc))
     budget = dist["sft"]["wall_s"]
     run.run("student-grpo", lambda d: student_grpo_baseline(d, base, o, budget, grpo_kw))
     ev = run.run("eval", lambda d: evaluate_all(d, run, o))
