@@ -82,5 +82,16 @@ def test_model_directory_as_positional_or_flag():
     assert parse_command("sft", sft, ["runs/a/final", "--steps", "3"]).model == "runs/a/final"
     assert parse_command("sft", sft, ["--model", "runs/a/final"]).model == "runs/a/final"
     assert parse_command("grpo", grpo, ["runs/b/final"]).model == "runs/b/final"
-    with pytest.raises(SystemExit):  # grpo's model is required and has no --model flag
-        parse_command("grpo", grpo, ["--model", "x"])
+    assert parse_command("grpo", grpo, ["--model", "runs/b/final"]).model == "runs/b/final"
+    from nanoseek import eval as ev
+    with pytest.raises(SystemExit):  # eval's model is a required positional without a --model flag
+        parse_command("eval", ev, ["--model", "x"])
+
+
+def test_grpo_options_round_trip_through_a_config_file(tmp_path):
+    """The speedrun launches GRPO under torchrun as `nanoseek grpo --config launch.yaml`."""
+    from nanoseek.cli import parse_command, save_options
+    from nanoseek.train import grpo
+    o = grpo.Options(model="runs/sft/final", steps=3, tasks=["add", "sub"], lr=5e-5, parallel="fsdp")
+    back = parse_command("grpo", grpo, ["--config", str(save_options(o, tmp_path / "launch.yaml"))])
+    assert back == o

@@ -30,7 +30,8 @@ from nanoseek.train import distributed
 from nanoseek.train.grpo_loss import group_advantages, grpo_loss, normalizer, policy_logprobs
 from nanoseek.train.rollout import engine_rollout, make_rollout
 
-POSITIONAL = (("model", "model directory (HF layout with tokenizer): the SFT model (r1) or a base model (r1-zero)"),)
+POSITIONAL = (("model", "model directory (HF layout with tokenizer): the SFT model (r1) or a base model (r1-zero); "
+                          "or --model", True),)
 
 
 @dataclass
