@@ -26,8 +26,9 @@ def run(preset: str = "tiny", batch: int = 8, seq: int = 256, reps: int = 5, dev
     cuda = device.startswith("cuda")
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    opt_a = torch.optim.AdamW(ours.parameters(), lr=1e-4)
-    opt_b = torch.optim.AdamW(hf.parameters(), lr=1e-4)
+    # fused AdamW on both sides: nanoseek's trainer uses it, and so does HF's Trainer by default (adamw_torch_fused)
+    opt_a = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)
+    opt_b = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=True)
 
     def step_ours():
         with amp:

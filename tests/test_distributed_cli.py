@@ -119,10 +119,14 @@ def test_options_that_cannot_run_distributed_fail_early(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(SystemExit, match="--ep 2 must divide the world size 1"):
         distributed.join(Options(ep=2), torch.device("cpu"))
-    assert main(["grpo", "m", "--parallel", "fsdp"]) == 2
+    assert main(["eval", "m", "--parallel", "fsdp"]) == 2
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["grpo", "m"]) == 2
-    assert capsys.readouterr().err.count("nanoseek grpo runs in one process") == 2
+    assert main(["eval", "m"]) == 2
+    assert capsys.readouterr().err.count("nanoseek eval runs in one process") == 2
+    from nanoseek.train.grpo import Options as GRPOOptions
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit, match=r"--prompts-per-step 8 .* world size 3"):
+        distributed.join(GRPOOptions(prompts_per_step=8), torch.device("cpu"))
 
 
 @pytest.mark.distributed
