@@ -82,7 +82,7 @@ class Experts(nn.Module):
             return mm(F.silu(mm(xs, self.gate_proj)) * mm(xs, self.up_proj), self.down_proj)
         except (RuntimeError, AttributeError, TypeError):  # unsupported GPU/dtype: loop from now on
             _GROUPED_MM["ok"] = False
-            return torch.cat([self._ffn(e, h) for e, h in enumerate(xs.split(counts.tolist())) if h.shape[0]])
+            return self._looped_ffn(xs, counts)
 
     def _padded_ffn(self, xs: torch.Tensor, counts: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
         """All experts in three batched matmuls over zero-padded blocks of up to max-count tokens.
@@ -96,8 +96,13 @@ class Experts(nn.Module):
         h = F.silu(torch.bmm(self.gate_proj, xt)) * torch.bmm(self.up_proj, xt)  # [E, I, cap]
         return torch.bmm(self.down_proj, h)[expert, :, slot]             # [N*k, D]
 
-    def _ffn(self, e: int, h: torch.Tensor) -> torch.Tensor:
-        return (F.silu(h @ self.gate_proj[e].t()) * (h @ self.up_proj[e].t())) @ self.down_proj[e].t()
+    def _looped_ffn(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """One matmul per expert over its contiguous block (on CPU faster than torch._grouped_mm).
+        split/unbind/cat rather than indexing: their backward is one stack/cat, where E separate
+        `weight[e]` would each allocate and add a full-size zero gradient (measured 1.7x slower)."""
+        ws = zip(self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0))
+        return torch.cat([(F.silu(h @ g.t()) * (h @ u.t())) @ d.t()
+                          for h, (g, u, d) in zip(xs.split(counts.tolist()), ws) if h.shape[0]])
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D], idx/weights [N, k] -> y [N, D], tokens per expert [E]."""
@@ -105,15 +110,13 @@ class Experts(nn.Module):
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)                                 # token slots sorted by expert
         counts = torch.bincount(flat, minlength=self.gate_proj.shape[0])
-        xs = x[order // k]                                                # [N*k, D], grouped by expert
+        xs = x.index_select(0, order // k)  # [N*k, D], grouped by expert (backward: index_add, 4x faster than x[...]'s)
         if xs.is_cuda and _GROUPED_MM["ok"]:
             ys = self._grouped_ffn(xs, counts)
         elif 1 < N and N * k <= 64 * len(counts):  # <= 64 rows per expert on average: measured faster on CPU
             ys = self._padded_ffn(xs, counts, flat[order])
         else:
-            # One matmul per expert over its contiguous block (on CPU faster than torch._grouped_mm).
-            # split/cat rather than slice-assign: their backward is one cat/split, not E full-size copies.
-            ys = torch.cat([self._ffn(e, h) for e, h in enumerate(xs.split(counts.tolist())) if h.shape[0]])
+            ys = self._looped_ffn(xs, counts)
         ys = ys * weights.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
         y = torch.zeros_like(x).index_add_(0, order // k, ys)
         return y, counts

@@ -106,7 +106,7 @@ class ExpertParallelExperts(nn.Module):
         send_splits = counts.view(W, El).sum(1).tolist()
         recv_splits = recv.sum(1).tolist()
 
-        xr = all_to_all(x[order // k], recv_splits, send_splits, self.group)     # [M, D], by (src, expert)
+        xr = all_to_all(x.index_select(0, order // k), recv_splits, send_splits, self.group)     # [M, D], by (src, expert)
         # Regroup the received rows by local expert, run each expert once over its block.
         local_eid = torch.arange(El, device=x.device).repeat(W).repeat_interleave(recv.reshape(-1))
         perm = local_eid.argsort(stable=True)
@@ -116,8 +116,9 @@ class ExpertParallelExperts(nn.Module):
         # master weights sit outside FSDP's casting; the cast's backward returns fp32 grads.
         w_gate, w_up, w_down = (_ScaleGrad.apply(p.to_local(), scale).to(x.dtype)
                                 for p in (self.gate_proj, self.up_proj, self.down_proj))
-        outs = [(F.silu(h @ w_gate[e].t()) * (h @ w_up[e].t())) @ w_down[e].t()
-                for e, h in enumerate(xr[perm].split(per_expert)) if h.shape[0]]
+        outs = [(F.silu(h @ g.t()) * (h @ u.t())) @ d.t()  # unbind, not w[e]: see Experts._looped_ffn
+                for h, g, u, d in zip(xr.index_select(0, perm).split(per_expert), w_gate.unbind(0), w_up.unbind(0),
+                                      w_down.unbind(0)) if h.shape[0]]
         # An expert-less rank still joins the graph (zero rows) so every rank runs the same backward.
         yr = torch.cat(outs) if outs else xr[:0] + 0 * (w_gate.sum() + w_up.sum() + w_down.sum())
         yr = yr[perm.argsort()]                                           # back to (src, expert) order
