@@ -113,7 +113,9 @@ class Experts(nn.Module):
         xs = x.index_select(0, order // k)  # [N*k, D], grouped by expert (backward: index_add, 4x faster than x[...]'s)
         if xs.is_cuda and _GROUPED_MM["ok"]:
             ys = self._grouped_ffn(xs, counts)
-        elif 1 < N and N * k <= 64 * len(counts):  # <= 64 rows per expert on average: measured faster on CPU
+        elif 1 < N and N * k <= 64 * len(counts) and not torch.is_grad_enabled():
+            # decoding: <= 64 rows per expert on average, measured faster on CPU (training keeps the
+            # loop: no FLOPs spent on padding, and its batches are larger)
             ys = self._padded_ffn(xs, counts, flat[order])
         else:
             ys = self._looped_ffn(xs, counts)
