@@ -230,30 +230,40 @@ def test_padded_experts_match_the_per_expert_loop(seed, n, k):
         assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_transposed_weight_cache_is_used_and_never_stale():
-    """The engine's [in, out] weight copies give the same logits, and a weight update (optimizer
-    step, load_state_dict) makes the layers drop back to the live weights."""
-    from nanoseek.model.linear import cache_transposed
+def test_transposed_weight_copies_are_used_only_in_the_engine_scope():
+    """The engine's [in, out] weight copies give the same logits inside its scope and are ignored
+    everywhere else, so no forward outside the engine can see a stale copy."""
+    from nanoseek.model.linear import cache_transposed, transposed_weights
     m = Transformer(ModelConfig(**SMALL))
     ids = torch.randint(0, 97, (3, 7))
     with torch.no_grad():
         plain = m(ids)
         cache_transposed(m)
-        assert torch.allclose(m(ids), plain, atol=1e-5)
-        m.lm_head.__dict__["_transposed"][0].zero_()        # proves the copy is what runs
-        assert m(ids).abs().max() == 0
-    opt = torch.optim.SGD(m.parameters(), lr=0.5)
-    m.loss(ids, ids)["loss"].backward()
-    opt.step()
-    with torch.no_grad():
-        live = m(ids)
-    assert not torch.allclose(live, plain) and live.abs().max() > 0
-    cache_transposed(m)
+        with transposed_weights():
+            assert torch.allclose(m(ids), plain, atol=1e-5)
+            m.lm_head.__dict__["_transposed"][0].zero_()        # proves the copy is what runs here
+            assert m(ids).abs().max() == 0
+        assert torch.equal(m(ids), plain)                      # outside the scope: the live weights
+        m.lm_head.weight.mul_(2)                                # a visible in-place change: copy ignored
+        with transposed_weights():
+            assert torch.allclose(m(ids), 2 * plain, atol=1e-5)
+
+
+def test_engine_after_a_fused_adamw_step_generates_from_the_new_weights():
+    """Fused AdamW updates weights without bumping their version: a new engine must still copy them."""
+    from nanoseek.infer.engine import Engine
+    from nanoseek.infer.sampling import SamplingParams
+    m = Transformer(ModelConfig(**SMALL))
+    prompt = [[5, 17, 3]]
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    Engine(m, max_batch=1, max_len=16).generate(prompt, greedy)
+    opt = torch.optim.AdamW(m.parameters(), lr=0.05, fused=True)
+    for _ in range(3):
+        m.loss(torch.tensor([[5, 17, 3, 9]]), torch.tensor([[60, 60, 60, 60]]))["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+    got = Engine(m, max_batch=1, max_len=16).generate(prompt, greedy)[0].outputs[0].token_ids
     fresh = Transformer(ModelConfig(**SMALL))
     fresh.load_state_dict(m.state_dict())
-    m.load_state_dict(Transformer(ModelConfig(**SMALL)).state_dict())  # a load replaces the weights in place
-    with torch.no_grad():
-        assert torch.allclose(fresh(ids), live, atol=1e-5)
-        other = Transformer(ModelConfig(**SMALL))
-        other.load_state_dict(m.state_dict())
-        assert torch.allclose(m(ids), other(ids), atol=1e-5)
+    want = Engine(fresh, max_batch=1, max_len=16).generate(prompt, greedy)[0].outputs[0].token_ids
+    assert list(got) == list(want) and 60 in got

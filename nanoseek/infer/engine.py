@@ -21,7 +21,7 @@ import torch
 
 from nanoseek.infer.sampling import SamplingParams, apply_repetition_penalty, sample
 from nanoseek.infer.speculative import mtp_forward, speculative_step
-from nanoseek.model.linear import cache_transposed
+from nanoseek.model.linear import cache_transposed, transposed_weights
 
 
 @dataclass
@@ -91,8 +91,8 @@ class Engine:
         # the cache then also holds the MTP block's latent (layer num_hidden_layers)
         self.speculative = bool(speculative and len(getattr(model, "mtp", ())))
         self.cache = model.make_cache(max_batch, self.max_len, dtype=dtype, mtp=self.speculative)
-        if self.device.type == "cpu":  # decode-sized matmuls run faster on [in, out] weights (model/linear.py)
-            cache_transposed(model)
+        if self.device.type == "cpu":  # decode-sized matmuls run faster on [in, out] weights (model/linear.py);
+            cache_transposed(model)     # a snapshot: build a new engine after changing the weights
         self._layers = model.config.num_hidden_layers
         self.active: list[_Seq] = []                   # row i of the cache <-> active[i]
         self.waiting: deque[tuple[RequestOutput, SamplingParams]] = deque()
@@ -131,6 +131,7 @@ class Engine:
         return bool(self.active or self.waiting)
 
     @torch.inference_mode()
+    @transposed_weights()
     def step(self) -> list[Event]:
         """Admit waiting requests (prefill), then one decode step for every active sequence."""
         events: list[Event] = []
