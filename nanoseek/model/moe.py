@@ -100,9 +100,17 @@ class Experts(nn.Module):
         """One matmul per expert over its contiguous block (on CPU faster than torch._grouped_mm).
         split/unbind/cat rather than indexing: their backward is one stack/cat, where E separate
         `weight[e]` would each allocate and add a full-size zero gradient (measured 1.7x slower)."""
-        ws = zip(self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0))
-        return torch.cat([(F.silu(h @ g.t()) * (h @ u.t())) @ d.t()
-                          for h, (g, u, d) in zip(xs.split(counts.tolist()), ws) if h.shape[0]])
+        sizes = counts.tolist()
+        if torch.is_grad_enabled():
+            ws = list(zip(self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)))
+        else:  # no gradient to stack: view only the experts that got tokens (decoding one sequence)
+            ws = [(self.gate_proj[e], self.up_proj[e], self.down_proj[e]) if n else None for e, n in enumerate(sizes)]
+        outs = []
+        for h, w in zip(xs.split(sizes), ws):
+            if h.shape[0]:
+                g, u, d = w
+                outs.append((F.silu(h @ g.t()) * (h @ u.t())) @ d.t())
+        return torch.cat(outs)
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D], idx/weights [N, k] -> y [N, D], tokens per expert [E]."""
