@@ -191,12 +191,14 @@ class GRPO:
         texts = [self.tok.decode(c) for c in comps]
         group_samples = [s for s in samples for _ in range(G)]
         rewards = self.reward_fn(group_samples, texts, [len(c) for c in comps])
-        r = torch.tensor([x.total for x in rewards])
-        adv, zero_var = group_advantages(r, G, o.scale_rewards)
-        # logged over the global batch: every rank's rewards and completions
+        # every rank's rewards and completions: the log covers the global batch; advantages are
+        # per group, so this rank's are its slice of the global ones
         all_rewards, all_comps = distributed.gather_lists(rewards), distributed.gather_lists(comps)
         all_r = torch.tensor([x.total for x in all_rewards])
-        row = {"step": step + 1, **self._reward_stats(all_rewards, all_r, all_comps, group_advantages(all_r, G, o.scale_rewards)[1]),
+        all_adv, all_zero_var = group_advantages(all_r, G, o.scale_rewards)
+        adv = all_adv[self.rank * len(comps):(self.rank + 1) * len(comps)]
+        zero_var = all_zero_var[self.rank * per:(self.rank + 1) * per]
+        row = {"step": step + 1, **self._reward_stats(all_rewards, all_r, all_comps, all_zero_var),
                "lr": self.optimizer.param_groups[0]["lr"]}
         keep = [i for i in range(len(comps)) if not (o.filter_zero_var and zero_var[i // G])]
         row["trained_seqs"] = len(keep)
