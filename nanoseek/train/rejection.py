@@ -75,8 +75,8 @@ def rejection_sample(model_dir: str | Path, opts: Options | None = None, sampler
     from nanoseek.data.tasks import mix
     from nanoseek.tokenizer import load_tokenizer
     from nanoseek.train.grpo import make_prompt
-    from nanoseek.train.rollout import engine_rollout
     from nanoseek.train.pretrain import run_dir
+    from nanoseek.train.rollout import engine_rollout
     from nanoseek.train.trainer import resolve_device
 
     o = dataclasses.replace(opts or Options(), model=str(model_dir), **overrides)
