@@ -11,11 +11,12 @@ from torch import nn
 
 from nanoseek.config import DenseConfig
 from nanoseek.model.cache import KVCache
+from nanoseek.model.head_loss import masked_head_ce
 from nanoseek.model.linear import Linear
 from nanoseek.model.moe import MLP
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import RotaryEmbedding
-from nanoseek.model.transformer import Transformer, _masked_ce
+from nanoseek.model.transformer import Transformer
 
 
 class GQA(nn.Module):
@@ -82,7 +83,8 @@ class DenseTransformer(nn.Module):
 
     def loss(self, input_ids, targets, loss_mask=None, doc_ids=None, mtp_weight: float = 0.0):
         mask = torch.ones_like(targets, dtype=torch.float32) if loss_mask is None else loss_mask.float()
-        lm = _masked_ce(self(input_ids, doc_ids=doc_ids), targets, mask)
+        h, _ = self.hidden_states(input_ids, doc_ids=doc_ids)
+        lm = masked_head_ce(h, self.lm_head.weight, targets, mask)
         return {"loss": lm, "lm_loss": lm}
 
     def num_parameters(self, active: bool = False, include_mtp: bool = False) -> int:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.expert_ffn import expert_ffn
 from nanoseek.model.linear import Linear
 
 
@@ -82,7 +83,8 @@ class Experts(nn.Module):
             return mm(F.silu(mm(xs, self.gate_proj)) * mm(xs, self.up_proj), self.down_proj)
         except (RuntimeError, AttributeError, TypeError):  # unsupported GPU/dtype: loop from now on
             _GROUPED_MM["ok"] = False
-            return self._looped_ffn(xs, counts)
+            return expert_ffn(xs, torch.arange(len(xs), device=xs.device), counts.tolist(), self.gate_proj,
+                              self.up_proj, self.down_proj)
 
     def _padded_ffn(self, xs: torch.Tensor, counts: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
         """All experts in three batched matmuls over zero-padded blocks of up to max-count tokens.
@@ -96,39 +98,21 @@ class Experts(nn.Module):
         h = F.silu(torch.bmm(self.gate_proj, xt)) * torch.bmm(self.up_proj, xt)  # [E, I, cap]
         return torch.bmm(self.down_proj, h)[expert, :, slot]             # [N*k, D]
 
-    def _looped_ffn(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """One matmul per expert over its contiguous block (on CPU faster than torch._grouped_mm).
-        split/unbind/cat rather than indexing: their backward is one stack/cat, where E separate
-        `weight[e]` would each allocate and add a full-size zero gradient (measured 1.7x slower)."""
-        sizes = counts.tolist()
-        if torch.is_grad_enabled():
-            ws = list(zip(self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)))
-        else:  # no gradient to stack: view only the experts that got tokens (decoding one sequence)
-            ws = [(self.gate_proj[e], self.up_proj[e], self.down_proj[e]) if n else None for e, n in enumerate(sizes)]
-        outs = []
-        for h, w in zip(xs.split(sizes), ws):
-            if h.shape[0]:
-                g, u, d = w
-                outs.append((F.silu(h @ g.t()) * (h @ u.t())) @ d.t())
-        return torch.cat(outs)
-
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D], idx/weights [N, k] -> y [N, D], tokens per expert [E]."""
         N, k = idx.shape
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)                                 # token slots sorted by expert
         counts = torch.bincount(flat, minlength=self.gate_proj.shape[0])
-        xs = x.index_select(0, order // k)  # [N*k, D], grouped by expert (backward: index_add, 4x faster than x[...]'s)
-        if xs.is_cuda and _GROUPED_MM["ok"]:
-            ys = self._grouped_ffn(xs, counts)
-        elif 1 < N and N * k <= 64 * len(counts) and not torch.is_grad_enabled():
-            # decoding: <= 64 rows per expert on average, measured faster on CPU (training keeps the
-            # loop: no FLOPs spent on padding, and its batches are larger)
-            ys = self._padded_ffn(xs, counts, flat[order])
-        else:
-            ys = self._looped_ffn(xs, counts)
-        ys = ys * weights.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
-        y = torch.zeros_like(x).index_add_(0, order // k, ys)
+        src, row_w = order // k, weights.reshape(-1)[order].to(x.dtype)  # each slot's token and routing weight
+        grouped = x.is_cuda and _GROUPED_MM["ok"]
+        # decoding: <= 64 rows per expert on average; zero-padded batched matmuls measured faster on CPU
+        padded = 1 < N and N * k <= 64 * len(counts) and not torch.is_grad_enabled()
+        if not (grouped or padded):  # one GEMM pair per expert (on CPU faster than torch._grouped_mm)
+            return expert_ffn(x, src, counts.tolist(), self.gate_proj, self.up_proj, self.down_proj, row_w), counts
+        xs = x.index_select(0, src)                                      # [N*k, D], grouped by expert
+        ys = self._grouped_ffn(xs, counts) if grouped else self._padded_ffn(xs, counts, flat[order])
+        y = torch.zeros_like(x).index_add_(0, src, ys * row_w.unsqueeze(-1))
         return y, counts
 
 

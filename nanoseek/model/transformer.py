@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.cache import KVCache
+from nanoseek.model.head_loss import masked_head_ce
 from nanoseek.model.linear import Linear
 from nanoseek.model.mla import MLA
 from nanoseek.model.moe import MLP, MoE, balance_losses
@@ -131,7 +131,7 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         mask = torch.ones_like(targets, dtype=torch.float32) if loss_mask is None else loss_mask.float()
         h, kw = self.hidden_states(input_ids, doc_ids=doc_ids)
-        lm = _masked_ce(self.lm_head(h), targets, mask)
+        lm = masked_head_ce(h, self.lm_head.weight, targets, mask)
         out = {"lm_loss": lm}
         total = lm
         mtp_losses = []
@@ -149,7 +149,7 @@ class Transformer(nn.Module):
             cos, sin = kw["cos"][:, :T - k], kw["sin"][:, :T - k]
             h_k = self.mtp_hidden(k, h_prev[:, :T - k], input_ids[:, k:], rotary=self.rotary, cos=cos, sin=sin,
                                   positions=sub_pos, mask=attention_mask(sub_pos, None, d), absorb=None)
-            mtp_losses.append(_masked_ce(self.mtp_logits(k, h_k), targets[:, k:], m))
+            mtp_losses.append(masked_head_ce(self.mtp[k - 1].head_norm(h_k), self.lm_head.weight, targets[:, k:], m))
             h_prev = h_k
         if mtp_losses:
             out["mtp_loss"] = torch.stack(mtp_losses).mean()
@@ -185,7 +185,3 @@ class Transformer(nn.Module):
         from nanoseek.model.hf import save_pretrained
         save_pretrained(self, path, **kw)
 
-
-def _masked_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    return (ce * mask.reshape(-1)).sum() / mask.sum().clamp_min(1.0)

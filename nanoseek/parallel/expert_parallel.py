@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
+from nanoseek.model.expert_ffn import expert_ffn
 from nanoseek.model.moe import Experts, MoE
 
 
@@ -106,7 +106,9 @@ class ExpertParallelExperts(nn.Module):
         send_splits = counts.view(W, El).sum(1).tolist()
         recv_splits = recv.sum(1).tolist()
 
-        xr = all_to_all(x.index_select(0, order // k), recv_splits, send_splits, self.group)     # [M, D], by (src, expert)
+        # Each row travels with its routing weight as one extra column: the experts apply it, as in one process.
+        rows = torch.cat([x.index_select(0, order // k), weights.reshape(-1)[order].unsqueeze(-1).to(x.dtype)], 1)
+        xr = all_to_all(rows, recv_splits, send_splits, self.group)      # [M, D+1], by (src, expert)
         # Regroup the received rows by local expert, run each expert once over its block.
         local_eid = torch.arange(El, device=x.device).repeat(W).repeat_interleave(recv.reshape(-1))
         perm = local_eid.argsort(stable=True)
@@ -116,14 +118,10 @@ class ExpertParallelExperts(nn.Module):
         # master weights sit outside FSDP's casting; the cast's backward returns fp32 grads.
         w_gate, w_up, w_down = (_ScaleGrad.apply(p.to_local(), scale).to(x.dtype)
                                 for p in (self.gate_proj, self.up_proj, self.down_proj))
-        outs = [(F.silu(h @ g.t()) * (h @ u.t())) @ d.t()  # unbind, not w[e]: see Experts._looped_ffn
-                for h, g, u, d in zip(xr.index_select(0, perm).split(per_expert), w_gate.unbind(0), w_up.unbind(0),
-                                      w_down.unbind(0)) if h.shape[0]]
-        # An expert-less rank still joins the graph (zero rows) so every rank runs the same backward.
-        yr = torch.cat(outs) if outs else xr[:0] + 0 * (w_gate.sum() + w_up.sum() + w_down.sum())
-        yr = yr[perm.argsort()]                                           # back to (src, expert) order
+        # Rows come back in the received (src, expert) order. A rank with no rows still returns
+        # (zero) weight gradients, so every rank runs the same backward.
+        yr = expert_ffn(xr[:, :-1], perm, per_expert, w_gate, w_up, w_down, xr[:, -1][perm])
         ys = all_to_all(yr, send_splits, recv_splits, self.group)         # [N*k, D], in `order`
-        ys = ys * weights.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
         y = torch.zeros_like(x).index_add_(0, order // k, ys)
         return y, counts
 
