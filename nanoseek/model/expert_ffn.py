@@ -16,6 +16,13 @@ import torch
 import torch.nn.functional as F
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on x run in here: autocast's inside an autocast region, else x's own.
+    The hand-written functions cast their inputs to it (autocast skips their out= matmuls)."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
 def _blocks(sizes: list[int]) -> list[tuple[int, int, int]]:
     """(expert, first row, end row) for each expert with rows."""
     out, start = [], 0
@@ -29,7 +36,7 @@ def _blocks(sizes: list[int]) -> list[tuple[int, int, int]]:
 class _ExpertFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, src, row_w, w_gate, w_up, w_down, sizes):
-        xs = x.index_select(0, src)                                      # [M, D]
+        xs = x if src is None else x.index_select(0, src)               # [M, D]
         M, I = xs.shape[0], w_gate.shape[1]
         blocks = _blocks(sizes)
         gu = xs.new_empty(M, 2 * I)                                       # [g | u] per row
@@ -43,7 +50,7 @@ class _ExpertFFN(torch.autograd.Function):
             torch.mm(h[a:b], w_down[e].t(), out=ys[a:b])
         ctx.blocks = blocks
         ctx.save_for_backward(x, src, row_w, w_gate, w_up, w_down, gu)
-        return torch.zeros_like(x).index_add_(0, src, ys)
+        return ys if src is None else torch.zeros_like(x).index_add_(0, src, ys)
 
     @staticmethod
     def backward(ctx, dy):
@@ -54,7 +61,7 @@ class _ExpertFFN(torch.autograd.Function):
         sig = torch.sigmoid(g)
         s = g * sig                                                       # silu(g)
         h = s * u
-        dys = dy.index_select(0, src)                                     # [M, D]
+        dys = dy.contiguous() if src is None else dy.index_select(0, src)  # [M, D]
         dh = torch.empty_like(h)
         d_down = torch.zeros_like(w_down) if need_down else None
         for e, a, b in ctx.blocks:
@@ -66,7 +73,7 @@ class _ExpertFFN(torch.autograd.Function):
         if row_w is not None:
             dh.mul_(row_w.unsqueeze(-1))
         dgu = torch.cat([dh * u * sig * (1 + g * (1 - sig)), dh * s], dim=1)  # silu'(g) = sig (1 + g (1 - sig))
-        xs = x.index_select(0, src) if need_gate or need_up else None
+        xs = x if src is None else x.index_select(0, src) if need_gate or need_up else None
         dxs = torch.empty_like(dys) if need_x else None
         d_gate = torch.zeros_like(w_gate) if need_gate else None
         d_up = torch.zeros_like(w_up) if need_up else None
@@ -77,13 +84,16 @@ class _ExpertFFN(torch.autograd.Function):
                 torch.mm(dgu[a:b, :I].t(), xs[a:b], out=d_gate[e])
             if d_up is not None:
                 torch.mm(dgu[a:b, I:].t(), xs[a:b], out=d_up[e])
-        dx = torch.zeros_like(x).index_add_(0, src, dxs) if need_x else None
+        dx = dxs if src is None or not need_x else torch.zeros_like(x).index_add_(0, src, dxs)
         return dx, None, d_row_w, d_gate, d_up, d_down, None
 
 
-def expert_ffn(x: torch.Tensor, src: torch.Tensor, sizes: list[int], w_gate: torch.Tensor, w_up: torch.Tensor,
+def expert_ffn(x: torch.Tensor, src: torch.Tensor | None, sizes: list[int], w_gate: torch.Tensor, w_up: torch.Tensor,
                w_down: torch.Tensor, row_w: torch.Tensor | None = None) -> torch.Tensor:
     """x [N, D]; src [M]: the row of x each expert slot takes, grouped by expert (sizes[e] slots
-    for expert e); weights [E, I, D] / [E, D, I]; row_w [M]: each slot's routing weight, or None
-    -> [N, D], each row the sum of its slots' outputs."""
-    return _ExpertFFN.apply(x, src, row_w, w_gate, w_up, w_down, sizes)
+    for expert e), or None for x's rows in order (with one expert: a dense SwiGLU); weights
+    [E, I, D] / [E, D, I]; row_w [M]: each slot's routing weight, or None -> [N, D], each row
+    the sum of its slots' outputs."""
+    dt = compute_dtype(x)
+    w_gate, w_up, w_down = (w.to(dt) for w in (w_gate, w_up, w_down))
+    return _ExpertFFN.apply(x.to(dt), src, None if row_w is None else row_w.to(dt), w_gate, w_up, w_down, sizes)

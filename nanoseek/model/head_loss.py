@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nanoseek.model.expert_ffn import compute_dtype
+
 CHUNK_ROWS = 1024  # tiny preset: 16 MiB of fp32 logits per chunk
 
 
@@ -29,8 +31,12 @@ class _HeadCE(torch.autograd.Function):
             if want_grad:  # d loss / d logits = s * (softmax - onehot(target))
                 dlogits = logp.exp_().mul_(s.unsqueeze(1))
                 dlogits[torch.arange(len(t), device=t.device), t] -= s
-                torch.mm(dlogits.to(h.dtype), weight, out=dh[a:a + CHUNK_ROWS])
-                dw.addmm_(dlogits.t(), rows.to(acc))
+                dlogits = dlogits.to(h.dtype)
+                torch.mm(dlogits, weight, out=dh[a:a + CHUNK_ROWS])
+                if dw.dtype == rows.dtype:
+                    dw.addmm_(dlogits.t(), rows)
+                else:  # bf16 matmul, summed over chunks in fp32
+                    dw += dlogits.t() @ rows
         ctx.save_for_backward(dh, None if dw is None else dw.to(weight.dtype))
         return loss
 
@@ -44,7 +50,8 @@ def masked_head_ce(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     """Mean CE of the head's logits (h [..., D] @ weight [V, D]^T) at the targets [...] where
     mask [...] is set (0/1 floats); 0 when the mask is empty."""
     h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
-    mask = mask.reshape(-1).to(torch.promote_types(h.dtype, torch.float32))
+    mask = mask.reshape(-1).to(torch.promote_types(h.dtype, torch.float32))  # the loss's dtype
     scale = mask / mask.sum().clamp_min(1.0)
     want_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    return _HeadCE.apply(h, weight, targets, scale, want_grad)
+    dt = compute_dtype(h)
+    return _HeadCE.apply(h.to(dt), weight.to(dt), targets, scale, want_grad)

@@ -30,6 +30,9 @@ class MLP(nn.Module):
         self.down_proj = Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():  # training: the hand-written backward keeps 2 activations, not 5
+            w = [m.weight.unsqueeze(0) for m in (self.gate_proj, self.up_proj, self.down_proj)]
+            return expert_ffn(x.reshape(-1, x.shape[-1]), None, [x.numel() // x.shape[-1]], *w).view_as(x)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -83,8 +86,7 @@ class Experts(nn.Module):
             return mm(F.silu(mm(xs, self.gate_proj)) * mm(xs, self.up_proj), self.down_proj)
         except (RuntimeError, AttributeError, TypeError):  # unsupported GPU/dtype: loop from now on
             _GROUPED_MM["ok"] = False
-            return expert_ffn(xs, torch.arange(len(xs), device=xs.device), counts.tolist(), self.gate_proj,
-                              self.up_proj, self.down_proj)
+            return expert_ffn(xs, None, counts.tolist(), self.gate_proj, self.up_proj, self.down_proj)
 
     def _padded_ffn(self, xs: torch.Tensor, counts: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
         """All experts in three batched matmuls over zero-padded blocks of up to max-count tokens.
