@@ -1,12 +1,14 @@
-"""nn.Linear with an optional inference copy of its weight stored transposed ([in, out]).
+"""Decode-layout weight copies for CPU inference, and nn.Linear using them.
 
 On CPU, MKL runs x @ W^T (nn.Linear's layout) 2-5x slower than x @ W_t with W_t contiguous
 when x has the few rows of a decode step (measured: 16 x 256 @ 256 x 4096, the tiny preset's
-head, 1.04 ms vs 0.30 ms). The engine copies the weights when it is created (`cache_transposed`)
-and runs its forwards inside `transposed_weights()`; every other forward uses the live weight.
-A copy whose weight has since changed in place through autograd-visible ops (version counter) or
-been replaced is ignored too; fused optimizers do not bump the version, which is why the copy is
-used only inside the engine's scope and remade with every engine.
+head, 1.04 ms vs 0.30 ms). The routed experts likewise decode fastest from all experts laid
+side by side (moe.py). A module offers such copies through `decode_copies()`; the engine makes
+them when it is created (`cache_transposed`) and runs its forwards inside `transposed_weights()`;
+every other forward uses the live weights. Copies whose parameters have since changed in place
+through autograd-visible ops (version counter) or been replaced are ignored too; fused
+optimizers do not bump the version, which is why copies are used only inside the engine's scope
+and remade with every engine.
 """
 from __future__ import annotations
 
@@ -20,28 +22,38 @@ from torch import nn
 _scope = threading.local()  # the server's engine runs in its own thread
 
 
-class Linear(nn.Linear):
-    def transposed(self) -> torch.Tensor | None:
-        """The cached [in, out] copy if it still matches the weight, else None."""
-        cached = self.__dict__.get("_transposed")  # not a buffer: never saved, moved or trained
-        if cached is not None and cached[1:] == (self.weight._version, self.weight.data_ptr()):
-            return cached[0]
+def _stamp(module: nn.Module) -> tuple:
+    return tuple((p._version, p.data_ptr()) for p in module.parameters(recurse=False))
+
+
+def engine_copies(module: nn.Module) -> tuple[torch.Tensor, ...] | None:
+    """The module's decode-layout copies when a no-grad forward runs in the engine's scope and
+    they still match its parameters, else None."""
+    if not getattr(_scope, "on", False) or torch.is_grad_enabled():
         return None
+    cached = module.__dict__.get("_engine_copies")  # not a buffer: never saved, moved or trained
+    return cached[0] if cached is not None and cached[1] == _stamp(module) else None
+
+
+class Linear(nn.Linear):
+    def decode_copies(self) -> tuple[torch.Tensor, ...]:
+        return (self.weight.detach().t().contiguous(),)                  # [in, out]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w_t = self.transposed() if getattr(_scope, "on", False) and not torch.is_grad_enabled() else None
-        if w_t is not None:
-            y = x @ w_t
+        copies = engine_copies(self)
+        if copies is not None:
+            y = x @ copies[0]
             return y + self.bias if self.bias is not None else y
         return F.linear(x, self.weight, self.bias)
 
 
 def cache_transposed(model: nn.Module) -> None:
-    """Give every `Linear` of the model a transposed copy of its current weight (CPU inference)."""
+    """Give every module of the model that offers them its decode-layout copies (CPU inference)."""
     for m in model.modules():
-        if isinstance(m, Linear):
-            w = m.weight.detach()
-            m.__dict__["_transposed"] = (w.t().contiguous(), m.weight._version, w.data_ptr())
+        make = getattr(m, "decode_copies", None)
+        copies = make() if make is not None else None
+        if copies is not None:
+            m.__dict__["_engine_copies"] = (copies, _stamp(m))
 
 
 @contextlib.contextmanager
