@@ -56,16 +56,20 @@ def test_absorbed_equals_expanded():
     assert (a - b).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("engine_scope", [False, True])
 @pytest.mark.parametrize("kind", ["moe", "dense"])
-def test_cached_decoding_matches_full_forward(kind):
-    """Prefill ragged prompts, then decode token by token through the cache (absorbed MLA path)."""
+def test_cached_decoding_matches_full_forward(kind, engine_scope):
+    """Prefill ragged prompts, then decode token by token through the cache (absorbed MLA path);
+    engine_scope: with the engine's decode-layout weight copies (per-head bmm absorption)."""
+    from nanoseek.model.linear import cache_transposed, transposed_weights
     m = (Transformer(ModelConfig(**SMALL)) if kind == "moe" else
          DenseTransformer(DenseConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2))).eval()
     seq = torch.randint(0, 97, (2, 24))
     lens = [9, 14]  # prompt lengths per row
     cache = m.make_cache(batch=2, max_len=32)
-    with torch.no_grad():
+    cache_transposed(m)
+    with torch.no_grad(), transposed_weights() if engine_scope else contextlib.nullcontext():
         full = m(seq)
         for b, L in enumerate(lens):  # prefill each row separately into its slot
             pos = torch.arange(L).unsqueeze(0)

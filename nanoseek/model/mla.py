@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.linear import Linear
+from nanoseek.model.linear import Linear, engine_copies
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import RotaryEmbedding
 
@@ -84,27 +84,41 @@ class MLA(nn.Module):
             return out[..., : self.v_dim]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
 
+    def decode_copies(self) -> tuple[torch.Tensor, ...]:
+        """W_UK [H, nope, C] and W_UV^T [H, C, v] as contiguous per-head blocks: the absorbed path's
+        two projections become one plain bmm each."""
+        w = self.kv_b_proj.weight.detach().view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        return w[:, : self.nope].contiguous(), w[:, self.nope:].transpose(1, 2).contiguous()
+
     def _attend_latent(self, q_nope, q_pe, kv, mask):
-        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
-        w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]                  # [H, nope, C], [H, v, C]
-        q_lat = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)              # W_UK folded into q: [B, H, T, C]
-        B, H, T, _ = q_lat.shape
-        S = kv.shape[1]
+        B, H, T, _ = q_nope.shape
+        S, C = kv.shape[1], self.kv_lora_rank
+        copies = engine_copies(self)
+        if copies is not None:  # bmm over heads: q rows [H, B*T, nope] @ W_UK [H, nope, C]
+            q_lat = torch.bmm(q_nope.transpose(0, 1).reshape(H, B * T, self.nope), copies[0])
+            q_lat = q_lat.view(H, B, T, C).transpose(0, 1)               # [B, H, T, C]
+        else:
+            w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, C)
+            q_lat = torch.einsum("bhtd,hdc->bhtc", q_nope, w[:, : self.nope])  # W_UK folded into q
         # One latent key/value "head" serves all H query heads, so the heads become query rows of a
         # single-head attention (as FlashMLA does): no K/V copy per head. SDPA's enable_gqa path
         # instead repeats K/V H times, ~10x slower at decode on CPU.
         q = torch.cat([q_lat, q_pe], dim=-1).transpose(1, 2).reshape(B, T * H, -1)  # rows (t, h): [B, T*H, C+rope]
-        v = kv[..., :self.kv_lora_rank]                                   # [B, S, C]: a view, no copy
+        v = kv[..., :C]                                                   # [B, S, C]: a view, no copy
         if mask is None:  # plain causal, queries at the last T of S positions
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T).view(1, 1, T, S)
-        mask = mask.unsqueeze(3).expand(-1, -1, -1, H, -1).reshape(mask.shape[0], T * H, S)
         if T <= 8:
             # Decode (and speculative verification): two bmm and a softmax over [B, T*H, S] are
             # ~2x faster on CPU than SDPA's kernel for so few query rows.
-            scores = torch.bmm(q, kv.transpose(1, 2)).mul_(self.scale).masked_fill_(~mask, float("-inf"))
+            scores = torch.bmm(q, kv.transpose(1, 2)).mul_(self.scale)
+            scores.view(B, T, H, S).masked_fill_(~mask.transpose(1, 2), float("-inf"))  # mask [B, T, 1, S]
             o_lat = torch.bmm(scores.softmax(-1, dtype=torch.float32).to(v.dtype), v)
         else:  # prefill: SDPA never materializes the [T*H, S] scores
+            mask = mask.unsqueeze(3).expand(-1, -1, -1, H, -1).reshape(mask.shape[0], 1, T * H, S)
             o_lat = F.scaled_dot_product_attention(q.unsqueeze(1), kv.unsqueeze(1), v.unsqueeze(1),
-                                                   attn_mask=mask.unsqueeze(1), scale=self.scale).squeeze(1)
+                                                   attn_mask=mask, scale=self.scale).squeeze(1)
+        if copies is not None:  # W_UV after attention, bmm over heads: [H, B*T, C] @ [H, C, v]
+            o = torch.bmm(o_lat.view(B * T, H, C).transpose(0, 1), copies[1])
+            return o.view(H, B, T, self.v_dim).transpose(0, 1)          # [B, H, T, v]
         o_lat = o_lat.view(B, T, H, -1).transpose(1, 2)                   # [B, H, T, C]
-        return torch.einsum("bhtc,hvc->bhtv", o_lat, w_uv)                # W_UV after attention: [B, H, T, v]
+        return torch.einsum("bhtc,hvc->bhtv", o_lat, w[:, self.nope:])    # W_UV after attention: [B, H, T, v]

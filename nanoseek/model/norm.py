@@ -6,6 +6,7 @@ autograd through the plain ops would also keep the normalized rows (one more act
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -43,4 +44,6 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim] -> [..., dim]
         if torch.is_grad_enabled():
             return _RMSNormFn.apply(x, self.weight, self.eps)
+        if x.dtype == torch.float32 == self.weight.dtype:  # one fused op: decoding runs ~13 norms a step
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return self.weight * _normalize(x, self.eps)[0].to(x.dtype)
