@@ -8,7 +8,7 @@ Autograd through this would keep the gathered rows, both up-projections, silu's 
 product and the expert outputs: ~7 activations per routed slot. This keeps only the two
 up-projections (x itself is kept by the router anyway) and recomputes the gather, silu and the
 products in backward (copies and elementwise work, cheap next to the GEMMs). On the tiny preset
-that is ~4x less expert activation memory, most of the saving in `benchmarks/train_memory.py`.
+that is ~5x less expert activation memory, most of the saving in `benchmarks/train_memory.py`.
 """
 from __future__ import annotations
 
