@@ -39,9 +39,10 @@ class _ExpertFFN(torch.autograd.Function):
         xs = x if src is None else x.index_select(0, src)               # [M, D]
         M, I = xs.shape[0], w_gate.shape[1]
         blocks = _blocks(sizes)
+        w_gu = torch.cat([w_gate, w_up], 1)                               # [E, 2I, D]
         gu = xs.new_empty(M, 2 * I)                                       # [g | u] per row
         for e, a, b in blocks:
-            torch.mm(xs[a:b], torch.cat([w_gate[e], w_up[e]]).t(), out=gu[a:b])
+            torch.mm(xs[a:b], w_gu[e].t(), out=gu[a:b])
         h = F.silu(gu[:, :I]).mul_(gu[:, I:])
         if row_w is not None:
             h.mul_(row_w.unsqueeze(-1))
@@ -73,13 +74,14 @@ class _ExpertFFN(torch.autograd.Function):
         if row_w is not None:
             dh.mul_(row_w.unsqueeze(-1))
         dgu = torch.cat([dh * u * sig * (1 + g * (1 - sig)), dh * s], dim=1)  # silu'(g) = sig (1 + g (1 - sig))
-        xs = x if src is None else x.index_select(0, src) if need_gate or need_up else None
+        xs = x if src is None or not (need_gate or need_up) else x.index_select(0, src)
+        w_gu = torch.cat([w_gate, w_up], 1) if need_x else None
         dxs = torch.empty_like(dys) if need_x else None
         d_gate = torch.zeros_like(w_gate) if need_gate else None
         d_up = torch.zeros_like(w_up) if need_up else None
         for e, a, b in ctx.blocks:
             if dxs is not None:
-                torch.mm(dgu[a:b], torch.cat([w_gate[e], w_up[e]]), out=dxs[a:b])
+                torch.mm(dgu[a:b], w_gu[e], out=dxs[a:b])
             if d_gate is not None:
                 torch.mm(dgu[a:b, :I].t(), xs[a:b], out=d_gate[e])
             if d_up is not None:
