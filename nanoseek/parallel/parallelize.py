@@ -19,6 +19,7 @@ data-parallel wrapping: each rank owns E/ep experts and tokens travel to them.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
@@ -82,6 +83,18 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     blocks = list(getattr(model, "layers", []))
     blocks += [m.block for m in getattr(model, "mtp", [])]
     return blocks
+
+
+def compile_blocks(model: nn.Module, backend: str | Callable = "inductor") -> nn.Module:
+    """torch.compile every transformer block (and MTP block) in place, from outside the model code;
+    parameter names and checkpoints stay as they are. Compilation happens at the first forward.
+    Where dynamo or the backend fails (no C++ compiler, an unsupported op) the block runs eagerly
+    instead (dynamo's suppress_errors, with a warning), so training never stops for it."""
+    import torch._dynamo
+    torch._dynamo.config.suppress_errors = True
+    for block in _blocks(model):
+        block.compile(backend=backend)
+    return model
 
 
 def parallelize(model: nn.Module, mode: str = "none", ep: int = 1, device: torch.device | str | None = None,

@@ -76,6 +76,9 @@ class TrainOptions:
                 "(under torchrun, none means ddp); checkpoints become sharded DCP ones"})
     ep: int = field(default=1, metadata={
         "help": "expert-parallel degree: routed experts split over groups of this many ranks (divides the world)"})
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile each block (tiny preset on a 2-core CPU: +9 % a step after ~2 min of compiling); "
+                "blocks that fail to compile run eagerly"})
 
 
 def resolve_device(name: str) -> torch.device:
@@ -181,6 +184,9 @@ class Trainer:
             # order: losses of two identical runs differed in the 7th digit (a dense model did not)
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.model = model.to(self.device).train()
+        if opts.compile:
+            from nanoseek.parallel.parallelize import compile_blocks
+            compile_blocks(self.model)
         if self.sharded:
             self.model = distributed.wrap(self.model, opts, self.world)  # before the optimizer: params become DTensors
         self.optimizer = make_optimizer(self.model, opts.lr, opts.weight_decay, (opts.beta1, opts.beta2))
