@@ -332,6 +332,46 @@ def test_chunked_head_loss_equals_plain_cross_entropy(model_cls, monkeypatch):
         torch.testing.assert_close(model.loss(ids, tgt, mask)["loss"], want.detach(), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("model_cls", ["moe", "dense"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_token_logprobs_equal_plain_log_softmax(model_cls, temperature, monkeypatch):
+    """GRPO's per-token log-probs go through the head in row chunks, recomputing each chunk's logits
+    in backward: log-probs, entropy and the gradients of a loss mixing them non-linearly (as GRPO's
+    ratio does) equal plain logits -> log_softmax (float64, 3 chunks), with the MTP CE on a mask."""
+    from nanoseek.model import head_loss
+    monkeypatch.setattr(head_loss, "CHUNK_ROWS", 7)
+    torch.manual_seed(1)
+    model = (Transformer(ModelConfig(**SMALL, aux_loss_alpha=0.0)) if model_cls == "moe" else
+             DenseTransformer(DenseConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2))).double()
+    ids, tgt = torch.randint(0, 97, (2, 10)), torch.randint(0, 97, (2, 10))
+    mtp_mask = (torch.rand(2, 9) > 0.3).double()
+    w = torch.randn(2, 10, dtype=torch.float64)
+    logp, ent, mtp = model.token_logprobs(ids, tgt, temperature, entropy=True, mtp_mask=mtp_mask)
+    got = (w * logp.exp()).sum() + (0.5 * mtp if mtp is not None else 0)
+    ga = torch.autograd.grad(got, list(model.parameters()), allow_unused=True)
+
+    h, kw = model.hidden_states(ids)
+    logp_all = F.log_softmax(model.lm_head(h) / temperature, -1)
+    want_logp = logp_all.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+    want = (w * want_logp.exp()).sum()
+    if model_cls == "moe":  # depth-1 MTP on the detached trunk: position i sees token i+1, predicts target i+1
+        h1 = model.mtp_hidden(1, h[:, :-1].detach(), ids[:, 1:], rotary=model.rotary, cos=kw["cos"][:, :-1],
+                              sin=kw["sin"][:, :-1], positions=kw["positions"][:, :-1], mask=None, absorb=None)
+        per = F.cross_entropy(model.mtp_logits(1, h1).flatten(0, 1), tgt[:, 1:].flatten(), reduction="none")
+        want = want + 0.5 * (per * mtp_mask.flatten()).sum() / mtp_mask.sum()
+    else:
+        assert mtp is None
+    gb = torch.autograd.grad(want, list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(logp, want_logp, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ent, -(logp_all.exp() * logp_all).sum(-1), rtol=1e-10, atol=1e-10)
+    assert not ent.requires_grad
+    for (name, _), a, b in zip(model.named_parameters(), ga, gb):
+        assert (a is None) == (b is None), name
+        if a is not None:  # fp32 router / norms inside an fp64 model: fp32-level agreement
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 10_000), rows=st.integers(1, 12), dim=st.integers(1, 24))
 def test_rmsnorm_backward_matches_autograd(seed, rows, dim):

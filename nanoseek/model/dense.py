@@ -80,6 +80,7 @@ class DenseTransformer(nn.Module):
     # Same decoder loop and calling convention as the MoE model (GQA ignores `absorb`).
     hidden_states = Transformer.hidden_states
     forward = Transformer.forward
+    token_logprobs = Transformer.token_logprobs
 
     def loss(self, input_ids, targets, loss_mask=None, doc_ids=None, mtp_weight: float = 0.0):
         mask = torch.ones_like(targets, dtype=torch.float32) if loss_mask is None else loss_mask.float()

@@ -1,10 +1,13 @@
-"""Masked next-token cross-entropy through the output head, in row chunks.
+"""What the output head's logits are needed for in training, computed in row chunks: the masked
+next-token cross-entropy (pretraining, SFT, distillation) and the per-token log-probs (GRPO).
 
 The plain way builds the logits [N, V]; autograd keeps log-softmax's fp32 output (another [N, V])
 and backward allocates two more. On the tiny preset these are the largest tensors of a training
-step. Here each chunk of rows goes head -> fp32 log-softmax -> loss and, when a gradient is wanted,
-straight on to its gradients for the hidden rows and the head weight, so at most one chunk of
-logits exists at a time; backward only scales the stored gradients by the incoming one.
+step. Here at most one chunk of logits exists at a time:
+- CE: each chunk goes head -> fp32 log-softmax -> loss and, when a gradient is wanted, straight on
+  to its gradients for the hidden rows and the head weight; backward only scales them.
+- log-probs: the loss that uses them is not known yet, so forward keeps one log-sum-exp per row
+  and backward recomputes each chunk's logits (one more head matmul instead of three [N, V] tensors).
 """
 from __future__ import annotations
 
@@ -55,3 +58,58 @@ def masked_head_ce(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     want_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     dt = compute_dtype(h)
     return _HeadCE.apply(h.to(dt), weight.to(dt), targets, scale, want_grad)
+
+
+class _HeadLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, temperature, with_entropy):
+        """h [N, D], weight [V, D], targets [N] -> log softmax(h weight^T / temperature)[target] [N]
+        and the entropy of that distribution [N] (without gradient; empty unless asked)."""
+        acc = torch.promote_types(h.dtype, torch.float32)
+        logp = h.new_empty(h.shape[0], dtype=acc)
+        lse = torch.empty_like(logp)
+        ent = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
+        for a in range(0, h.shape[0], CHUNK_ROWS):
+            z = F.linear(h[a:a + CHUNK_ROWS], weight).to(acc).div_(temperature)  # [n, V]
+            m = lse[a:a + CHUNK_ROWS]
+            torch.logsumexp(z, -1, out=m)
+            logp[a:a + CHUNK_ROWS] = z.gather(1, targets[a:a + CHUNK_ROWS].unsqueeze(1)).squeeze(1) - m
+            if with_entropy:  # H = lse - sum_j p_j z_j
+                ent[a:a + CHUNK_ROWS] = m - (z - m.unsqueeze(1)).exp_().mul_(z).sum(-1)
+        ctx.save_for_backward(h, weight, targets, lse)
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        h, weight, targets, lse = ctx.saved_tensors
+        want_h, want_w = ctx.needs_input_grad[:2]
+        dh = torch.empty_like(h) if want_h else None
+        dw = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if want_w else None
+        g = grad / ctx.temperature                                          # d z / d logits = 1 / temperature
+        for a in range(0, h.shape[0], CHUNK_ROWS):
+            rows, t, gc = h[a:a + CHUNK_ROWS], targets[a:a + CHUNK_ROWS], g[a:a + CHUNK_ROWS]
+            z = F.linear(rows, weight).to(lse.dtype).div_(ctx.temperature)
+            # d logp_i / d z_ij = onehot(t_i)_j - softmax(z_i)_j
+            dz = (z - lse[a:a + CHUNK_ROWS].unsqueeze(1)).exp_().mul_(-gc.unsqueeze(1))
+            dz[torch.arange(len(t), device=t.device), t] += gc
+            dz = dz.to(h.dtype)
+            if want_h:
+                torch.mm(dz, weight, out=dh[a:a + CHUNK_ROWS])
+            if want_w and dw.dtype == rows.dtype:
+                dw.addmm_(dz.t(), rows)
+            elif want_w:  # bf16 matmul, summed over chunks in fp32
+                dw += dz.t() @ rows
+        return dh, None if dw is None else dw.to(weight.dtype), None, None, None
+
+
+def head_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                  entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(target) [...] (fp32) with pi = softmax(h [..., D] @ weight [V, D]^T / temperature),
+    and with `entropy` the entropy of pi per position [...] (a diagnostic: no gradient)."""
+    shape = targets.shape
+    dt = compute_dtype(h)
+    logp, ent = _HeadLogProbs.apply(h.reshape(-1, h.shape[-1]).to(dt), weight.to(dt), targets.reshape(-1),
+                                    float(temperature), entropy)
+    return logp.view(shape), ent.view(shape) if entropy else None

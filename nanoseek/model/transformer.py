@@ -6,7 +6,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.cache import KVCache
-from nanoseek.model.head_loss import masked_head_ce
+from nanoseek.model.head_loss import head_logprobs, masked_head_ce
 from nanoseek.model.linear import Linear
 from nanoseek.model.mla import MLA
 from nanoseek.model.moe import MLP, MoE, balance_losses
@@ -110,14 +110,20 @@ class Transformer(nn.Module):
     def mtp_logits(self, k: int, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.mtp[k - 1].head_norm(h))
 
-    def logits_with_mtp(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """input_ids [B, T] -> logits [B, T, V] and depth-1 MTP logits [B, T-1, V] (for GRPO: MTP
-        learns the policy's own next-next token on a detached trunk, so it never pulls the policy)."""
+    def token_logprobs(self, input_ids: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                       entropy: bool = False, mtp_mask: torch.Tensor | None = None):
+        """Per-token log pi(targets) [B, T] (fp32, pi = softmax(logits / temperature)) through the
+        chunked head (no [B, T, V] logits are kept); the entropy of pi [B, T] when asked (no grad);
+        with mtp_mask [B, T-1], the depth-1 MTP CE on targets[:, 1:] from a detached trunk (GRPO:
+        MTP learns the policy's own next-next token without pulling the policy), else None."""
         h, kw = self.hidden_states(input_ids)
+        logp, ent = head_logprobs(h, self.lm_head.weight, targets, temperature, entropy)
         T = input_ids.shape[1] - 1
+        if mtp_mask is None or not len(self.mtp) or T < 1:
+            return logp, ent, None
         h1 = self.mtp_hidden(1, h[:, :T].detach(), input_ids[:, 1:], rotary=self.rotary, cos=kw["cos"][:, :T],
                              sin=kw["sin"][:, :T], positions=kw["positions"][:, :T], mask=None, absorb=None)
-        return self.lm_head(h), self.mtp_logits(1, h1)
+        return logp, ent, masked_head_ce(self.mtp[0].head_norm(h1), self.lm_head.weight, targets[:, 1:], mtp_mask)
 
     # ------------------------------------------------------------------ training loss
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None = None,

@@ -106,7 +106,7 @@ def parallelize(model: nn.Module, mode: str = "none", ep: int = 1, device: torch
         consecutive ranks (put a group inside a node), replicated across the world/ep groups;
         ep < world needs mode="fsdp" (the dense part is then HSDP on the same 2-D mesh).
     param_dtype: FSDP/DDP mixed precision (e.g. torch.bfloat16 on GPUs); grads reduce in fp32.
-    `model.loss` / `logits_with_mtp` are registered as forward methods so the wrappers' hooks run around it.
+    `model.loss` / `token_logprobs` are registered as forward methods so the wrappers' hooks run around it.
     """
     if mode not in MODES:
         raise ValueError(f"parallel mode must be one of {MODES}, got {mode!r}")
@@ -155,7 +155,7 @@ def parallelize(model: nn.Module, mode: str = "none", ep: int = 1, device: torch
         # The root keeps embedding, final norm, head and MTP projections; they are used right
         # after the last block, so resharding the root after forward would only add an all-gather.
         fully_shard(model, reshard_after_forward=False, **kw)
-    for name in ("loss", "logits_with_mtp"):
+    for name in ("loss", "token_logprobs"):
         if hasattr(model, name):
             register_fsdp_forward_method(model, name)
     return model

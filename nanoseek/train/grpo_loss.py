@@ -19,7 +19,6 @@ gradients over micro-batches gives exactly the full-batch gradient.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 AGGREGATIONS = ("token", "sequence", "dr_grpo")
 
@@ -39,18 +38,6 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str 
         raise ValueError(f"scale_rewards must be 'group' or 'none', got {scale_rewards!r}")
     centred[zero_var] = 0.0  # exact zeros, not float residue
     return centred.reshape(-1), zero_var
-
-
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log pi(target) per position [B, T] (fp32), and optionally the entropy of pi per position."""
-    logp_all = F.log_softmax(logits.float() / temperature, dim=-1)
-    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    ent = None
-    if with_entropy:
-        with torch.no_grad():  # a diagnostic only: keep it out of the graph
-            ent = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, ent
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -106,14 +93,5 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
 def policy_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, temperature: float, mtp_weight: float = 0.0,
                     entropy: bool = False):
     """Per-token log-probs of ids[:, 1:] [B, T-1]; entropy; the MTP CE on the masked tokens."""
-    inp, tgt = ids[:, :-1], ids[:, 1:]
-    mtp_loss = None
-    if mtp_weight and len(getattr(model, "mtp", ())) and inp.shape[1] > 1:
-        logits, mtp_logits = model.logits_with_mtp(inp)
-        ce = F.cross_entropy(mtp_logits.float().flatten(0, 1), tgt[:, 1:].flatten(), reduction="none")
-        m = mask[:, 1:].reshape(-1)
-        mtp_loss = (ce * m).sum() / m.sum().clamp_min(1.0)
-    else:
-        logits = model(inp)
-    logp, ent = token_logprobs(logits, tgt, temperature, with_entropy=entropy)
-    return logp, ent, mtp_loss
+    mtp_mask = mask[:, 1:] if mtp_weight and ids.shape[1] > 2 else None
+    return model.token_logprobs(ids[:, :-1], ids[:, 1:], temperature, entropy, mtp_mask)
