@@ -30,6 +30,16 @@ def time_pair(ours: Callable[[], object], ref: Callable[[], object], reps: int =
     return statistics.median(a), statistics.median(b)
 
 
+def time_each(fn: Callable[[], object], reps: int = 5, warmup: int = 1) -> float:
+    """Median seconds of fn alone (for a side that cannot share the process's memory with the other)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter(); fn(); times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def print_table(rows: list[Row]) -> None:
     w = max(len(r.work) for r in rows)
     print(f"\n{'work':<{w}}  {'nanoseek':>12}  {'reference':>12}  {'unit':<10}  {'ratio':>6}  note")
