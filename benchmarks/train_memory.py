@@ -39,6 +39,9 @@ def _child(side: str, path: str, batch: int, seq: int, device: str) -> None:
     x = torch.randint(0, 512, (batch, seq + 1), device=device)
     base = rss_mb()
     if side == "ours":
+        if device == "cpu":
+            from nanoseek.hardware import retain_freed_memory
+            retain_freed_memory()  # as nanoseek's trainer does
         model = from_pretrained(path).to(device).train()
         loss_fn = lambda: model.loss(x[:, :-1], x[:, 1:])["loss"]  # noqa: E731
     else:

@@ -29,6 +29,10 @@ def run(preset: str = "tiny", batch: int = 8, seq: int = 256, reps: int = 5, dev
     training state does not fit in memory at once, each side runs alone: ours, then HF's."""
     from transformers import AutoModelForCausalLM
 
+    from nanoseek.hardware import retain_freed_memory
+    if device == "cpu":
+        retain_freed_memory()  # as nanoseek's trainer does; HF's side, in this process, gains from it too
+
     torch.manual_seed(0)
     cfg = get_preset(preset)
     ours = Transformer(cfg.replace(num_nextn_predict_layers=0))  # HF has no MTP: compare like for like

@@ -105,6 +105,26 @@ def cpu_has_fast_bf16() -> bool:
     return bf16 >= 0.9 * fp32
 
 
+@functools.lru_cache(maxsize=None)
+def retain_freed_memory() -> bool:
+    """Keep freed memory in this process's heap instead of handing it back to the OS (glibc only).
+
+    glibc serves every block over 32 MiB with its own mmap and unmaps it when freed, so a training
+    step that allocates the same large tensors every step pays for zero-filling them page by page,
+    each time (system time: 2m49 of a 4m41 `small`-preset benchmark on CPU). With mmap off and heap
+    trimming off, those blocks are reused. Measured on `small`, 8x256, CPU: 20.0 -> 16.2-17.8 s a
+    step, peak RSS 17.4 -> 19.5 GB; no change on `tiny`, whose tensors stay under the threshold.
+    Returns whether it applied (False off glibc)."""
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # malloc.h
+    libc = ctypes.CDLL(None)
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def pick_dtype(device: str | torch.device = "cpu", requested: str = "auto") -> tuple[torch.dtype, torch.dtype | None]:
     """(parameter dtype, autocast dtype or None) for training on `device`.
 

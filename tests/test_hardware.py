@@ -1,4 +1,9 @@
-"""nanoseek.hardware: peak measurement, bf16 detection, dtype choice."""
+"""nanoseek.hardware: peak measurement, bf16 detection, dtype choice, allocator settings."""
+import platform
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -44,3 +49,30 @@ def test_gpu_peaks_and_description():
     assert hardware.gpu_peak_flops("Some GPU") is None
     d = hardware.describe_device("cpu")
     assert "cores" in d and len(d) < 200
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator settings")
+def test_retain_freed_memory_keeps_large_blocks_in_the_heap():
+    """By default glibc gives a 64 MiB tensor its own mmap, returned to the OS (and page-faulted in
+    anew) every time; after retain_freed_memory() it comes from the heap and stays there when freed."""
+    code = textwrap.dedent("""
+        import ctypes, torch
+        from nanoseek.hardware import retain_freed_memory
+        class Info(ctypes.Structure):
+            _fields_ = [(n, ctypes.c_size_t) for n in
+                        "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = Info
+        def mapped_and_heap_free(mib=64):
+            t = torch.ones(mib * 2**18)
+            mapped = libc.mallinfo2().hblkhd >> 20          # bytes in blocks with their own mmap
+            del t
+            return mapped, libc.mallinfo2().fordblks >> 20  # free bytes kept in the heap
+        before = mapped_and_heap_free()
+        assert retain_freed_memory()
+        print(*before, *mapped_and_heap_free())
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    mapped0, kept0, mapped1, kept1 = map(int, out)
+    assert mapped0 >= 64 and kept0 < 64, out       # default: an own mapping, unmapped when freed
+    assert mapped1 < 64 and kept1 >= 64, out       # retained: heap memory, kept for the next step

@@ -112,11 +112,14 @@ class GRPO:
         """plain: when `model` is wrapped for data parallelism (under torchrun), an unwrapped copy of
         it. The ranks generate different lengths, so rollouts (and the frozen reference) run on
         plain copies, free of collectives; the policy's weights are gathered into it before each rollout."""
+        from nanoseek.hardware import retain_freed_memory
         from nanoseek.train.trainer import lr_factor, make_optimizer
         self.model, self.tok, self.o = model, tok, o
         self.rank, self.world = distributed.rank(), distributed.world()
         self.rollout_model = plain if plain is not None else model
         self.dev = next(model.parameters()).device
+        if self.dev.type == "cpu":
+            retain_freed_memory()  # large update tensors are reused, not page-faulted in again each step
         self.eos_id = tok.eos_id if eos_id == -1 else eos_id  # None: never stop (benchmarks)
         self.reward_cfg = reward_config(o)
         self.reward_fn = reward_fn or self._rule_rewards

@@ -167,7 +167,7 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, opts: TrainOptions, batches: Iterator, out_dir: str | Path,
                  step_fn: Callable[..., dict] | None = None, log_extra: Callable[[], dict] | None = None,
                  all_reduce: Callable[[torch.Tensor], Any] | None = None):
-        from nanoseek.hardware import pick_dtype
+        from nanoseek.hardware import pick_dtype, retain_freed_memory
 
         self.opts, self.batches, self.step_fn = opts, batches, step_fn or lm_step
         self.log_extra, self.all_reduce = log_extra, all_reduce  # all_reduce: sum expert loads over ranks
@@ -179,6 +179,8 @@ class Trainer:
             # every rank must apply the identical routing-bias step: sum the expert loads first
             self.all_reduce = all_reduce or all_reduce_sum
         _, self.amp_dtype = pick_dtype(self.device, opts.dtype)
+        if self.device.type == "cpu":
+            retain_freed_memory()  # the step's large tensors are reused, not page-faulted in again
         if opts.deterministic and self.device.type == "cpu":
             # with >1 thread the MoE layer's scatter/gather-add kernels otherwise accumulate in a varying
             # order: losses of two identical runs differed in the 7th digit (a dense model did not)
