@@ -30,6 +30,10 @@ def test_greedy_rows_and_top_k_one():
     t = torch.tensor([0.0, 1.0, 0.7, 0.0])
     out = sample(logits, t, torch.tensor([0, 1, 1, 0]), torch.ones(4), torch.zeros(4), torch.rand(4))
     assert out.tolist() == logits.argmax(-1).tolist()  # temperature 0 and top-k 1 are both greedy
+    # any_greedy=False (the caller knows no row is greedy) leaves sampled rows exactly as they were
+    t, u = torch.tensor([1.0, 0.5, 0.7, 2.0]), torch.rand(4)
+    args = (logits, t, torch.zeros(4, dtype=torch.long), torch.ones(4), torch.zeros(4), u)
+    assert sample(*args, any_greedy=False).tolist() == sample(*args).tolist()
 
 
 def test_inverse_cdf_sampling_matches_the_distribution():

@@ -267,7 +267,7 @@ class Engine:
         filtered = any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in P)
         u = torch.tensor([s.uniform() for s in seqs], device=logits.device)
         return sample(logits, f("temperature", torch.float32), f("top_k", torch.long), f("top_p", torch.float32),
-                      f("min_p", torch.float32), u, filtered)
+                      f("min_p", torch.float32), u, filtered, any_greedy=any(p.temperature == 0 for p in P))
 
     def _record(self, logits: torch.Tensor, tok: torch.Tensor, seqs: list[_Seq], events: list[Event]) -> list:
         """Append tokens [B] (with their log-probs under `logits` [B, V]) to `seqs`; emit events.

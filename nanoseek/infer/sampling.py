@@ -66,12 +66,13 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           min_p: torch.Tensor, u: torch.Tensor, filtered: bool = True) -> torch.Tensor:
+           min_p: torch.Tensor, u: torch.Tensor, filtered: bool = True, any_greedy: bool = True) -> torch.Tensor:
     """logits [B, V] (fp32), u [B] uniform(0, 1) -> token ids [B]. Rows with temperature 0 are greedy.
 
     Inverse-CDF sampling with one uniform per row: the uniforms come from each request's own
     generator, so a row's token never depends on the other rows, and there is no per-row kernel.
-    filtered=False skips the sort when no row uses top-k / top-p / min-p.
+    filtered=False skips the sort when no row uses top-k / top-p / min-p; any_greedy=False skips the
+    argmax when the caller knows no row has temperature 0 (a [B, V] argmax costs as much as the softmax).
     """
     greedy = temperature == 0
     t = torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(-1)
@@ -82,7 +83,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     # side="right": the first token whose cdf exceeds u, so zero-probability tokens are never picked
     tok = torch.searchsorted(cdf, (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
     tok = tok.clamp_max(logits.shape[-1] - 1)
-    return torch.where(greedy, logits.argmax(-1), tok)
+    return torch.where(greedy, logits.argmax(-1), tok) if any_greedy else tok
 
 
 def speculative_accept(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, u: torch.Tensor,
