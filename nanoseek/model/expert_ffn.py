@@ -1,7 +1,7 @@
 """Routed experts' SwiGLU with a hand-written backward, gather and scatter included.
 
     xs = x[src]                                                          rows grouped by expert
-    ys[rows of e] = (silu(xs_e G_e^T) * (xs_e U_e^T) * w) D_e^T          one GEMM pair per expert
+    ys[rows of e] = (silu(xs_e G_e^T) * (xs_e U_e^T) * w) D_e^T          three GEMMs per expert
     y  = sum over rows r of ys[r] into y[src[r]]                         back to token order
 
 Autograd through this would keep the gathered rows, both up-projections, silu's output, their

@@ -135,7 +135,7 @@ class Experts(nn.Module):
         grouped = x.is_cuda and _GROUPED_MM["ok"]
         # decoding: <= 64 rows per expert on average; zero-padded batched matmuls measured faster on CPU
         padded = 1 < N and N * k <= 64 * len(counts) and not torch.is_grad_enabled()
-        if not (grouped or padded):  # one GEMM pair per expert (on CPU faster than torch._grouped_mm)
+        if not (grouped or padded):  # GEMMs per expert (on CPU faster than torch._grouped_mm)
             return expert_ffn(x, src, counts.tolist(), self.gate_proj, self.up_proj, self.down_proj, row_w), counts
         xs = x.index_select(0, src)                                      # [N*k, D], grouped by expert
         ys = self._grouped_ffn(xs, counts) if grouped else self._padded_ffn(xs, counts, flat[order])
