@@ -295,6 +295,22 @@ def test_engine_after_a_fused_adamw_step_generates_from_the_new_weights():
     assert list(got) == list(want) and 60 in got
 
 
+def _fp64_model(model_cls: str, seed: int):
+    """A tiny MoE (with MTP) or dense student in float64, for exact comparisons with plain autograd."""
+    torch.manual_seed(seed)
+    return (Transformer(ModelConfig(**SMALL, aux_loss_alpha=0.0)) if model_cls == "moe" else
+            DenseTransformer(DenseConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))).double()
+
+
+def _assert_same_grads(model, got, want) -> None:
+    for (name, _), a, b in zip(model.named_parameters(), got, want):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            # the trunk's RMSNorm and router run in fp32 even in an fp64 model: fp32-level agreement there
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
 @pytest.mark.parametrize("model_cls", ["moe", "dense"])
 def test_chunked_head_loss_equals_plain_cross_entropy(model_cls, monkeypatch):
     """The training loss computes the head's CE in row chunks with its gradients formed early; loss
@@ -302,10 +318,7 @@ def test_chunked_head_loss_equals_plain_cross_entropy(model_cls, monkeypatch):
     with holes, MTP included)."""
     from nanoseek.model import head_loss
     monkeypatch.setattr(head_loss, "CHUNK_ROWS", 7)
-    torch.manual_seed(0)
-    model = (Transformer(ModelConfig(**SMALL, aux_loss_alpha=0.0)) if model_cls == "moe" else
-             DenseTransformer(DenseConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2))).double()
+    model = _fp64_model(model_cls, seed=0)
     ids, tgt = torch.randint(0, 97, (2, 10)), torch.randint(0, 97, (2, 10))
     mask = (torch.rand(2, 10) > 0.3).float()
     got = model.loss(ids, tgt, mask)
@@ -323,11 +336,7 @@ def test_chunked_head_loss_equals_plain_cross_entropy(model_cls, monkeypatch):
         want = want + 0.3 * ce(model.mtp_logits(1, h1), tgt[:, 1:], mask[:, 1:])
     gb = torch.autograd.grad(want, list(model.parameters()), allow_unused=True)
     torch.testing.assert_close(got["loss"], want, rtol=1e-12, atol=1e-12)
-    for (name, _), a, b in zip(model.named_parameters(), ga, gb):
-        assert (a is None) == (b is None), name
-        if a is not None:
-            # the trunk's RMSNorm and router run in fp32 even in an fp64 model: fp32-level agreement there
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    _assert_same_grads(model, ga, gb)
     with torch.no_grad():  # evaluation: no gradients formed, same value
         torch.testing.assert_close(model.loss(ids, tgt, mask)["loss"], want.detach(), rtol=1e-12, atol=1e-12)
 
@@ -340,10 +349,7 @@ def test_chunked_token_logprobs_equal_plain_log_softmax(model_cls, temperature, 
     ratio does) equal plain logits -> log_softmax (float64, 3 chunks), with the MTP CE on a mask."""
     from nanoseek.model import head_loss
     monkeypatch.setattr(head_loss, "CHUNK_ROWS", 7)
-    torch.manual_seed(1)
-    model = (Transformer(ModelConfig(**SMALL, aux_loss_alpha=0.0)) if model_cls == "moe" else
-             DenseTransformer(DenseConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2))).double()
+    model = _fp64_model(model_cls, seed=1)
     ids, tgt = torch.randint(0, 97, (2, 10)), torch.randint(0, 97, (2, 10))
     mtp_mask = (torch.rand(2, 9) > 0.3).double()
     w = torch.randn(2, 10, dtype=torch.float64)
@@ -366,10 +372,7 @@ def test_chunked_token_logprobs_equal_plain_log_softmax(model_cls, temperature, 
     torch.testing.assert_close(logp, want_logp, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ent, -(logp_all.exp() * logp_all).sum(-1), rtol=1e-10, atol=1e-10)
     assert not ent.requires_grad
-    for (name, _), a, b in zip(model.named_parameters(), ga, gb):
-        assert (a is None) == (b is None), name
-        if a is not None:  # fp32 router / norms inside an fp64 model: fp32-level agreement
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    _assert_same_grads(model, ga, gb)
 
 
 @settings(max_examples=20, deadline=None)
