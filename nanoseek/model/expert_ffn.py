@@ -89,7 +89,8 @@ class _ExpertFFN(torch.autograd.Function):
         d_up = _weight_grad(w_up, ctx.blocks) if need_up else None
         for e, a, b in ctx.blocks:
             if dxs is not None:
-                torch.mm(dg[a:b], w_gate[e], out=dxs[a:b]).addmm_(du[a:b], w_up[e])
+                torch.mm(dg[a:b], w_gate[e], out=dxs[a:b])
+                torch.addmm(dxs[a:b], du[a:b], w_up[e], out=dxs[a:b])  # out=, not addmm_: FLOP counters see it
             if d_gate is not None:
                 torch.mm(dg[a:b].t(), xs[a:b], out=d_gate[e])
             if d_up is not None:
