@@ -19,6 +19,15 @@ from nanoseek.model.expert_ffn import compute_dtype
 CHUNK_ROWS = 1024  # tiny preset: 16 MiB of fp32 logits per chunk
 
 
+def _add_weight_grad(dw: torch.Tensor, dlogits: torch.Tensor, rows: torch.Tensor) -> None:
+    """dw [V, D] += dlogits [n, V]^T @ rows [n, D]: in place when the dtypes agree, else (bf16
+    compute) a bf16 matmul summed over chunks in fp32."""
+    if dw.dtype == rows.dtype:
+        dw.addmm_(dlogits.t(), rows)
+    else:
+        dw += dlogits.t() @ rows
+
+
 class _HeadCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, row_scale, want_grad):
@@ -36,10 +45,7 @@ class _HeadCE(torch.autograd.Function):
                 dlogits[torch.arange(len(t), device=t.device), t] -= s
                 dlogits = dlogits.to(h.dtype)
                 torch.mm(dlogits, weight, out=dh[a:a + CHUNK_ROWS])
-                if dw.dtype == rows.dtype:
-                    dw.addmm_(dlogits.t(), rows)
-                else:  # bf16 matmul, summed over chunks in fp32
-                    dw += dlogits.t() @ rows
+                _add_weight_grad(dw, dlogits, rows)
         ctx.save_for_backward(dh, None if dw is None else dw.to(weight.dtype))
         return loss
 
@@ -97,10 +103,8 @@ class _HeadLogProbs(torch.autograd.Function):
             dz = dz.to(h.dtype)
             if want_h:
                 torch.mm(dz, weight, out=dh[a:a + CHUNK_ROWS])
-            if want_w and dw.dtype == rows.dtype:
-                dw.addmm_(dz.t(), rows)
-            elif want_w:  # bf16 matmul, summed over chunks in fp32
-                dw += dz.t() @ rows
+            if want_w:
+                _add_weight_grad(dw, dz, rows)
         return dh, None if dw is None else dw.to(weight.dtype), None, None, None
 
 
