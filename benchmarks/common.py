@@ -21,13 +21,20 @@ class Row:
 
 def time_pair(ours: Callable[[], object], ref: Callable[[], object], reps: int = 5, warmup: int = 1) -> tuple[float, float]:
     """Median seconds of each, run alternately so drift in machine speed hits both equally."""
+    a, b = time_alternating([ours, ref], reps, warmup)
+    return a, b
+
+
+def time_alternating(fns: list[Callable[[], object]], reps: int = 5, warmup: int = 1) -> list[float]:
+    """Median seconds of each of fns, run in turn within every repetition."""
     for _ in range(warmup):
-        ours(), ref()
-    a, b = [], []
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(reps):
-        t = time.perf_counter(); ours(); a.append(time.perf_counter() - t)
-        t = time.perf_counter(); ref(); b.append(time.perf_counter() - t)
-    return statistics.median(a), statistics.median(b)
+        for fn, ts in zip(fns, times):
+            t = time.perf_counter(); fn(); ts.append(time.perf_counter() - t)
+    return [statistics.median(ts) for ts in times]
 
 
 def time_each(fn: Callable[[], object], reps: int = 5, warmup: int = 1) -> float:

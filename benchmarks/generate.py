@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import tempfile
+import time
 
 import torch
 
-from benchmarks.common import Row, time_pair
+from benchmarks.common import Row, time_alternating
 from nanoseek.config import get_preset
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
@@ -29,12 +30,16 @@ def run(preset: str = "tiny", batches: tuple[int, ...] = (16, 64), prompt_len: i
     rows = []
     for B in batches:
         prompts = torch.randint(2, cfg.vocab_size, (B, prompt_len), device=device)
-        engine = Engine(ours, max_batch=B, max_len=prompt_len + new_tokens)
+        engines = [Engine(ours, max_batch=B, max_len=prompt_len + new_tokens, compile=c) for c in (False, True)]
         sp = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
 
-        def gen_ours():
+        def gen(engine):
             engine.generate(prompts.tolist(), sp)
             sync()
+
+        t = time.perf_counter()
+        gen(engines[1])  # the compile (once per batch-size range) stays out of the timed repetitions
+        compile_s = time.perf_counter() - t
 
         def gen_hf():
             with torch.no_grad():
@@ -42,10 +47,13 @@ def run(preset: str = "tiny", batches: tuple[int, ...] = (16, 64), prompt_len: i
                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
             sync()
 
-        a, b = time_pair(gen_ours, gen_hf, reps=reps)
+        a, c, b = time_alternating([lambda: gen(engines[0]), lambda: gen(engines[1]), gen_hf], reps=reps)
         tokens = B * new_tokens
-        rows.append(Row(f"generate greedy ({preset}, batch {B}, {prompt_len}+{new_tokens} tokens, {str(dtype)[6:]}, "
-                        f"{device})", tokens / a, tokens / b, "tokens/s", b / a, "HF generate with its DynamicCache"))
+        what = f"({preset}, batch {B}, {prompt_len}+{new_tokens} tokens, {str(dtype)[6:]}, {device})"
+        rows.append(Row(f"generate greedy {what}", tokens / a, tokens / b, "tokens/s", b / a,
+                        "HF generate with its DynamicCache"))
+        rows.append(Row(f"generate greedy, compiled decode {what}", tokens / c, tokens / b, "tokens/s", b / c,
+                        f"Engine(compile=True); its first call, {compile_s:.0f} s with compiling, is not timed"))
     rows.append(cache_row(ours, hf, cfg, device, dtype))
     return rows
 

@@ -7,6 +7,7 @@ Both run in this process; each side's step time is the median over `reps` steps 
 """
 from __future__ import annotations
 
+import copy
 import statistics
 import tempfile
 import time
@@ -32,6 +33,7 @@ def run(reps: int = 2, prompts: int = 8, group: int = 8, completion_len: int = 1
     from nanoseek.model.transformer import Transformer
     from nanoseek.tokenizer import train_tokenizer
     from nanoseek.train.grpo import GRPO, Options
+    from nanoseek.train.rollout import make_rollout
 
     questions = [s.prompt for s in mix(["add"], prompts, "train", 2, seed=0)]
     with tempfile.TemporaryDirectory() as d:
@@ -57,13 +59,16 @@ def run(reps: int = 2, prompts: int = 8, group: int = 8, completion_len: int = 1
             def encode_prompt(self, s):
                 return tok.encode(s.prompt, add_bos=True)
 
-        run_ = Bench(ours.train(), tok, o, reward_fn=reward_fn, eos_id=None)  # eos_id None: always completion_len
-        ours_times = []
-        for s in range(reps + 1):
-            t = time.perf_counter()
-            row = run_.step(s)
-            ours_times.append(time.perf_counter() - t)
-        assert row["response_len"] == completion_len
+        ours_times: dict[bool, list[float]] = {}
+        for compile in (False, True):  # the same start weights for both; the first step (compiling) is not timed
+            run_ = Bench(copy.deepcopy(ours).train(), tok, o, reward_fn=reward_fn, eos_id=None,  # always completion_len
+                         rollout_fn=make_rollout("engine", compile))
+            ours_times[compile] = []
+            for s in range(reps + 1):
+                t = time.perf_counter()
+                row = run_.step(s)
+                ours_times[compile].append(time.perf_counter() - t)
+            assert row["response_len"] == completion_len
 
         # ---------------------------------------------------------------- TRL
         hf_tok = AutoTokenizer.from_pretrained(f"{d}/model")
@@ -87,9 +92,15 @@ def run(reps: int = 2, prompts: int = 8, group: int = 8, completion_len: int = 1
                               args=args, train_dataset=data, processing_class=hf_tok, callbacks=[Timer()])
         trainer.train()
 
-    a, b = statistics.median(ours_times[1:]), statistics.median(times[1:])
-    return [Row(f"GRPO step ({preset}, {prompts} prompts x G={group}, {completion_len} new tokens, fp32, cpu)",
-                a, b, "s/step", b / a, "rollout + reward + loss + backward + AdamW; TRL without vLLM")]
+    b = statistics.median(times[1:])
+    what = f"({preset}, {prompts} prompts x G={group}, {completion_len} new tokens, fp32, cpu)"
+    note = "rollout + reward + loss + backward + AdamW; TRL without vLLM"
+    rows = []
+    for compile, label in ((False, ""), (True, ", compiled rollouts")):
+        a = statistics.median(ours_times[compile][1:])
+        extra = f"; --compile, first step with compiling {ours_times[compile][0]:.0f} s, not timed" if compile else ""
+        rows.append(Row(f"GRPO step{label} {what}", a, b, "s/step", b / a, note + extra))
+    return rows
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 
 from nanoseek.infer.sampling import SamplingParams, apply_repetition_penalty, sample
 from nanoseek.infer.speculative import mtp_forward, speculative_step
-from nanoseek.model.linear import cache_transposed, transposed_weights
+from nanoseek.model.linear import cache_transposed, copies_current, transposed_weights
 
 
 @dataclass
@@ -81,7 +81,7 @@ class _Seq:
 
 class Engine:
     def __init__(self, model: torch.nn.Module, tokenizer=None, max_batch: int = 64, max_len: int | None = None,
-                 dtype: torch.dtype | None = None, speculative: bool = False):
+                 dtype: torch.dtype | None = None, speculative: bool = False, compile: bool = False):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -94,6 +94,16 @@ class Engine:
         if self.device.type == "cpu":  # decode-sized matmuls run faster on [in, out] weights (model/linear.py);
             cache_transposed(model)     # a snapshot: build a new engine after changing the weights
         self._layers = model.config.num_hidden_layers
+        # compile: plain decode steps run through torch.compile (inductor), traced with a symbolic
+        # batch and key length, so a shrinking batch or a later engine on the same model reuses the
+        # code (up to 4 variants by batch size: the MoE path differs). Each variant compiles once per
+        # process (~30 s on a 2-core CPU); where compiling fails the step runs eagerly (dynamo's
+        # suppress_errors, with a warning). Prefill and speculative steps stay eager.
+        self._compiled = None
+        if compile:
+            import torch._dynamo
+            torch._dynamo.config.suppress_errors = True
+            self._compiled = torch.compile(model.forward, dynamic=True)
         self.active: list[_Seq] = []                   # row i of the cache <-> active[i]
         self.waiting: deque[tuple[RequestOutput, SamplingParams]] = deque()
         self.requests: dict[int, RequestOutput] = {}
@@ -143,8 +153,10 @@ class Engine:
             B = len(self.active)
             ids = torch.tensor([[s.last] for s in self.active], device=self.device)
             pos = torch.tensor([[s.pos] for s in self.active], device=self.device)
-            self.cache.rows = slice(0, B)
-            logits = self.model(ids, positions=pos, cache=self.cache)[:, -1]
+            self.cache.rows = None  # rows 0..B-1
+            # compiled code only while the decode copies it was traced with still match the weights
+            forward = self._compiled if self._compiled is not None and copies_current(self.model) else self.model
+            logits = forward(ids, positions=pos, cache=self.cache, kv_len=max(s.pos for s in self.active) + 1)[:, -1]
             for s in self.active:
                 s.pos += 1
             self._emit(logits, list(self.active), events)

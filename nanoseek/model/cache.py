@@ -33,12 +33,15 @@ class KVCache:
 
     def update(self, layer: int, positions: torch.Tensor, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Write values [B, T, ...] at positions [B, T] into `rows`; return those rows [B, limit, ...]."""
+        B, T = positions.shape
+        start = self.rows.start if self.rows is not None else 0
+        rows = torch.arange(start, start + B, device=positions.device).view(B, 1).expand(B, T)
         out = []
         for buf, val in zip(self.layers[layer], values):
-            buf = buf[self.rows if self.rows is not None else slice(0, val.shape[0])]
-            idx = positions.view(*positions.shape, *([1] * (val.dim() - 2))).expand_as(val)
-            buf.scatter_(1, idx, val.to(buf.dtype))
-            out.append(buf[:, : self.limit])
+            # an in-place write into the whole buffer, not into a slice of it: torch.compile then
+            # writes the B*T new rows in place instead of copying the cache around the write
+            buf.index_put_((rows, positions), val.to(buf.dtype))
+            out.append(buf[start:start + B, : self.limit])
         return tuple(out)
 
     def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, length: int | None = None) -> None:

@@ -23,7 +23,8 @@ _scope = threading.local()  # the server's engine runs in its own thread
 
 
 def _stamp(module: nn.Module) -> tuple:
-    return tuple((p._version, p.data_ptr()) for p in module.parameters(recurse=False))
+    # all parameters below the module: MLA's copies come from its child kv_b_proj
+    return tuple((p._version, p.data_ptr()) for p in module.parameters())
 
 
 def engine_copies(module: nn.Module) -> tuple[torch.Tensor, ...] | None:
@@ -32,7 +33,16 @@ def engine_copies(module: nn.Module) -> tuple[torch.Tensor, ...] | None:
     if not getattr(_scope, "on", False) or torch.is_grad_enabled():
         return None
     cached = module.__dict__.get("_engine_copies")  # not a buffer: never saved, moved or trained
-    return cached[0] if cached is not None and cached[1] == _stamp(module) else None
+    if cached is None:
+        return None
+    # torch.compile cannot trace version counters: the engine's compiled decode checks every
+    # module's stamp before each call instead (copies_current)
+    return cached[0] if torch.compiler.is_compiling() or cached[1] == _stamp(module) else None
+
+
+def copies_current(model: nn.Module) -> bool:
+    """Whether every decode-layout copy in the model still matches its module's parameters."""
+    return all(c[1] == _stamp(m) for m in model.modules() if (c := m.__dict__.get("_engine_copies")) is not None)
 
 
 class Linear(nn.Linear):

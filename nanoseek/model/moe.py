@@ -70,6 +70,29 @@ _GROUPED_MM = {"ok": hasattr(torch, "_grouped_mm")}
 DENSE_DECODE_MAX_BYTES = 1 << 30  # the engine's all-experts copies double the experts' memory
 
 
+@torch.library.custom_op("nanoseek::padded_experts", mutates_args=())
+def padded_experts(xs: torch.Tensor, expert: torch.Tensor, counts: torch.Tensor, gate: torch.Tensor,
+                   up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """xs [M, D] sorted by expert (expert [M] their ids, counts [E]) -> each row's FFN output [M, D].
+
+    All experts in three batched matmuls over zero-padded blocks of up to max-count tokens: for
+    few tokens per expert (decoding) the padding costs less than E small matmul calls. Tokens
+    are the blocks' columns (W [out, in] @ X^T): the weights' stored layout, which CPU batched
+    matmul runs ~2x faster than transposed weights. A custom op because the block size depends
+    on the routing: torch.compile sees one call with a static [M, D] result, not a graph break."""
+    E, cap = counts.shape[0], int(counts.max())
+    slot = torch.arange(len(xs), device=xs.device) - (counts.cumsum(0) - counts)[expert]  # column in its block
+    xt = xs.new_zeros(E, xs.shape[-1], cap)
+    xt[expert, :, slot] = xs                                              # [E, D, cap]
+    h = F.silu(torch.bmm(gate, xt)) * torch.bmm(up, xt)                   # [E, I, cap]
+    return torch.bmm(down, h)[expert, :, slot]                            # [M, D]
+
+
+@padded_experts.register_fake
+def _(xs, expert, counts, gate, up, down):
+    return torch.empty_like(xs)
+
+
 class Experts(nn.Module):
     """n routed SwiGLU experts stored stacked ([E, out, in]) so tokens run grouped by expert."""
 
@@ -110,35 +133,27 @@ class Experts(nn.Module):
         h = F.silu(gu[:, :, 0]).mul_(gu[:, :, 1]).mul_(w.unsqueeze(-1))  # [N, E, I]
         return h.view(N, E * I) @ down_t
 
-    def _padded_ffn(self, xs: torch.Tensor, counts: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
-        """All experts in three batched matmuls over zero-padded blocks of up to max-count tokens.
-        For few tokens per expert (decoding) the padding costs less than E small matmul calls.
-        Tokens are the blocks' columns (W [out, in] @ X^T): the weights' stored layout, which CPU
-        batched matmul runs ~2x faster than with transposed weights."""
-        E, cap = counts.shape[0], int(counts.max())
-        slot = torch.arange(len(xs), device=xs.device) - (counts.cumsum(0) - counts)[expert]  # column in its block
-        xt = xs.new_zeros(E, xs.shape[-1], cap)
-        xt[expert, :, slot] = xs                                          # [E, D, cap]
-        h = F.silu(torch.bmm(self.gate_proj, xt)) * torch.bmm(self.up_proj, xt)  # [E, I, cap]
-        return torch.bmm(self.down_proj, h)[expert, :, slot]             # [N*k, D]
-
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D], idx/weights [N, k] -> y [N, D], tokens per expert [E]."""
         N, k = idx.shape
         flat = idx.reshape(-1)
-        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0])
+        # (not bincount, whose output shape depends on the ids: torch.compile would break the graph)
+        counts = torch.zeros(self.gate_proj.shape[0], dtype=torch.long, device=x.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat))
         copies = engine_copies(self) if N <= 32 and N * k >= len(counts) else None
         if copies is not None:  # a decode step whose tokens touch most experts
             return self._dense_ffn(x, idx, weights, copies), counts
         order = flat.argsort(stable=True)                                 # token slots sorted by expert
         src, row_w = order // k, weights.reshape(-1)[order].to(x.dtype)  # each slot's token and routing weight
         grouped = x.is_cuda and _GROUPED_MM["ok"]
-        # decoding: <= 64 rows per expert on average; zero-padded batched matmuls measured faster on CPU
-        padded = 1 < N and N * k <= 64 * len(counts) and not torch.is_grad_enabled()
+        # decoding (<= 64 rows per expert on average): zero-padded batched matmuls measured faster on
+        # CPU; a compiled decode always takes them, as the per-expert loop below would break the graph
+        padded = not torch.is_grad_enabled() and (torch.compiler.is_compiling() or 1 < N and N * k <= 64 * len(counts))
         if not (grouped or padded):  # GEMMs per expert (on CPU faster than torch._grouped_mm)
             return expert_ffn(x, src, counts.tolist(), self.gate_proj, self.up_proj, self.down_proj, row_w), counts
         xs = x.index_select(0, src)                                      # [N*k, D], grouped by expert
-        ys = self._grouped_ffn(xs, counts) if grouped else self._padded_ffn(xs, counts, flat[order])
+        ys = (self._grouped_ffn(xs, counts) if grouped
+              else padded_experts(xs, flat[order], counts, self.gate_proj, self.up_proj, self.down_proj))
         y = torch.zeros_like(x).index_add_(0, src, ys * row_w.unsqueeze(-1))
         return y, counts
 

@@ -77,14 +77,17 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ forward
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                       cache: KVCache | None = None, doc_ids: torch.Tensor | None = None,
-                      absorb: bool | None = None) -> tuple[torch.Tensor, dict]:
-        """input_ids [B, T] -> final normed hidden [B, T, D], and the attention kwargs used."""
+                      absorb: bool | None = None, kv_len: int | None = None) -> tuple[torch.Tensor, dict]:
+        """input_ids [B, T] -> final normed hidden [B, T, D], and the attention kwargs used.
+        kv_len: with a cache, the keys visible this step (max position + 1); a caller that knows it
+        (the engine) saves a host sync and keeps the forward traceable by torch.compile."""
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        kv_len = None
-        if cache is not None:
-            kv_len = int(positions.max()) + 1
+        if cache is None:
+            kv_len = None
+        else:
+            kv_len = kv_len if kv_len is not None else int(positions.max()) + 1
             if kv_len > cache.max_len:
                 raise ValueError(f"position {kv_len - 1} is past the cache length {cache.max_len}")
             cache.limit = kv_len
@@ -98,9 +101,9 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, doc_ids: torch.Tensor | None = None,
-                absorb: bool | None = None) -> torch.Tensor:
+                absorb: bool | None = None, kv_len: int | None = None) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab]."""
-        h, _ = self.hidden_states(input_ids, positions, cache, doc_ids, absorb)
+        h, _ = self.hidden_states(input_ids, positions, cache, doc_ids, absorb, kv_len)
         return self.lm_head(h)
 
     def mtp_hidden(self, k: int, h_prev: torch.Tensor, next_ids: torch.Tensor, **attn_kw) -> torch.Tensor:

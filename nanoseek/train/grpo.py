@@ -51,6 +51,9 @@ class Options:
     top_k: int = field(default=0, metadata={"help": "rollout top-k (0 = off)"})
     top_p: float = field(default=1.0, metadata={"help": "rollout nucleus top-p (1 = off)"})
     rollout: str = field(default="engine", metadata={"help": "rollout backend: engine (built-in) or vllm (when installed)"})
+    compile: bool = field(default=False, metadata={
+        "help": "engine rollouts decode through torch.compile (tiny on a 2-core CPU: ~1.3x faster decoding "
+                "after ~1-2 min of compiling once per run)"})
     lr: float = field(default=2e-4, metadata={"help": "peak learning rate"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
     min_lr_ratio: float = field(default=1.0, metadata={"help": "final lr / peak (1 = constant, usual for RL)"})
@@ -321,7 +324,8 @@ def evaluate(model, tok, o: Options, n: int | None = None) -> dict:
     prompts = [make_prompt(tok, s.prompt, o.mode) for s in samples]
     comps = []
     for i in range(0, len(prompts), 64):
-        comps += engine_rollout(model, prompts[i:i + 64], 1, o.max_new_tokens, tok.eos_id, temperature=0.0, pad_id=tok.pad_id)
+        comps += engine_rollout(model, prompts[i:i + 64], 1, o.max_new_tokens, tok.eos_id, temperature=0.0,
+                                pad_id=tok.pad_id, compile=o.compile and o.rollout == "engine")
     rs = compute_rewards(samples, [tok.decode(c) for c in comps], reward_config(o))
     return {"eval_accuracy": sum(r.accuracy > 0 for r in rs) / len(rs), "eval_format": sum(r.format for r in rs) / len(rs)}
 
@@ -398,7 +402,7 @@ def grpo(o: Options) -> Path:
         plain = copy.deepcopy(model)
         model = distributed.wrap(model, o, distributed.world())
     # the reference (if beta > 0) is the *initial* model, also on resume
-    run = GRPO(model, tok, o, rollout_fn=make_rollout(o.rollout), plain=plain)
+    run = GRPO(model, tok, o, rollout_fn=make_rollout(o.rollout, o.compile), plain=plain)
     start, resume_step = 0, None
     if o.resume and (ckpt := latest_checkpoint(out / "checkpoints")) is not None:
         state = load_checkpoint(ckpt, model, run.optimizer)

@@ -7,6 +7,7 @@ any of them.
 """
 from __future__ import annotations
 
+import functools
 import os
 import random
 import tempfile
@@ -18,15 +19,17 @@ import torch
 
 def engine_rollout(model, prompts: list[list[int]], n: int, max_new_tokens: int, eos_id: int | None,
                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                   pad_id: int = 0) -> list[list[int]]:
+                   pad_id: int = 0, compile: bool = False) -> list[list[int]]:
     """n completions per prompt (prompt-major), each ending at (and including) eos, through
     nanoseek.infer.engine: continuous batching (finished sequences leave the batch), each prompt
     prefilled once and its cache shared by its n samples; the j-th sample of every prompt draws
-    from the stream seeded by (seed, j), so a prompt's completions do not depend on its batch."""
+    from the stream seeded by (seed, j), so a prompt's completions do not depend on its batch.
+    compile: decode through torch.compile (compiled once per process, reused by later rollouts)."""
     from nanoseek.infer.engine import Engine
     from nanoseek.infer.sampling import SamplingParams
     was_training = model.training
-    engine = Engine(model, max_batch=min(len(prompts) * n, 512), max_len=max(map(len, prompts)) + max_new_tokens)
+    engine = Engine(model, max_batch=min(len(prompts) * n, 512), max_len=max(map(len, prompts)) + max_new_tokens,
+                    compile=compile)
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_new_tokens,
                             stop_token_ids=[eos_id] if eos_id is not None else [], seed=seed, logprobs=False, n=n,
                             ignore_eos=eos_id is None)
@@ -128,11 +131,13 @@ class VLLMRollout:
 BACKENDS = ("engine", "vllm")
 
 
-def make_rollout(name: str):
-    """The rollout function for `--rollout NAME`."""
+def make_rollout(name: str, compile: bool = False):
+    """The rollout function for `--rollout NAME` (`compile`: the engine's torch.compile'd decode)."""
     if name == "engine":
-        return engine_rollout
+        return functools.partial(engine_rollout, compile=True) if compile else engine_rollout
     if name == "vllm":
+        if compile:
+            raise SystemExit("error: --compile applies to --rollout engine (vLLM compiles its own graphs)")
         try:
             import vllm  # noqa: F401
         except ImportError as e:
