@@ -21,7 +21,7 @@ import torch
 
 from nanoseek.infer.sampling import SamplingParams, apply_repetition_penalty, sample
 from nanoseek.infer.speculative import mtp_forward, speculative_step
-from nanoseek.model.linear import cache_transposed, copies_current, transposed_weights
+from nanoseek.model.linear import cache_transposed, transposed_weights
 
 
 @dataclass
@@ -91,8 +91,9 @@ class Engine:
         # the cache then also holds the MTP block's latent (layer num_hidden_layers)
         self.speculative = bool(speculative and len(getattr(model, "mtp", ())))
         self.cache = model.make_cache(max_batch, self.max_len, dtype=dtype, mtp=self.speculative)
+        self._copies_current = lambda: True
         if self.device.type == "cpu":  # decode-sized matmuls run faster on [in, out] weights (model/linear.py);
-            cache_transposed(model)     # a snapshot: build a new engine after changing the weights
+            self._copies_current = cache_transposed(model)  # a snapshot: build a new engine after changing the weights
         self._layers = model.config.num_hidden_layers
         # compile: plain decode steps run through torch.compile (inductor), traced with a symbolic
         # batch and key length, so a shrinking batch or a later engine on the same model reuses the
@@ -155,7 +156,7 @@ class Engine:
             pos = torch.tensor([[s.pos] for s in self.active], device=self.device)
             self.cache.rows = None  # rows 0..B-1
             # compiled code only while the decode copies it was traced with still match the weights
-            forward = self._compiled if self._compiled is not None and copies_current(self.model) else self.model
+            forward = self._compiled if self._compiled is not None and self._copies_current() else self.model
             logits = forward(ids, positions=pos, cache=self.cache, kv_len=max(s.pos for s in self.active) + 1)[:, -1]
             for s in self.active:
                 s.pos += 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +23,15 @@ from torch import nn
 _scope = threading.local()  # the server's engine runs in its own thread
 
 
-def _stamp(module: nn.Module) -> tuple:
-    # all parameters below the module: MLA's copies come from its child kv_b_proj
-    return tuple((p._version, p.data_ptr()) for p in module.parameters())
+def _slots(module: nn.Module) -> list[tuple[nn.Module, str]]:
+    """Where the parameters below a module live (MLA's copies come from its child kv_b_proj)."""
+    return [(m, name) for m in module.modules() for name, p in m._parameters.items() if p is not None]
+
+
+def _stamp(slots: list[tuple[nn.Module, str]]) -> tuple:
+    """Version and storage of the parameters now in those slots: an in-place change, a load or a
+    replaced parameter changes it. Per call a few µs, not a walk over the module tree."""
+    return tuple((p._version, p.data_ptr()) for p in (m._parameters[name] for m, name in slots))
 
 
 def engine_copies(module: nn.Module) -> tuple[torch.Tensor, ...] | None:
@@ -35,14 +42,9 @@ def engine_copies(module: nn.Module) -> tuple[torch.Tensor, ...] | None:
     cached = module.__dict__.get("_engine_copies")  # not a buffer: never saved, moved or trained
     if cached is None:
         return None
-    # torch.compile cannot trace version counters: the engine's compiled decode checks every
-    # module's stamp before each call instead (copies_current)
-    return cached[0] if torch.compiler.is_compiling() or cached[1] == _stamp(module) else None
-
-
-def copies_current(model: nn.Module) -> bool:
-    """Whether every decode-layout copy in the model still matches its module's parameters."""
-    return all(c[1] == _stamp(m) for m in model.modules() if (c := m.__dict__.get("_engine_copies")) is not None)
+    if torch.compiler.is_compiling():  # dynamo cannot trace version counters: the engine's compiled
+        return cached[0]               # decode checks every copy before each call (cache_transposed's check)
+    return cached[0] if cached[2] == _stamp(cached[1]) else None
 
 
 class Linear(nn.Linear):
@@ -57,13 +59,20 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-def cache_transposed(model: nn.Module) -> None:
-    """Give every module of the model that offers them its decode-layout copies (CPU inference)."""
+def cache_transposed(model: nn.Module) -> Callable[[], bool]:
+    """Give every module of the model that offers them its decode-layout copies (CPU inference).
+    Returns a check that these copies still match the weights (one pass over all their slots)."""
+    every = []
     for m in model.modules():
         make = getattr(m, "decode_copies", None)
         copies = make() if make is not None else None
         if copies is not None:
-            m.__dict__["_engine_copies"] = (copies, _stamp(m))
+            slots = _slots(m)
+            m.__dict__["_engine_copies"] = (copies, slots, _stamp(slots))
+            every += slots
+    every = list(dict.fromkeys(every))  # MLA's slots include its kv_b_proj's
+    stamp = _stamp(every)
+    return lambda: _stamp(every) == stamp
 
 
 @contextlib.contextmanager
