@@ -325,7 +325,7 @@ def evaluate(model, tok, o: Options, n: int | None = None) -> dict:
     comps = []
     for i in range(0, len(prompts), 64):
         comps += engine_rollout(model, prompts[i:i + 64], 1, o.max_new_tokens, tok.eos_id, temperature=0.0,
-                                pad_id=tok.pad_id, compile=o.compile and o.rollout == "engine")
+                                pad_id=tok.pad_id, compile=o.compile)
     rs = compute_rewards(samples, [tok.decode(c) for c in comps], reward_config(o))
     return {"eval_accuracy": sum(r.accuracy > 0 for r in rs) / len(rs), "eval_format": sum(r.format for r in rs) / len(rs)}
 
