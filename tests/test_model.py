@@ -342,18 +342,21 @@ def test_chunked_head_loss_equals_plain_cross_entropy(model_cls, monkeypatch):
 
 
 @pytest.mark.parametrize("model_cls", ["moe", "dense"])
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_chunked_token_logprobs_equal_plain_log_softmax(model_cls, temperature, monkeypatch):
+@pytest.mark.parametrize("temperature,masked", [(1.0, False), (0.7, False), (0.7, True)])
+def test_chunked_token_logprobs_equal_plain_log_softmax(model_cls, temperature, masked, monkeypatch):
     """GRPO's per-token log-probs go through the head in row chunks, recomputing each chunk's logits
     in backward: log-probs, entropy and the gradients of a loss mixing them non-linearly (as GRPO's
-    ratio does) equal plain logits -> log_softmax (float64, 3 chunks), with the MTP CE on a mask."""
+    ratio does) equal plain logits -> log_softmax (float64, 3 chunks), with the MTP CE on a mask.
+    With a mask, the head runs on the set positions only and the others read 0."""
     from nanoseek.model import head_loss
     monkeypatch.setattr(head_loss, "CHUNK_ROWS", 7)
     model = _fp64_model(model_cls, seed=1)
     ids, tgt = torch.randint(0, 97, (2, 10)), torch.randint(0, 97, (2, 10))
     mtp_mask = (torch.rand(2, 9) > 0.3).double()
-    w = torch.randn(2, 10, dtype=torch.float64)
-    logp, ent, mtp = model.token_logprobs(ids, tgt, temperature, entropy=True, mtp_mask=mtp_mask)
+    keep = torch.rand(2, 10) > 0.4 if masked else torch.ones(2, 10, dtype=torch.bool)
+    w = torch.randn(2, 10, dtype=torch.float64) * keep
+    logp, ent, mtp = model.token_logprobs(ids, tgt, temperature, entropy=True, mtp_mask=mtp_mask,
+                                          mask=keep.double() if masked else None)
     got = (w * logp.exp()).sum() + (0.5 * mtp if mtp is not None else 0)
     ga = torch.autograd.grad(got, list(model.parameters()), allow_unused=True)
 
@@ -369,8 +372,8 @@ def test_chunked_token_logprobs_equal_plain_log_softmax(model_cls, temperature, 
     else:
         assert mtp is None
     gb = torch.autograd.grad(want, list(model.parameters()), allow_unused=True)
-    torch.testing.assert_close(logp, want_logp, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(ent, -(logp_all.exp() * logp_all).sum(-1), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(logp, want_logp * keep, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ent, -(logp_all.exp() * logp_all).sum(-1) * keep, rtol=1e-10, atol=1e-10)
     assert not ent.requires_grad
     _assert_same_grads(model, ga, gb)
 

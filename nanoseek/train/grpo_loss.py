@@ -92,6 +92,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
 
 def policy_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, temperature: float, mtp_weight: float = 0.0,
                     entropy: bool = False):
-    """Per-token log-probs of ids[:, 1:] [B, T-1]; entropy; the MTP CE on the masked tokens."""
+    """Per-token log-probs of ids[:, 1:] [B, T-1] where mask [B, T-1] is set (0 elsewhere); entropy;
+    the MTP CE on the masked tokens."""
     mtp_mask = mask[:, 1:] if mtp_weight and ids.shape[1] > 2 else None
-    return model.token_logprobs(ids[:, :-1], ids[:, 1:], temperature, entropy, mtp_mask)
+    return model.token_logprobs(ids[:, :-1], ids[:, 1:], temperature, entropy, mtp_mask, mask)
