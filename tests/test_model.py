@@ -378,6 +378,40 @@ def test_chunked_token_logprobs_equal_plain_log_softmax(model_cls, temperature, 
     _assert_same_grads(model, ga, gb)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_head_logprob_gradients_formed_in_forward(masked, monkeypatch):
+    """On-policy GRPO knows the log-probs' gradient before the forward (grad_hint): the head then
+    forms its gradients during the forward, with one head matmul per chunk instead of two. They equal
+    backward's recomputed ones; a different gradient arriving falls back to the recompute."""
+    from types import SimpleNamespace
+
+    from nanoseek.model import head_loss
+    monkeypatch.setattr(head_loss, "CHUNK_ROWS", 7)
+    calls = []
+    monkeypatch.setattr(head_loss, "F", SimpleNamespace(linear=lambda *a: calls.append(1) or F.linear(*a)))
+    model = _fp64_model("moe", seed=2)
+    ids, tgt = torch.randint(0, 97, (2, 10)), torch.randint(0, 97, (2, 10))
+    keep = torch.rand(2, 10) > 0.4 if masked else torch.ones(2, 10, dtype=torch.bool)
+    w = torch.randn(2, 10, dtype=torch.float64) * keep
+    chunks = math.ceil(int(keep.sum()) / 7)
+
+    def grads(hint, scale):
+        calls.clear()
+        logp = model.token_logprobs(ids, tgt, 0.7, entropy=True, mask=keep.double() if masked else None,
+                                    grad_hint=hint)[0]
+        out = torch.autograd.grad((logp * w * scale).sum(), list(model.parameters()), allow_unused=True)
+        return out, len(calls)
+
+    want, n = grads(None, 1.0)
+    assert n == 2 * chunks
+    got, n = grads(w, 1.0)
+    assert n == chunks
+    _assert_same_grads(model, got, want)
+    got, n = grads(w, 2.0)  # not the gradient promised: recomputed
+    assert n == 2 * chunks
+    _assert_same_grads(model, got, [None if g is None else 2 * g for g in want])
+
+
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 10_000), rows=st.integers(1, 12), dim=st.integers(1, 24))
 def test_rmsnorm_backward_matches_autograd(seed, rows, dim):

@@ -7,7 +7,9 @@ step. Here at most one chunk of logits exists at a time:
 - CE: each chunk goes head -> fp32 log-softmax -> loss and, when a gradient is wanted, straight on
   to its gradients for the hidden rows and the head weight; backward only scales them.
 - log-probs: the loss that uses them is not known yet, so forward keeps one log-sum-exp per row
-  and backward recomputes each chunk's logits (one more head matmul instead of three [N, V] tensors).
+  and backward recomputes each chunk's logits (one more head matmul instead of three [N, V] tensors),
+  unless the caller knows the gradient in advance (on-policy GRPO): then forward forms them as the
+  CE does.
 """
 from __future__ import annotations
 
@@ -77,59 +79,86 @@ def masked_head_ce(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     return _HeadCE.apply(h.to(dt), weight.to(dt), targets, scale, want_grad)
 
 
+def _logprob_grads(dh, dw, a, p, t, g, rows, weight) -> None:
+    """One chunk's gradients of sum_i g_i log p_i(t_i) w.r.t. z = logits / temperature, pushed on to
+    dh[a:a+n] and dw: dz = g * (onehot(t) - p), written over the softmax p [n, V]. g [n] already
+    holds the 1 / temperature of dz / dlogits."""
+    dz = p.mul_(-g.unsqueeze(1))
+    dz[torch.arange(len(t), device=t.device), t] += g
+    dz = dz.to(rows.dtype)
+    if dh is not None:
+        torch.mm(dz, weight, out=dh[a:a + len(rows)])
+    if dw is not None:
+        _add_weight_grad(dw, dz, rows)
+
+
 class _HeadLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, temperature, with_entropy):
+    def forward(ctx, h, weight, targets, temperature, with_entropy, grad_hint):
         """h [N, D], weight [V, D], targets [N] -> log softmax(h weight^T / temperature)[target] [N]
-        and the entropy of that distribution [N] (without gradient; empty unless asked)."""
+        and the entropy of that distribution [N] (without gradient; empty unless asked).
+
+        grad_hint [N] or None: the gradient the caller will send back for the log-probs, when it is
+        known before the forward (on-policy GRPO). The gradients are then formed here from each
+        chunk's softmax, as for the CE, and backward returns them if that gradient arrives: the
+        head matmul that backward would redo to get the softmax back is saved."""
         acc = torch.promote_types(h.dtype, torch.float32)
         logp = h.new_empty(h.shape[0], dtype=acc)
         lse = torch.empty_like(logp)
         ent = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
+        want_h, want_w = ctx.needs_input_grad[:2]
+        early = grad_hint is not None and (want_h or want_w)
+        dh = torch.empty_like(h) if early and want_h else None
+        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if early and want_w else None
         for a in range(0, h.shape[0], CHUNK_ROWS):
-            z = F.linear(h[a:a + CHUNK_ROWS], weight).to(acc).div_(temperature)  # [n, V]
+            rows, t = h[a:a + CHUNK_ROWS], targets[a:a + CHUNK_ROWS]
+            z = F.linear(rows, weight).to(acc).div_(temperature)          # [n, V]
             m = lse[a:a + CHUNK_ROWS]
             torch.logsumexp(z, -1, out=m)
-            logp[a:a + CHUNK_ROWS] = z.gather(1, targets[a:a + CHUNK_ROWS].unsqueeze(1)).squeeze(1) - m
-            if with_entropy:  # H = lse - sum_j p_j z_j
-                ent[a:a + CHUNK_ROWS] = m - (z - m.unsqueeze(1)).exp_().mul_(z).sum(-1)
-        ctx.save_for_backward(h, weight, targets, lse)
+            logp[a:a + CHUNK_ROWS] = z.gather(1, t.unsqueeze(1)).squeeze(1) - m
+            if with_entropy or early:
+                p = (z.sub(m.unsqueeze(1)) if with_entropy else z.sub_(m.unsqueeze(1))).exp_()  # softmax [n, V]
+                if with_entropy:  # H = lse - sum_j p_j z_j
+                    ent[a:a + CHUNK_ROWS] = m - torch.linalg.vecdot(p, z)
+                if early:
+                    _logprob_grads(dh, dw, a, p, t, grad_hint[a:a + CHUNK_ROWS] / temperature, rows, weight)
+        ctx.save_for_backward(h, weight, targets, lse, grad_hint if early else None, dh,
+                              None if dw is None else dw.to(weight.dtype))
         ctx.temperature = temperature
         ctx.mark_non_differentiable(ent)
         return logp, ent
 
     @staticmethod
     def backward(ctx, grad, _):
-        h, weight, targets, lse = ctx.saved_tensors
+        h, weight, targets, lse, hint, dh, dw = ctx.saved_tensors
+        if hint is not None and torch.equal(grad, hint):
+            return dh, dw, None, None, None, None
         want_h, want_w = ctx.needs_input_grad[:2]
         dh = torch.empty_like(h) if want_h else None
         dw = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if want_w else None
         g = grad / ctx.temperature                                          # d z / d logits = 1 / temperature
         for a in range(0, h.shape[0], CHUNK_ROWS):
-            rows, t, gc = h[a:a + CHUNK_ROWS], targets[a:a + CHUNK_ROWS], g[a:a + CHUNK_ROWS]
+            rows, t = h[a:a + CHUNK_ROWS], targets[a:a + CHUNK_ROWS]
             z = F.linear(rows, weight).to(lse.dtype).div_(ctx.temperature)
-            # d logp_i / d z_ij = onehot(t_i)_j - softmax(z_i)_j
-            dz = (z - lse[a:a + CHUNK_ROWS].unsqueeze(1)).exp_().mul_(-gc.unsqueeze(1))
-            dz[torch.arange(len(t), device=t.device), t] += gc
-            dz = dz.to(h.dtype)
-            if want_h:
-                torch.mm(dz, weight, out=dh[a:a + CHUNK_ROWS])
-            if want_w:
-                _add_weight_grad(dw, dz, rows)
-        return dh, None if dw is None else dw.to(weight.dtype), None, None, None
+            p = z.sub_(lse[a:a + CHUNK_ROWS].unsqueeze(1)).exp_()
+            _logprob_grads(dh, dw, a, p, t, g[a:a + CHUNK_ROWS], rows, weight)
+        return dh, None if dw is None else dw.to(weight.dtype), None, None, None, None
 
 
 def head_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                  entropy: bool = False, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  entropy: bool = False, mask: torch.Tensor | None = None,
+                  grad_hint: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(target) [...] (fp32) with pi = softmax(h [..., D] @ weight [V, D]^T / temperature),
     and with `entropy` the entropy of pi per position [...] (a diagnostic: no gradient). With a
-    mask [...], only the positions where it is set are computed; the others read 0."""
+    mask [...], only the positions where it is set are computed; the others read 0. grad_hint
+    [...]: the gradient backward will bring for these log-probs, if known now (see _HeadLogProbs)."""
     shape, dt = targets.shape, compute_dtype(h)
     h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    hint = None if grad_hint is None else grad_hint.reshape(-1).to(torch.promote_types(dt, torch.float32))
     keep = None if mask is None else _kept_rows(mask.reshape(-1))
     if keep is not None:
-        h, targets = h.index_select(0, keep), targets[keep]
-    logp, ent = _HeadLogProbs.apply(h.to(dt), weight.to(dt), targets, float(temperature), entropy)
+        h, targets, hint = h.index_select(0, keep), targets[keep], None if hint is None else hint[keep]
+    logp, ent = _HeadLogProbs.apply(h.to(dt), weight.to(dt), targets, float(temperature), entropy, hint)
     if keep is not None:  # back to every position, 0 where masked
         spread = lambda x: x.new_zeros(shape.numel()).index_put((keep,), x)  # noqa: E731
         logp, ent = spread(logp), spread(ent) if entropy else ent

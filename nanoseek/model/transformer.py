@@ -114,14 +114,16 @@ class Transformer(nn.Module):
         return self.lm_head(self.mtp[k - 1].head_norm(h))
 
     def token_logprobs(self, input_ids: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                       entropy: bool = False, mtp_mask: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+                       entropy: bool = False, mtp_mask: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                       grad_hint: torch.Tensor | None = None):
         """Per-token log pi(targets) [B, T] (fp32, pi = softmax(logits / temperature)) through the
         chunked head (no [B, T, V] logits are kept); the entropy of pi [B, T] when asked (no grad);
-        with mask [B, T], both only where it is set (0 elsewhere);
+        with mask [B, T], both only where it is set (0 elsewhere); grad_hint [B, T]: the gradient the
+        log-probs will get, when known before the forward (`head_logprobs`);
         with mtp_mask [B, T-1], the depth-1 MTP CE on targets[:, 1:] from a detached trunk (GRPO:
         MTP learns the policy's own next-next token without pulling the policy), else None."""
         h, kw = self.hidden_states(input_ids)
-        logp, ent = head_logprobs(h, self.lm_head.weight, targets, temperature, entropy, mask)
+        logp, ent = head_logprobs(h, self.lm_head.weight, targets, temperature, entropy, mask, grad_hint)
         T = input_ids.shape[1] - 1
         if mtp_mask is None or not len(self.mtp) or T < 1:
             return logp, ent, None

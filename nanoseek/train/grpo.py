@@ -27,7 +27,7 @@ import torch
 from nanoseek.model.moe import balance_losses, moe_layers, update_balancing_bias
 from nanoseek.parallel.parallelize import all_reduce_sum
 from nanoseek.train import distributed
-from nanoseek.train.grpo_loss import group_advantages, grpo_loss, normalizer, policy_logprobs
+from nanoseek.train.grpo_loss import group_advantages, grpo_loss, normalizer, on_policy_weights, policy_logprobs
 from nanoseek.train.rollout import engine_rollout, make_rollout
 
 POSITIONAL = (("model", "model directory (HF layout with tokenizer): the SFT model (r1) or a base model (r1-zero); "
@@ -254,6 +254,7 @@ class GRPO:
         ref_logp = self._frozen_logprobs(self.ref, ids, mask) if self.ref is not None else None
         # mu = 1: the old policy *is* the current one, ratio = 1 exactly (old = current.detach())
         old_logp = self._frozen_logprobs(model, ids, mask) if o.mu > 1 else None
+        on_policy = old_logp is None and (ref_logp is None or o.beta == 0)  # ratio == 1, no KL term
         norm = normalizer(mask, o.loss_agg, o.max_new_tokens)
         n_tok = mask.sum().clamp_min(1.0)
         W = self.world
@@ -270,12 +271,17 @@ class GRPO:
             finite = True
             for i in range(0, len(ids), o.micro_batch):
                 sl = slice(i, i + o.micro_batch)
-                logp, ent, mtp = policy_logprobs(model, ids[sl], mask[sl], o.temperature, o.mtp_weight, entropy=True)
+                norm_sl = norm[sl] if norm.dim() == 1 else norm
+                # on policy the log-probs' gradient is known before the forward: the head forms it there
+                w = on_policy_weights(adv[sl], mask[sl], norm_sl) * W if on_policy else None
+                logp, ent, mtp = policy_logprobs(model, ids[sl], mask[sl], o.temperature, o.mtp_weight, entropy=True,
+                                                 grad_hint=w)
                 old = old_logp[sl] if old_logp is not None else logp.detach()
-                loss, st = grpo_loss(logp, old, adv[sl], mask[sl], norm[sl] if norm.dim() == 1 else norm,
+                loss, st = grpo_loss(logp if w is None else old, old, adv[sl], mask[sl], norm_sl,
                                      ref_logp[sl] if ref_logp is not None else None, o.beta, o.eps_low, o.eps_high)
-                if mtp is not None:
-                    loss = loss + o.mtp_weight * mtp * (mask[sl].sum() / n_tok)
+                mtp_loss = o.mtp_weight * mtp * (mask[sl].sum() / n_tok) if mtp is not None else 0.0
+                loss = loss + mtp_loss
+                objective = loss * W if w is None else (logp * w).sum() + mtp_loss * W  # the same gradient
                 bal = balance_losses(model)  # a per-rank mean: the wrappers' average makes it the global one
                 bal = bal * (len(ids[sl]) / len(ids)) if bal is not None else loss.new_zeros(())
                 if W > 1:  # every rank must take the same branch (a backward is collective)
@@ -287,7 +293,7 @@ class GRPO:
                                                  "lower --lr, check rewards for NaN, or use --nan-policy skip")
                     finite = False
                     break
-                (loss * W + bal).backward()
+                (objective + bal).backward()
                 sums["loss"] += (loss.item() + bal.item() / W) / o.mu  # summed over the ranks below
                 for k in ("kl", "clipped"):
                     sums[k] += st[k].item() / n_tok.item() / o.mu

@@ -90,9 +90,17 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     return loss, stats
 
 
+def on_policy_weights(advantages: torch.Tensor, mask: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """d loss / d logp [B, T] of `grpo_loss` when old = current and there is no KL term (one update
+    per rollout, beta = 0): the ratio is exactly 1, so nothing is clipped and the gradient is that
+    of the advantage-weighted log-likelihood sum_t w_t logp_t with w_t = -A * mask_t / norm."""
+    w = -advantages.unsqueeze(-1) * mask.float()
+    return w / (norm.unsqueeze(-1) if norm.dim() == 1 else norm)
+
+
 def policy_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, temperature: float, mtp_weight: float = 0.0,
-                    entropy: bool = False):
+                    entropy: bool = False, grad_hint: torch.Tensor | None = None):
     """Per-token log-probs of ids[:, 1:] [B, T-1] where mask [B, T-1] is set (0 elsewhere); entropy;
-    the MTP CE on the masked tokens."""
+    the MTP CE on the masked tokens. grad_hint [B, T-1]: the gradient the log-probs will get (on policy)."""
     mtp_mask = mask[:, 1:] if mtp_weight and ids.shape[1] > 2 else None
-    return model.token_logprobs(ids[:, :-1], ids[:, 1:], temperature, entropy, mtp_mask, mask)
+    return model.token_logprobs(ids[:, :-1], ids[:, 1:], temperature, entropy, mtp_mask, mask, grad_hint)
