@@ -242,8 +242,9 @@ class GRPO:
     def _frozen_logprobs(self, net, ids, mask) -> torch.Tensor:
         was = net.training
         net.eval()  # eval: MoE layers do not count this forward's load
-        out = torch.cat([policy_logprobs(net, ids[i:i + self.o.micro_batch], mask[i:i + self.o.micro_batch], self.o.temperature)[0]
-                         for i in range(0, len(ids), self.o.micro_batch)])
+        mb = self.o.micro_batch
+        out = torch.cat([policy_logprobs(net, ids[i:i + mb], mask[i:i + mb], self.o.temperature)[0]
+                         for i in range(0, len(ids), mb)])
         net.train(was)
         return out
 
