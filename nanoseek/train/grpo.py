@@ -255,7 +255,7 @@ class GRPO:
         ref_logp = self._frozen_logprobs(self.ref, ids, mask) if self.ref is not None else None
         # mu = 1: the old policy *is* the current one, ratio = 1 exactly (old = current.detach())
         old_logp = self._frozen_logprobs(model, ids, mask) if o.mu > 1 else None
-        on_policy = old_logp is None and (ref_logp is None or o.beta == 0)  # ratio == 1, no KL term
+        on_policy = old_logp is None and ref_logp is None  # ratio == 1, no KL term (a reference exists iff beta > 0)
         norm = normalizer(mask, o.loss_agg, o.max_new_tokens)
         n_tok = mask.sum().clamp_min(1.0)
         W = self.world
