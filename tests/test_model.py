@@ -312,16 +312,19 @@ def _assert_same_grads(model, got, want) -> None:
 
 
 @pytest.mark.parametrize("model_cls", ["moe", "dense"])
-def test_chunked_head_loss_equals_plain_cross_entropy(model_cls, monkeypatch):
+@pytest.mark.parametrize("masked", [True, False])
+def test_chunked_head_loss_equals_plain_cross_entropy(model_cls, masked, monkeypatch):
     """The training loss computes the head's CE in row chunks with its gradients formed early; loss
     and every parameter gradient equal plain logits -> F.cross_entropy (float64, 3 chunks, a mask
-    with holes, MTP included)."""
+    with holes or no mask at all (every row, without row selection), MTP included)."""
     from nanoseek.model import head_loss
     monkeypatch.setattr(head_loss, "CHUNK_ROWS", 7)
     model = _fp64_model(model_cls, seed=0)
     ids, tgt = torch.randint(0, 97, (2, 10)), torch.randint(0, 97, (2, 10))
-    mask = (torch.rand(2, 10) > 0.3).float()
-    got = model.loss(ids, tgt, mask)
+    mask = (torch.rand(2, 10) > 0.3).float() if masked else torch.ones(2, 10)
+    if not masked:  # every row: no row selection (its nonzero() is a host sync on a GPU)
+        monkeypatch.setattr(head_loss, "_kept_rows", lambda m: pytest.fail("rows selected without a mask"))
+    got = model.loss(ids, tgt, mask if masked else None)
     ga = torch.autograd.grad(got["loss"], list(model.parameters()), allow_unused=True)
 
     def ce(logits, t, m):
@@ -338,7 +341,8 @@ def test_chunked_head_loss_equals_plain_cross_entropy(model_cls, monkeypatch):
     torch.testing.assert_close(got["loss"], want, rtol=1e-12, atol=1e-12)
     _assert_same_grads(model, ga, gb)
     with torch.no_grad():  # evaluation: no gradients formed, same value
-        torch.testing.assert_close(model.loss(ids, tgt, mask)["loss"], want.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(model.loss(ids, tgt, mask if masked else None)["loss"], want.detach(),
+                                   rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("model_cls", ["moe", "dense"])

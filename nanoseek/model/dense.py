@@ -83,9 +83,8 @@ class DenseTransformer(nn.Module):
     token_logprobs = Transformer.token_logprobs
 
     def loss(self, input_ids, targets, loss_mask=None, doc_ids=None, mtp_weight: float = 0.0):
-        mask = torch.ones_like(targets, dtype=torch.float32) if loss_mask is None else loss_mask.float()
         h, _ = self.hidden_states(input_ids, doc_ids=doc_ids)
-        lm = masked_head_ce(h, self.lm_head.weight, targets, mask)
+        lm = masked_head_ce(h, self.lm_head.weight, targets, None if loss_mask is None else loss_mask.float())
         return {"loss": lm, "lm_loss": lm}
 
     def num_parameters(self, active: bool = False, include_mtp: bool = False) -> int:

@@ -65,13 +65,18 @@ def _kept_rows(mask: torch.Tensor) -> torch.Tensor | None:
     return None if len(keep) == len(mask) else keep
 
 
-def masked_head_ce(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_head_ce(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Mean CE of the head's logits (h [..., D] @ weight [V, D]^T) at the targets [...] where
-    mask [...] is set (0/1 floats); 0 when the mask is empty."""
+    mask [...] is set (0/1 floats); 0 when the mask is empty. mask None: every position (no row
+    selection, so no host sync on a GPU)."""
     h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
-    mask = mask.reshape(-1).to(torch.promote_types(h.dtype, torch.float32))  # the loss's dtype
-    scale = mask / mask.sum().clamp_min(1.0)
-    keep = _kept_rows(mask)
+    acc = torch.promote_types(h.dtype, torch.float32)                    # the loss's dtype
+    if mask is None:
+        scale, keep = h.new_full((h.shape[0],), 1.0 / max(h.shape[0], 1), dtype=acc), None
+    else:
+        mask = mask.reshape(-1).to(acc)
+        scale = mask / mask.sum().clamp_min(1.0)
+        keep = _kept_rows(mask)
     if keep is not None:
         h, targets, scale = h.index_select(0, keep), targets[keep], scale[keep]
     want_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)

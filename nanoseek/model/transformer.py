@@ -141,7 +141,7 @@ class Transformer(nn.Module):
         position i, so its inputs/targets are the sequence shifted by k (within one document).
         """
         B, T = input_ids.shape
-        mask = torch.ones_like(targets, dtype=torch.float32) if loss_mask is None else loss_mask.float()
+        mask = None if loss_mask is None else loss_mask.float()  # None: every target (no row selection)
         h, kw = self.hidden_states(input_ids, doc_ids=doc_ids)
         lm = masked_head_ce(h, self.lm_head.weight, targets, mask)
         out = {"lm_loss": lm}
@@ -152,11 +152,12 @@ class Transformer(nn.Module):
             if T - k < 1:
                 break
             # position i (< T-k) sees token t_{i+k} = input_ids[:, i+k] and predicts targets[:, i+k]
-            m = mask[:, k:]
+            m = None if mask is None else mask[:, k:]
             d = None
-            if doc_ids is not None:
+            if doc_ids is not None:  # no prediction across a document boundary
                 d = doc_ids[:, :T - k]
-                m = m * (doc_ids[:, k:] == d).float()
+                same = (doc_ids[:, k:] == d).float()
+                m = same if m is None else m * same
             sub_pos = kw["positions"][:, :T - k]
             cos, sin = kw["cos"][:, :T - k], kw["sin"][:, :T - k]
             h_k = self.mtp_hidden(k, h_prev[:, :T - k], input_ids[:, k:], rotary=self.rotary, cos=cos, sin=sin,
