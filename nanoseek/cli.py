@@ -19,6 +19,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from nanoseek.errors import UsageError
+
 # subcommand -> (module, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
     "speedrun": ("nanoseek.speedrun", "the whole R1 recipe end to end, with a report"),
@@ -145,6 +147,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nanoseek",
         description="nanoseek: DeepSeek-V3 / R1 — pretrain, SFT, GRPO, distil, evaluate and serve, on a laptop CPU or many GPUs.",
+        epilog="Errors in what you give (paths, names, files) print one line and exit 2; add --debug for the traceback.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, desc) in COMMANDS.items():
@@ -171,7 +174,28 @@ def parse_command(name: str, module, argv: list[str], desc: str = ""):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A user's mistake (UsageError, or a stage's SystemExit with a message) prints one
+    line and exits 2; `nanoseek --debug COMMAND ...` lets the traceback through instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if debug:
+        argv.remove("--debug")
+    try:
+        return _main(argv)
+    except UsageError as e:
+        if debug:
+            raise
+        print(f"nanoseek {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:
+        if debug or not isinstance(e.code, str):
+            raise
+        msg = e.code.removeprefix("error: ")
+        print(msg if msg.startswith(("nanoseek", argv[0])) else f"nanoseek {argv[0]}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str]) -> int:
     top = make_parser()
     if not argv or argv[0] in ("-h", "--help"):
         top.print_help()
