@@ -61,7 +61,7 @@ def run(reps: int = 2, prompts: int = 8, group: int = 8, completion_len: int = 1
 
         ours_times: dict[bool, list[float]] = {}
         for compile in (False, True):  # the same start weights for both; the first step (compiling) is not timed
-            run_ = Bench(copy.deepcopy(ours).train(), tok, o, reward_fn=reward_fn, eos_id=None,  # always completion_len
+            run_ = Bench(copy.deepcopy(ours).train(), tok, o, reward_fn=reward_fn, stop_ids=None,  # always completion_len
                          rollout_fn=make_rollout("engine", compile))
             ours_times[compile] = []
             for s in range(reps + 1):

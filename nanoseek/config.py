@@ -13,14 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nanoseek.errors import MissingPathError, UsageError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(UsageError):
     """A checkpoint that cannot be loaded; the message says which file/tensor and why."""
 
 
 def _check(cond: bool, field_name: str, why: str) -> None:
     if not cond:
-        raise ValueError(f"invalid config: {field_name}: {why}")
+        raise UsageError(f"invalid config: {field_name}: {why}")
 
 
 def _rope_from_parameters(d: dict[str, Any]) -> dict[str, Any]:
@@ -305,7 +307,7 @@ def config_from_dict(d: dict[str, Any]) -> ModelConfig | DenseConfig:
         return ModelConfig.from_dict(d)
     if mt == "qwen2" or "Qwen2ForCausalLM" in archs:
         return DenseConfig.from_dict(d)
-    raise ValueError(
+    raise CheckpointError(
         f"unknown architecture (model_type={mt!r}, architectures={archs}): "
         "nanoseek loads DeepseekV3ForCausalLM and Qwen2ForCausalLM checkpoints")
 
@@ -315,7 +317,7 @@ def load_config(path: str | Path) -> ModelConfig | DenseConfig:
     if p.is_dir():
         p = p / "config.json"
     if not p.exists():
-        raise FileNotFoundError(f"no config.json at {p}: is this a model directory saved by save_pretrained?")
+        raise MissingPathError(f"no config.json at {p}: is this a model directory saved by save_pretrained?")
     try:
         d = json.loads(p.read_text())
     except json.JSONDecodeError as e:

@@ -10,3 +10,7 @@ from __future__ import annotations
 
 class UsageError(ValueError):
     """A problem with what the user gave (paths, names, files, options), not a bug in nanoseek."""
+
+
+class MissingPathError(UsageError, FileNotFoundError):
+    """A file or directory the user named does not exist (or is not what it should be)."""

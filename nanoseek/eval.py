@@ -23,9 +23,10 @@ from typing import Callable
 
 import torch
 
-from nanoseek.data.chat import BOS, format_r1_zero_prompt
+from nanoseek.data.chat import describe_template, opens_think, question_prompt
 from nanoseek.data.tasks import Sample, get_task, list_tasks
 from nanoseek.rewards import compute_reward
+from nanoseek.tokenizer import load_tokenizer
 
 METRICS = ("pass@1", "greedy", "cons@k", "mean_len", "format_error")
 
@@ -72,21 +73,15 @@ def score_question(sample: Sample, completions: list[Completion], opened_think: 
             "answers": [r.answer for r in rewards], "correct": correct}
 
 
-def build_prompt(sample: Sample, template: str, tokenizer=None) -> str:
-    """The prompt text, ending with an opened think block in both templates."""
-    if template == "r1":
-        messages = [{"role": "user", "content": sample.prompt}]
-        if tokenizer is not None:
-            return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        from nanoseek.data.chat import render_chat
-        return render_chat(messages, add_generation_prompt=True)
-    if template == "r1-zero":
-        return BOS + format_r1_zero_prompt(sample.prompt)
-    raise ValueError(f"template must be 'r1' or 'r1-zero', got {template!r}")
 
 
 # --------------------------------------------------------------------------------------------
 # generation on the batched engine
+
+def build_prompt(sample: Sample, template: str, tokenizer=None) -> str:
+    """The prompt a test question is asked with (tokenizer None: nanoseek's own chat format)."""
+    return question_prompt(tokenizer, sample.prompt, template)
+
 
 def model_generator(model: torch.nn.Module, tokenizer, max_batch: int = 256, speculative: bool = False,
                     stats: dict | None = None) -> GenerateFn:
@@ -101,7 +96,7 @@ def model_generator(model: torch.nn.Module, tokenizer, max_batch: int = 256, spe
                         speculative=speculative)
         # one seed per question: questions get independent sample streams, and the run is repeatable
         params = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, n=n,
-                                 seed=seed * 1_000_003 + i, stop_token_ids=[tokenizer.eos_id])
+                                 seed=seed * 1_000_003 + i, stop_token_ids=list(tokenizer.stop_ids))
                   for i in range(len(ids))]
         out = [[Completion(o.text, len(o.token_ids), o.finish_reason) for o in r.outputs]
                for r in engine.generate(ids, params)]
@@ -129,7 +124,6 @@ def evaluate(model=None, tokenizer=None, tasks: list[str] | None = None, n: int 
     if generate is None:
         if isinstance(model, (str, Path)):
             from nanoseek.model.hf import from_pretrained
-            from nanoseek.tokenizer import load_tokenizer
             tokenizer = tokenizer or load_tokenizer(model)
             model = from_pretrained(model)
         if model is None or tokenizer is None:
@@ -142,9 +136,9 @@ def evaluate(model=None, tokenizer=None, tasks: list[str] | None = None, n: int 
     sampled = generate(prompts, k, temperature, top_p, max_tokens, seed)
     greedy_out = generate(prompts, 1, 0.0, 1.0, max_tokens, seed) if greedy else [[] for _ in samples]
     per_q = []
-    for s, comps, g in zip(samples, sampled, greedy_out):
-        q = score_question(s, comps)
-        q["greedy"] = score_question(s, g)["pass@1"] if g else None
+    for s, prompt, comps, g in zip(samples, prompts, sampled, greedy_out):
+        q = score_question(s, comps, opens_think(prompt))
+        q["greedy"] = score_question(s, g, opens_think(prompt))["pass@1"] if g else None
         per_q.append((s, q))
     by_task: dict[str, list[dict]] = {}
     for s, q in per_q:
@@ -230,7 +224,9 @@ def run(opts: Options) -> dict:
     if not opts.model:
         raise SystemExit("eval: a model directory is required")
     torch.manual_seed(opts.seed)
-    report = evaluate(opts.model, tasks=opts.tasks, n=opts.n, k=opts.k, difficulty=opts.difficulty,
+    tok = load_tokenizer(opts.model)
+    print(f"eval: {describe_template(tok, opts.template)}", flush=True)
+    report = evaluate(opts.model, tokenizer=tok, tasks=opts.tasks, n=opts.n, k=opts.k, difficulty=opts.difficulty,
                       template=opts.template, temperature=opts.temperature, top_p=opts.top_p,
                       max_tokens=opts.max_tokens, seed=opts.seed, greedy=opts.greedy, max_batch=opts.max_batch,
                       speculative=opts.speculative)

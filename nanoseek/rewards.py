@@ -51,8 +51,8 @@ class RewardBreakdown:
 # the individual rewards (each in [0, 1] except length in [-1, 0])
 
 def accuracy_reward(sample, parsed: Parsed) -> tuple[float, str]:
-    if parsed.reasoning is None or not parsed.answer:
-        return 0.0, "no answer after </think>" if not parsed.answer else "no think block"
+    if not parsed.answer:  # a model that does not think at all (reasoning None) is still graded on its answer
+        return 0.0, "no answer after </think>"
     if "think>" in parsed.answer:
         return 0.0, "think tags in the answer"
     check = check_answer(sample, parsed.answer)

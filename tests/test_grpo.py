@@ -106,10 +106,13 @@ def test_kl_term_and_beta():
 
 class DigitTok:
     """10 digit tokens (2..11), pad 0, eos 1, bos 12: enough for a task without a real tokenizer."""
-    pad_id, eos_id, bos_id, vocab_size = 0, 1, 12, 16
+    pad_id, eos_id, bos_id, vocab_size, stop_ids = 0, 1, 12, 16, [1]
 
     def decode(self, ids, skip_special_tokens=False):
         return "".join(str(i - 2) if 2 <= i < 12 else "|" for i in ids)
+
+    def decode_completion(self, ids):
+        return self.decode(ids)
 
 
 class SuccessorGRPO(GRPO):
@@ -186,9 +189,9 @@ def test_zero_variance_filter_and_nan_policy():
 def test_sampler_prefix_sharing_matches_per_prompt_greedy():
     model = tiny(16).eval()
     prompts = [[12, 3], [12, 5, 7, 2]]
-    both = engine_rollout(model, prompts, 2, 5, eos_id=None, temperature=0.0)
+    both = engine_rollout(model, prompts, 2, 5, stop_ids=None, temperature=0.0)
     for i, p in enumerate(prompts):
-        alone = engine_rollout(model, [p], 1, 5, eos_id=None, temperature=0.0)[0]
+        alone = engine_rollout(model, [p], 1, 5, stop_ids=None, temperature=0.0)[0]
         assert both[2 * i] == both[2 * i + 1] == alone
     ids = torch.tensor([prompts[1] + both[2]])
     greedy = model(ids).argmax(-1)[0, len(prompts[1]) - 1:-1].tolist()  # no cache: the same tokens

@@ -16,9 +16,17 @@ renders the identical text (tests/test_chat.py and tests/test_tokenizer.py check
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from functools import lru_cache
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from nanoseek.errors import UsageError
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -44,30 +52,89 @@ CHAT_TEMPLATE = (
     "{{ '<think>\\n' + (message.get('reasoning_content') or '').strip() + '\\n</think>\\n\\n' }}"
     "{%- endif %}"
     "{{ content + eos_token }}"
+    "{%- else %}{{ raise_exception('unknown role ' + message['role'] + ': expected system, user or assistant') }}"
     "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{%- endif %}"
 )
 
 
-@lru_cache(maxsize=8)
+class ChatTemplateError(UsageError):
+    """A chat template refused a conversation (its raise_exception), or failed to render it."""
+
+
+class _Generation(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}`: transformers marks assistant tokens with it; it renders its body."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller):
+        return caller()
+
+
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+@lru_cache(maxsize=16)
 def _compiled(template: str):
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-    # the same environment options transformers uses, so both render identically
+    """The Jinja environment transformers renders chat templates in: sandboxed, trim_blocks + lstrip_blocks,
+    loop controls, `{% generation %}`, and the globals/filters Hub templates use (raise_exception,
+    strftime_now, tojson without HTML escaping)."""
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols])
-    return env.from_string(template)
+                                        extensions=[jinja2.ext.loopcontrols, _Generation])
+    env.filters["tojson"] = _tojson
+    env.globals.update(raise_exception=_raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    try:
+        return env.from_string(template)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise ChatTemplateError(f"the chat template does not parse (line {e.lineno}: {e.message})") from e
+
+
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _normalize(messages: list[dict]) -> list[dict]:
+    """As transformers hands messages to a template: keys whose value is None dropped, and a message's
+    reasoning given under all the names templates read it by."""
+    out = []
+    for m in messages:
+        if not isinstance(m, dict):
+            raise ChatTemplateError(f"a chat message must be a mapping with 'role' and 'content', got {m!r}")
+        m = {k: v for k, v in m.items() if v is not None}
+        reasoning = next((m[k] for k in _REASONING_FIELDS if k in m), None)
+        if reasoning is not None:
+            m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
+        out.append(m)
+    return out
 
 
 def render_chat(messages: list[dict], add_generation_prompt: bool = False, template: str = CHAT_TEMPLATE,
-                bos_token: str = BOS, eos_token: str = EOS) -> str:
-    """Render a conversation to text exactly as transformers' apply_chat_template(tokenize=False) does."""
-    for m in messages:
-        if m.get("role") not in ("system", "user", "assistant"):
-            raise ValueError(f"unknown role {m.get('role')!r}; expected system, user or assistant")
-    return _compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                      bos_token=bos_token, eos_token=eos_token)
+                bos_token: str | None = BOS, eos_token: str | None = EOS, **kwargs) -> str:
+    """Render a conversation to text exactly as transformers' apply_chat_template(tokenize=False) does.
+    kwargs reach the template as variables (the other special tokens, `tools`, template switches)."""
+    if not messages:
+        raise ChatTemplateError("cannot render an empty conversation")
+    values = {"bos_token": bos_token, "eos_token": eos_token, **kwargs}
+    try:
+        return _compiled(template).render(messages=_normalize(messages), add_generation_prompt=add_generation_prompt,
+                                          **{k: v for k, v in values.items() if v is not None})
+    except jinja2.exceptions.TemplateError as e:  # raise_exception, undefined names, sandbox violations
+        raise ChatTemplateError(f"the chat template refused the conversation: {e}") from e
+
+
+def opens_think(prompt: str) -> bool:
+    """Does this prompt end inside an opened think block (R1's generation prompt, the R1-Zero prompt)?
+    Then the completion is `reasoning</think>answer`; otherwise it may open the block itself, or not think."""
+    return prompt.rstrip().endswith(THINK_START)
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,12 +152,18 @@ _END_MARKERS = (EOS, PAD)
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
 
 
+def _unwrap_answer(answer: str) -> str:
+    tagged = _ANSWER_TAG.findall(answer)
+    return tagged[-1].strip() if tagged else answer
+
+
 def parse_completion(text: str, opened_think: bool = True) -> Parsed:
     """Split a completion into (reasoning, answer).
 
     opened_think=True: the prompt ended with the template's `<think>\\n`, so the completion is
     `reasoning </think> answer`; a repeated `<think>` at its start is tolerated (parsed away) but
-    makes it not well formed. opened_think=False: the completion must open the block itself.
+    makes it not well formed. opened_think=False: the completion must open the block itself; one with no
+    think tags at all is taken as a plain answer (reasoning None, not well formed: a model that does not think).
     Anything after an end-of-sentence token is ignored; whitespace around parts is ignored.
     An `<answer>…</answer>` pair in the answer part (R1-Zero style) is unwrapped.
     """
@@ -107,6 +180,9 @@ def parse_completion(text: str, opened_think: bool = True) -> Parsed:
             problems.append("repeated <think>")
     elif not opened_think:
         problems.append("no opening <think>")
+    if not opened_think and THINK_START not in text and THINK_END not in text:
+        # a model that does not think (a chat template without a think block): all of it is the answer
+        return Parsed(reasoning=None, answer=_unwrap_answer(body.strip()), well_formed=False, reason="no think block")
     if THINK_END not in body:
         reasoning = body.replace(THINK_START, "").strip()
         return Parsed(reasoning=reasoning if (opened_think or not problems) else None, answer="",
@@ -116,10 +192,7 @@ def parse_completion(text: str, opened_think: bool = True) -> Parsed:
         problems.append("nested <think> in reasoning")
     if THINK_START in answer or THINK_END in answer:
         problems.append("think tags after </think>")
-    reasoning, answer = reasoning.strip(), answer.strip()
-    tagged = _ANSWER_TAG.findall(answer)
-    if tagged:
-        answer = tagged[-1].strip()
+    reasoning, answer = reasoning.strip(), _unwrap_answer(answer.strip())
     if not reasoning:
         problems.append("empty reasoning")
     if not answer:
@@ -142,3 +215,36 @@ R1_ZERO_TEMPLATE = (
 def format_r1_zero_prompt(question: str) -> str:
     """R1-Zero style prompt. It ends with an opened <think>, so parse with opened_think=True."""
     return R1_ZERO_TEMPLATE.format(question=question.strip())
+
+
+# --------------------------------------------------------------------------------------------
+# how a question is asked
+
+PROMPT_TEMPLATES = ("r1", "r1-zero")
+
+
+def question_prompt(tok, question: str, template: str = "r1") -> str:
+    """The text a task question is asked with. r1: the model's own chat template, one user turn plus its
+    generation prompt (nanoseek's and DeepSeek-R1's open `<think>` there; ChatML's does not). r1-zero: the
+    R1-Zero plain prompt after bos, for base models (no chat template needed). tok None: nanoseek's format."""
+    if template == "r1":
+        messages = [{"role": "user", "content": question}]
+        return render_chat(messages, True) if tok is None else tok.apply_chat_template(messages, add_generation_prompt=True)
+    if template == "r1-zero":
+        return (BOS if tok is None else tok.bos_token or "") + format_r1_zero_prompt(question)
+    raise UsageError(f"unknown prompt template {template!r}: choose one of {', '.join(PROMPT_TEMPLATES)}")
+
+
+def describe_template(tok, template: str = "r1") -> str:
+    """One line for a command's start: which prompt template, and how its completions will be split."""
+    example = question_prompt(tok, "QUESTION", template)
+    tail = example[example.index("QUESTION") + len("QUESTION"):] if "QUESTION" in example else example[-40:]
+    what = "the model's chat template" if template == "r1" else "R1-Zero's plain prompt"
+    how = ("it opens <think>: completions are reasoning</think>answer" if opens_think(example) else
+           "it does not open <think>: a completion may think in <think>...</think>; without one, all of it is the answer")
+    return f"prompt template {template} ({what}; the prompt ends {tail!r}): {how}"
+
+
+def prompt_opens_think(tok, template: str = "r1") -> bool:
+    """Does `template` with this tokenizer leave its prompts inside an opened think block?"""
+    return opens_think(question_prompt(tok, "?", template))

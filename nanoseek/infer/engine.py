@@ -111,7 +111,12 @@ class Engine:
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._aborted: set[int] = set()
-        self.eos_id = getattr(tokenizer, "eos_id", model.config.eos_token_id)
+        # a sequence ends at any of the tokenizer's stop ids (eos, and generation_config's list where it has one)
+        stops = getattr(tokenizer, "stop_ids", None)
+        if stops is None:
+            eos = getattr(tokenizer, "eos_id", model.config.eos_token_id)
+            stops = [] if eos is None else [eos]
+        self.stop_ids = frozenset(stops)
         self.spec_stats = {"drafted": 0, "accepted": 0}
 
     # ------------------------------------------------------------------ public API
@@ -229,7 +234,7 @@ class Engine:
         T = max(lens)
         # Right-padded prefill into rows start..start+len(batch)-1. Pad keys sit at positions no real
         # query can see yet, and each is overwritten by the sequence's own token before it becomes visible.
-        ids = torch.full((len(batch), T), self.eos_id or 0, dtype=torch.long, device=self.device)
+        ids = torch.full((len(batch), T), min(self.stop_ids, default=0), dtype=torch.long, device=self.device)
         for i, (r, _) in enumerate(batch):
             ids[i, :lens[i]] = torch.tensor(r.prompt_token_ids, device=self.device)
         pos = torch.arange(T, device=self.device).expand(len(batch), T)
@@ -322,7 +327,7 @@ class Engine:
 
     def _stop_reason(self, s: _Seq, t: int, stopped: bool) -> str | None:
         p = s.params
-        if stopped or t in p.stop_token_ids or (t == self.eos_id and not p.ignore_eos):
+        if stopped or t in p.stop_token_ids or (t in self.stop_ids and not p.ignore_eos):
             return "stop"
         if len(s.out.token_ids) >= p.max_tokens or s.pos + 1 >= self.max_len:  # prompt + completion <= max_len
             return "length"
@@ -331,7 +336,7 @@ class Engine:
     def _flush_text(self, s: _Seq) -> str:
         """At the end: whatever the windowed decode held back (e.g. a trailing partial character)."""
         ids = s.out.token_ids
-        if ids and (ids[-1] in s.params.stop_token_ids or (ids[-1] == self.eos_id and not s.params.ignore_eos)):
+        if ids and (ids[-1] in s.params.stop_token_ids or (ids[-1] in self.stop_ids and not s.params.ignore_eos)):
             ids = ids[:-1]
         full = self.tokenizer.decode(ids)
         rest = full[len(s.text):] if full.startswith(s.text) else ""
@@ -341,7 +346,7 @@ class Engine:
     def _detok(self, s: _Seq, t: int) -> tuple[str, bool]:
         """Text added by token t (incremental: decodes a short window, not the whole completion), and
         whether a stop string appeared. Stop tokens and stop strings are not part of the text."""
-        if self.tokenizer is None or t in s.params.stop_token_ids or (t == self.eos_id and not s.params.ignore_eos):
+        if self.tokenizer is None or t in s.params.stop_token_ids or (t in self.stop_ids and not s.params.ignore_eos):
             return "", False
         ids = s.out.token_ids
         old = self.tokenizer.decode(ids[s.dec_from:s.dec_upto])

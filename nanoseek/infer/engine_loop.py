@@ -14,7 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from nanoseek.data.chat import THINK_END
+from nanoseek.data.chat import THINK_END, THINK_START
 from nanoseek.infer.api_schema import APIError
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
@@ -180,14 +180,23 @@ async def follow(h: Handle, loop: EngineLoop, is_disconnected, timeout: float):
 
 
 class ThinkSplitter:
-    """Splits streamed completion text at `</think>` into (reasoning, answer) deltas; the generation prompt
-    already opened <think>. Holds back a tail that may be the start of the tag; drops blanks after it."""
+    """Splits streamed completion text at `</think>` into (reasoning, answer) deltas. opened: the generation
+    prompt already opened <think> (R1's template). Otherwise the completion may open it as its first text, or
+    not think at all (then it is all answer). Holds back a tail that may be the start of a tag; drops blanks
+    after it. Works on text, so the tags may be single tokens, several, or unknown to the vocabulary."""
 
-    def __init__(self):
+    def __init__(self, opened: bool = True):
         self.thinking, self.buf, self.started = True, "", False
+        self.undecided = not opened  # not opened: is the first text "<think>"?
 
     def feed(self, text: str, final: bool = False) -> tuple[str, str]:
         self.buf += text
+        if self.undecided:
+            head = self.buf.lstrip()
+            if THINK_START.startswith(head) and head != THINK_START and not final:
+                return "", ""  # nothing yet, or a prefix of "<think>": wait
+            self.undecided, self.thinking = False, head.startswith(THINK_START)
+            self.buf = head[len(THINK_START):] if self.thinking else self.buf
         reasoning = ""
         if self.thinking:
             i = self.buf.find(THINK_END)

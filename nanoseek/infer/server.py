@@ -27,7 +27,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanoseek.data.chat import parse_completion
+from nanoseek.data.chat import THINK_END, THINK_START, ChatTemplateError, describe_template, opens_think, parse_completion
 from nanoseek.infer.api_schema import APIError, ChatRequest, CompletionRequest, error_body
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.engine_loop import EngineLoop, Handle, ThinkSplitter, follow
@@ -140,11 +140,25 @@ class Service:
                               stop=list(req.stop or []), seed=seed, top_logprobs=top_logprobs, n=req.n,
                               ignore_eos=req.ignore_eos)
 
-    def usage(self, handles: list[Handle], outputs: list) -> dict:
+    def reasoning_tokens(self, ids: list[int], text: str, opened: bool) -> int:
+        """The tokens up to and including the one that completes `</think>`; all of them when the block never
+        closed, none when the model did not think. `</think>` may be one token or several."""
+        end = self.tok.think_end_id
+        if end is not None and end in ids:
+            return ids.index(end) + 1
+        if THINK_END not in text:
+            return len(ids) if opened or text.lstrip().startswith(THINK_START) else 0
+        lo, hi = 1, len(ids)  # the shortest prefix whose text holds </think>
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if THINK_END in self.tok.decode(ids[:mid]) else (mid + 1, hi)
+        return lo
+
+    def usage(self, handles: list[Handle], outputs: list, opened: bool) -> dict:
+        """opened: the prompts ended inside an opened think block."""
         prompt, hit = sum(len(h.prompt) for h in handles), sum(h.cache_hit for h in handles)
         completion = sum(len(o.token_ids) for o in outputs)
-        end = self.tok.think_end_id  # reasoning: the tokens up to and including </think>
-        reasoning = sum(o.token_ids.index(end) + 1 if end in o.token_ids else len(o.token_ids) for o in outputs)
+        reasoning = sum(self.reasoning_tokens(o.token_ids, o.text, opened) for o in outputs)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "prompt_cache_hit_tokens": hit, "prompt_cache_miss_tokens": prompt - hit,
                 "prompt_tokens_details": {"cached_tokens": hit},
@@ -239,25 +253,29 @@ def create_app(opts: Options, model=None, tokenizer=None) -> FastAPI:
         msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-        ids = svc.tok.encode(svc.tok.apply_chat_template(msgs, add_generation_prompt=True))
+        try:
+            prompt = svc.tok.apply_chat_template(msgs, add_generation_prompt=True)
+        except ChatTemplateError as e:  # the model's template refused the conversation (e.g. a role it lacks)
+            raise APIError(400, str(e), param="messages", code="invalid_messages") from e
+        opened, ids = opens_think(prompt), svc.tok.encode(prompt)
         params = svc.params(req, len(ids), req.max_completion_tokens or req.max_tokens, req.top_logprobs or 0)
         h = svc.loop.submit(ids, params)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": svc.name,
                 "system_fingerprint": None}
         if req.stream:
-            return sse(stream_chat(h, req, meta, request))
+            return sse(stream_chat(h, req, meta, request, opened))
         choices, outputs = [], await collect(h, request)
         for o in outputs:
-            p = parse_completion(o.text)
+            p = parse_completion(o.text, opened_think=opened)
             choices.append({"index": o.index, "finish_reason": o.finish_reason,
                             "message": {"role": "assistant", "content": p.answer,
-                                        "reasoning_content": p.reasoning or ""},
+                                        "reasoning_content": p.reasoning},
                             "logprobs": svc.chat_logprobs(o.token_ids, o.logprobs, o.top_logprobs)
                             if req.logprobs else None})
-        return {**meta, "object": "chat.completion", "choices": choices, "usage": svc.usage([h], outputs)}
+        return {**meta, "object": "chat.completion", "choices": choices, "usage": svc.usage([h], outputs, opened)}
 
-    async def stream_chat(h: Handle, req: ChatRequest, meta: dict, request: Request):
-        split = [ThinkSplitter() for _ in range(req.n)]
+    async def stream_chat(h: Handle, req: ChatRequest, meta: dict, request: Request, opened: bool):
+        split = [ThinkSplitter(opened) for _ in range(req.n)]
         unsent = [[] for _ in range(req.n)]  # token events not yet covered by a chunk's logprobs
         sent = [0] * req.n
 
@@ -270,7 +288,7 @@ def create_app(opts: Options, model=None, tokenizer=None) -> FastAPI:
             if kind == "done":
                 if req.stream_options and req.stream_options.include_usage:
                     yield _sse({**meta, "object": "chat.completion.chunk", "choices": [],
-                                "usage": svc.usage([h], payload.outputs)})
+                                "usage": svc.usage([h], payload.outputs, opened)})
                 return
             for ev in payload:
                 i = ev.index
@@ -313,17 +331,20 @@ def create_app(opts: Options, model=None, tokenizer=None) -> FastAPI:
             raise
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": svc.name}
-        echo = [x if isinstance(x, str) else svc.tok.decode(x) for x in prompts] if req.echo else [""] * len(ids)
+        texts = [x if isinstance(x, str) else svc.tok.decode(x) for x in prompts]
+        echo = texts if req.echo else [""] * len(ids)
+        opened = all(map(opens_think, texts))  # for the usage's reasoning tokens
         if req.stream:
-            return sse(stream_completion(handles[0], req, meta, request, echo[0]))
+            return sse(stream_completion(handles[0], req, meta, request, echo[0], opened))
         results = await asyncio.gather(*(collect(h, request) for h in handles))
         choices = [{"index": i * req.n + o.index, "text": echo[i] + o.text, "finish_reason": o.finish_reason,
                     "logprobs": svc.legacy_logprobs(o.token_ids, o.logprobs, o.top_logprobs, len(echo[i]))
                     if req.logprobs is not None else None}
                    for i, outs in enumerate(results) for o in outs]
-        return {**meta, "choices": choices, "usage": svc.usage(handles, [o for r in results for o in r])}
+        return {**meta, "choices": choices, "usage": svc.usage(handles, [o for r in results for o in r], opened)}
 
-    async def stream_completion(h: Handle, req: CompletionRequest, meta: dict, request: Request, echo: str):
+    async def stream_completion(h: Handle, req: CompletionRequest, meta: dict, request: Request, echo: str,
+                                opened: bool):
         def chunk(i, text, finish=None, logprobs=None):
             return _sse({**meta, "choices": [{"index": i, "text": text, "logprobs": logprobs,
                                               "finish_reason": finish}]})
@@ -332,7 +353,7 @@ def create_app(opts: Options, model=None, tokenizer=None) -> FastAPI:
         async for kind, payload in events(h, request):
             if kind == "done":
                 if req.stream_options and req.stream_options.include_usage:
-                    yield _sse({**meta, "choices": [], "usage": svc.usage([h], payload.outputs)})
+                    yield _sse({**meta, "choices": [], "usage": svc.usage([h], payload.outputs, opened)})
                 return
             for ev in payload:
                 if ev.text or ev.finished:
@@ -398,4 +419,9 @@ def run(opts: Options) -> None:
     print(f"nanoseek: serving '{svc.name}' (context {svc.max_len}, batch {opts.max_batch}) on "
           f"http://{opts.host}:{opts.port}   web chat: /   API: /v1   docs: /docs"
           + ("   (API key required)" if svc.api_key else ""), flush=True)
+    if svc.tok.chat_template is not None:
+        print(f"nanoseek: chat completions use {describe_template(svc.tok)}", flush=True)
+    else:
+        print("nanoseek: this model has no chat template: /v1/chat/completions answers 400, /v1/completions works",
+              flush=True)
     uvicorn.run(app, host=opts.host, port=opts.port, log_level="info", timeout_graceful_shutdown=opts.shutdown_timeout)

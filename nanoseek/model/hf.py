@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from nanoseek.config import CheckpointError, DenseConfig, ModelConfig, load_config
+from nanoseek.errors import MissingPathError
 
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
 _MTP = re.compile(r"^mtp\.(\d+)\.(.*)$")
@@ -93,7 +94,9 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer=None, d
     conf = cfg.to_dict()
     conf["torch_dtype"] = str(dtype or next(model.parameters()).dtype).removeprefix("torch.")
     _atomic_write_bytes(path / "config.json", (json.dumps(conf, indent=2) + "\n").encode())
-    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": True,
+    stops = list(getattr(tokenizer, "stop_ids", None) or [])  # a tokenizer with several stop ids keeps them all
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": stops if len(stops) > 1 else cfg.eos_token_id,
+           "do_sample": True,
            "temperature": 0.6, "top_p": 0.95, **(generation_config or {})}
     _atomic_write_bytes(path / "generation_config.json", (json.dumps(gen, indent=2) + "\n").encode())
     if tokenizer is not None:
@@ -167,7 +170,7 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
     """Load a DeepseekV3ForCausalLM / Qwen2ForCausalLM directory (ours or transformers')."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a model directory (expected config.json + model.safetensors)")
+        raise MissingPathError(f"{path} is not a model directory (expected config.json + model.safetensors)")
     cfg = load_config(path)
     sd = _read_safetensors(path)
     if isinstance(cfg, ModelConfig):

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from nanoseek.errors import UsageError
 from nanoseek.train.trainer import TrainOptions, Trainer, resolve_device, seed_everything
 
 METHODS = ("sft", "logits")
@@ -106,13 +107,26 @@ def logits_step(teacher: torch.nn.Module, top_k: int, alpha: float, tail: bool):
 
 @torch.no_grad()
 def validate(student, teacher, batches: list[dict], top_k: int, tail: bool) -> dict:
-    """Held-out assistant-token CE and top-k KL to the teacher: the same yardstick for both methods."""
+    """Held-out assistant-token CE and top-k KL to the teacher: the same yardstick for both methods.
+    teacher None (its vocabulary is not the student's): the CE alone."""
     student.eval()
-    step = logits_step(teacher, top_k, 0.0, tail)
-    rows = [step(student, b) for b in batches]
+    if teacher is None:
+        rows = [{"ce": masked_mean(F.cross_entropy(student(b["input_ids"], doc_ids=b.get("doc_ids")).float().flatten(0, 1),
+                                                   b["targets"].flatten(), reduction="none").view_as(b["loss_mask"]),
+                                   b["loss_mask"].float())} for b in batches]
+    else:
+        step = logits_step(teacher, top_k, 0.0, tail)
+        rows = [step(student, b) for b in batches]
     student.train()
-    return {"val_ce": sum(r["ce"].item() for r in rows) / len(rows),
-            "val_kl": sum(r["kl"].item() for r in rows) / len(rows)}
+    out = {"val_ce": sum(r["ce"].item() for r in rows) / len(rows)}
+    if teacher is not None:
+        out["val_kl"] = sum(r["kl"].item() for r in rows) / len(rows)
+    return out
+
+
+def same_vocabulary(a, b) -> bool:
+    """Do two tokenizers map every token to the same id (logit distillation compares ids)?"""
+    return a.tk.get_vocab(with_added_tokens=True) == b.tk.get_vocab(with_added_tokens=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,8 +185,15 @@ def distill(opts: Options) -> Path:
     if any(m not in METHODS for m in methods):
         raise SystemExit(f"distill: --method must be sft, logits or both, got {opts.method!r}")
     t_start = time.time()
-    out = start_run(opts, "distill")
-    tok = load_tokenizer(opts.teacher)
+    teacher_tok = load_tokenizer(opts.teacher)
+    # traces are text: a student with its own tokenizer learns them re-tokenized (SFT); logits need one vocabulary
+    tok = load_tokenizer(opts.student) if opts.student else teacher_tok
+    shared_vocab = same_vocabulary(tok, teacher_tok)
+    if "logits" in methods and not shared_vocab:
+        raise UsageError(f"logit distillation compares token ids, but the student {opts.student} has another "
+                         f"vocabulary than the teacher: use --method sft (training on the teacher's traces), or a "
+                         f"student with the teacher's tokenizer")
+    out = start_run(opts, "distill")  # after the checks: a refused run leaves no folder behind
     device = resolve_device(opts.device)
     teacher = from_pretrained(opts.teacher).to(device).eval().requires_grad_(False)
     traces = teacher_traces(opts, out)
@@ -198,7 +219,8 @@ def distill(opts: Options) -> Path:
         first = json.loads((out / method / "metrics.jsonl").read_text().splitlines()[0])
         results[method] = {"first_loss": first["loss"], "last_loss": row["loss"], "time_s": time.time() - t0,
                            "tokens_per_s": row["tokens_per_s"], "model": str(finals[method]),
-                           **(validate(trainer.model, teacher, val_batches, opts.top_k, opts.kd_tail)
+                           **(validate(trainer.model, teacher if shared_vocab else None, val_batches, opts.top_k,
+                                       opts.kd_tail)
                               if val_batches else {})}
     if not distributed.is_main():  # the report is rank 0's
         return finals["sft" if "sft" in finals else methods[0]]

@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from nanoseek.data.chat import describe_template, prompt_opens_think, question_prompt
 from nanoseek.model.moe import balance_losses, moe_layers, update_balancing_bias
 from nanoseek.parallel.parallelize import all_reduce_sum
 from nanoseek.train import distributed
@@ -90,13 +91,7 @@ class Options:
 # ------------------------------------------------------------------------------------ one step
 
 def make_prompt(tok, question: str, mode: str) -> list[int]:
-    if mode == "r1":
-        return tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                       tokenize=True)
-    if mode == "r1-zero":
-        from nanoseek.data.chat import format_r1_zero_prompt
-        return tok.encode(format_r1_zero_prompt(question), add_bos=True)
-    raise ValueError(f"mode must be 'r1' or 'r1-zero', got {mode!r}")
+    return tok.encode(question_prompt(tok, question, mode))
 
 
 def reward_config(o: Options):
@@ -110,7 +105,8 @@ class GRPO:
     """The state of a GRPO run and its step. `step(s)` does rollout + rewards + update and returns
     the logged row; a benchmark can time exactly that."""
 
-    def __init__(self, model, tok, o: Options, reward_fn: Callable | None = None, eos_id: int | None = -1,
+    def __init__(self, model, tok, o: Options, reward_fn: Callable | None = None,
+                 stop_ids: list[int] | None | str = "tokenizer",
                  rollout_fn: Callable | None = None, plain: torch.nn.Module | None = None):
         """plain: when `model` is wrapped for data parallelism (under torchrun), an unwrapped copy of
         it. The ranks generate different lengths, so rollouts (and the frozen reference) run on
@@ -123,7 +119,7 @@ class GRPO:
         self.dev = next(model.parameters()).device
         if self.dev.type == "cpu":
             retain_freed_memory()  # large update tensors are reused, not page-faulted in again each step
-        self.eos_id = tok.eos_id if eos_id == -1 else eos_id  # None: never stop (benchmarks)
+        self.stop_ids = tok.stop_ids if stop_ids == "tokenizer" else stop_ids  # None: never stop (benchmarks)
         self.reward_cfg = reward_config(o)
         self.reward_fn = reward_fn or self._rule_rewards
         self.rollout_fn = rollout_fn
@@ -166,11 +162,11 @@ class GRPO:
 
     def _rule_rewards(self, samples, texts, n_tokens):
         from nanoseek.rewards import compute_rewards
-        return compute_rewards(samples, texts, self.reward_cfg, True, n_tokens)
+        return compute_rewards(samples, texts, self.reward_cfg, prompt_opens_think(self.tok, self.o.mode), n_tokens)
 
     def rollout(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
         o = self.o
-        args = (self.rollout_model, prompts, o.group_size, o.max_new_tokens, self.eos_id, o.temperature, o.top_k, o.top_p, seed,
+        args = (self.rollout_model, prompts, o.group_size, o.max_new_tokens, self.stop_ids, o.temperature, o.top_k, o.top_p, seed,
                 self.tok.pad_id)
         return (self.rollout_fn or engine_rollout)(*args)
 
@@ -194,7 +190,7 @@ class GRPO:
         comps = self.rollout(prompts, seed=o.seed * 1_000_003 + step)
         t_roll = time.perf_counter() - t0
         # rewards first, from text only: nothing of the rollout stays alive into the update
-        texts = [self.tok.decode(c) for c in comps]
+        texts = [self.tok.decode_completion(c) for c in comps]
         group_samples = [s for s in samples for _ in range(G)]
         rewards = self.reward_fn(group_samples, texts, [len(c) for c in comps])
         # every rank's rewards and completions: the log covers the global batch; advantages are
@@ -226,7 +222,8 @@ class GRPO:
                 "accuracy": mean([float(x.accuracy > 0) for x in rewards]),
                 "zero_var_groups": zero_var.float().mean().item(),
                 "response_len": mean(lens), "response_len_max": max(lens),
-                "truncated": mean([float(self.eos_id is not None and (not c or c[-1] != self.eos_id)) for c in comps])}
+                "truncated": mean([float(self.stop_ids is not None and (not c or c[-1] not in self.stop_ids))
+                                    for c in comps])}
 
     def _batch(self, prompts, comps):
         """Right-padded prompt+completion ids [B, T] and the completion mask over targets [B, T-1]."""
@@ -331,9 +328,10 @@ def evaluate(model, tok, o: Options, n: int | None = None) -> dict:
     prompts = [make_prompt(tok, s.prompt, o.mode) for s in samples]
     comps = []
     for i in range(0, len(prompts), 64):
-        comps += engine_rollout(model, prompts[i:i + 64], 1, o.max_new_tokens, tok.eos_id, temperature=0.0,
+        comps += engine_rollout(model, prompts[i:i + 64], 1, o.max_new_tokens, tok.stop_ids, temperature=0.0,
                                 pad_id=tok.pad_id, compile=o.compile)
-    rs = compute_rewards(samples, [tok.decode(c) for c in comps], reward_config(o))
+    rs = compute_rewards(samples, [tok.decode_completion(c) for c in comps], reward_config(o),
+                         prompt_opens_think(tok, o.mode))
     return {"eval_accuracy": sum(r.accuracy > 0 for r in rs) / len(rs), "eval_format": sum(r.format for r in rs) / len(rs)}
 
 
@@ -419,6 +417,7 @@ def grpo(o: Options) -> Path:
     log = MetricsLog(out / "metrics.jsonl", resume_step, tensorboard=False) if distributed.is_main() else NoLog()
     print(f"grpo ({o.mode}): {o.steps} steps x {o.prompts_per_step} prompts x G={o.group_size}, tasks {','.join(o.tasks)}, "
           f"{run.world} rank(s), run folder {out}")
+    print(f"grpo: {describe_template(tok, o.mode)}")
 
     def eval_row(step):
         if o.eval_n > 0:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from nanoseek.data.chat import describe_template, prompt_opens_think
+
 POSITIONAL = (("model", "model directory (HF layout with tokenizer), e.g. the final/ of a GRPO run"),)
 
 
@@ -41,18 +43,19 @@ def _norm(text: str) -> str:
     return " ".join(text.split())
 
 
-def select(sample, completions: list[str], finished: list[bool], o: Options, n_tokens: list[int]) -> list[dict]:
+def select(sample, completions: list[str], finished: list[bool], o: Options, n_tokens: list[int],
+           opened_think: bool = True) -> list[dict]:
     """The kept records for one prompt: correct + well formed + one language + finished, distinct
-    (whitespace-insensitive), shortest first."""
+    (whitespace-insensitive), shortest first. opened_think: the prompt opened the think block."""
     from nanoseek.data.chat import parse_completion
     from nanoseek.rewards import RewardConfig, compute_reward
     cfg = RewardConfig(length=0.0)
     seen, good = set(), []
     for text, fin, n in zip(completions, finished, n_tokens):
-        r = compute_reward(sample, text, cfg, prompt_opened_think=True)
+        r = compute_reward(sample, text, cfg, prompt_opened_think=opened_think)
         if not fin or r.accuracy < 1 or r.format < 1 or r.language < o.min_language:
             continue
-        p = parse_completion(text, opened_think=True)
+        p = parse_completion(text, opened_think=opened_think)
         key = (_norm(p.reasoning or ""), _norm(p.answer))
         if key in seen:
             continue
@@ -90,17 +93,20 @@ def rejection_sample(model_dir: str | Path, opts: Options | None = None, sampler
         model = from_pretrained(model_dir).to(resolve_device(o.device)).eval()
 
         def sampler(prompts, k, seed):
-            return engine_rollout(model, prompts, k, o.max_new_tokens, tok.eos_id, o.temperature, 0, o.top_p, seed,
+            return engine_rollout(model, prompts, k, o.max_new_tokens, tok.stop_ids, o.temperature, 0, o.top_p, seed,
                                   tok.pad_id)
     samples = mix(o.tasks, o.n_prompts, "train", o.difficulty or None, o.seed)
     records, n_prompts_kept, n_done = [], 0, 0
+    opened = prompt_opens_think(tok, o.mode)
+    print(f"rejection sampling: {describe_template(tok, o.mode)}")
     for b in range(0, len(samples), o.batch_prompts):
         batch = samples[b:b + o.batch_prompts]
         comps = sampler([make_prompt(tok, s.prompt, o.mode) for s in batch], o.k, o.seed * 1_000_003 + b)
         for i, s in enumerate(batch):
             group = comps[i * o.k:(i + 1) * o.k]
-            texts = [tok.decode(c) for c in group]
-            kept = select(s, texts, [bool(c) and c[-1] == tok.eos_id for c in group], o, [len(c) for c in group])
+            texts = [tok.decode_completion(c) for c in group]
+            kept = select(s, texts, [bool(c) and c[-1] in tok.stop_ids for c in group], o, [len(c) for c in group],
+                          opened)
             records += kept
             n_prompts_kept += bool(kept)
         n_done += len(batch)

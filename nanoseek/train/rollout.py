@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 
-def engine_rollout(model, prompts: list[list[int]], n: int, max_new_tokens: int, eos_id: int | None,
+def engine_rollout(model, prompts: list[list[int]], n: int, max_new_tokens: int, stop_ids: list[int] | None,
                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                    pad_id: int = 0, compile: bool = False) -> list[list[int]]:
-    """n completions per prompt (prompt-major), each ending at (and including) eos, through
+    """n completions per prompt (prompt-major), each ending at (and including) a stop id (None: never stop), through
     nanoseek.infer.engine: continuous batching (finished sequences leave the batch), each prompt
     prefilled once and its cache shared by its n samples; the j-th sample of every prompt draws
     from the stream seeded by (seed, j), so a prompt's completions do not depend on its batch.
@@ -31,8 +31,8 @@ def engine_rollout(model, prompts: list[list[int]], n: int, max_new_tokens: int,
     engine = Engine(model, max_batch=min(len(prompts) * n, 512), max_len=max(map(len, prompts)) + max_new_tokens,
                     compile=compile)
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_new_tokens,
-                            stop_token_ids=[eos_id] if eos_id is not None else [], seed=seed, logprobs=False, n=n,
-                            ignore_eos=eos_id is None)
+                            stop_token_ids=list(stop_ids or []), seed=seed, logprobs=False, n=n,
+                            ignore_eos=True)  # the caller's stop ids only, not the model config's eos
     try:
         with torch.no_grad():
             outs = engine.generate(prompts, params)
@@ -107,18 +107,18 @@ class VLLMRollout:
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         self.timings["sync_s"] = time.perf_counter() - t0
 
-    def __call__(self, model, prompts: list[list[int]], n: int, max_new_tokens: int, eos_id: int | None,
+    def __call__(self, model, prompts: list[list[int]], n: int, max_new_tokens: int, stop_ids: list[int] | None,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                  pad_id: int = 0) -> list[list[int]]:
         from vllm import SamplingParams
         if self.llm is None:
             self.start(model)
         self.sync(model)
-        # ignore_eos: stop on the caller's eos only, not on the exported config's eos_token_id.
+        # ignore_eos: stop on the caller's stop ids only, not on the exported config's eos_token_id.
         # The stop token stays in token_ids, as in engine_rollout.
         greedy = temperature < 1e-5   # vLLM's threshold; it refuses n > 1 there: sample once, repeat
         base = dict(n=1 if greedy else n, max_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                    top_p=top_p, ignore_eos=True, stop_token_ids=[eos_id] if eos_id is not None else [],
+                    top_p=top_p, ignore_eos=True, stop_token_ids=list(stop_ids or []),
                     detokenize=False)
         # One seed per prompt (vLLM gives its j-th sample seed + j): repeated prompts get distinct samples.
         rng = random.Random(seed)
