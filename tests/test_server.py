@@ -4,6 +4,9 @@ The tiny model is random except that its output is programmed as a bigram chain 
 projections are damped and the LM head maps each token of one fixed completion to the next), so a
 reasoning completion with `</think>` and HTML-injection text comes out deterministically, without
 training. Long generations use `ignore_eos` on otherwise random logits.
+
+No test here depends on how fast the CPU decodes: where a test needs the engine to be "not done yet",
+a StepGate holds the engine's steps until the test lets them go.
 """
 import json
 import threading
@@ -71,6 +74,70 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=30)
 
 
+def wait_until(cond, timeout=10.0, what="the condition"):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.01)
+
+
+def idle(loop) -> bool:
+    return not (loop.handles or loop.engine.active or loop.engine.waiting)
+
+
+class StepGate:
+    """Paces a running server's engine: each engine step first waits for a permit from the test.
+
+    The engine thread calls `loop.engine.step()` (EngineLoop._run); this wraps that method on the engine
+    instance, so the real step still runs and only *when* is up to the test. "The request cannot have
+    finished yet" is then a state the test sets, not a race a fast CPU wins. The gate starts closed and
+    starts from an idle engine, so `steps` and `batch_sizes` are this test's. Leaving the `with` block
+    opens it and restores the engine; it also fails open after HOLD_LIMIT_S, so no test can hang on it.
+    """
+
+    HOLD_LIMIT_S = 60.0
+
+    def __init__(self, loop):
+        self.loop, self.engine = loop, loop.engine
+        self.steps = 0         # real steps taken through the gate
+        self.batch_sizes = []  # sequences decoding after each of them
+        self._permits, self._open = 0, False
+        self._cond = threading.Condition()
+
+    def __enter__(self) -> "StepGate":
+        wait_until(lambda: idle(self.loop), what="the engine to be idle")
+        real = self.engine.step
+
+        def step():
+            with self._cond:
+                self._cond.wait_for(lambda: self._open or self._permits > 0, timeout=self.HOLD_LIMIT_S)
+                self._permits = max(0, self._permits - 1)
+            events = real()
+            with self._cond:
+                self.steps += 1
+                self.batch_sizes.append(len(self.engine.active))
+            return events
+
+        self.engine.step = step
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.open()
+        del self.engine.step  # the class's method again
+        if exc_type is None:  # whatever the test left in flight drains once the engine may step
+            wait_until(lambda: idle(self.loop), what="the engine to drain")
+
+    def allow(self, k: int) -> None:
+        with self._cond:
+            self._permits += k
+            self._cond.notify_all()
+
+    def open(self) -> None:
+        with self._cond:
+            self._open = True
+            self._cond.notify_all()
+
+
 def chat(client, content="hi", **kw):
     return client.chat.completions.create(model="served", messages=[{"role": "user", "content": content}], **kw)
 
@@ -102,14 +169,17 @@ def test_chat_n_choices(client):
 
 
 def test_request_timeout_is_a_clean_error(server, client):
+    """With the engine held, no token can come: a short timeout gives 408 (in-band when streaming), and the
+    timed-out requests are aborted, so the engine drains once it may step again."""
     opts = server.service.opts
     old, opts.request_timeout = opts.request_timeout, 0.3
     try:
-        with pytest.raises(openai.APIStatusError) as e:
-            chat(client, max_tokens=200, extra_body=LONG)
-        assert e.value.status_code == 408 and e.value.body["code"] == "timeout"
-        with pytest.raises(openai.APIError, match="timed out"):
-            list(chat(client, max_tokens=200, stream=True, extra_body=LONG))
+        with StepGate(server.service.loop):
+            with pytest.raises(openai.APIStatusError) as e:
+                chat(client, max_tokens=200, extra_body=LONG)
+            assert e.value.status_code == 408 and e.value.body["code"] == "timeout"
+            with pytest.raises(openai.APIError, match="timed out"):
+                list(chat(client, max_tokens=200, stream=True, extra_body=LONG))
     finally:
         opts.request_timeout = old
 
@@ -211,55 +281,72 @@ def test_bad_completion_input_auth_and_size(server, client):
 
 
 def test_concurrent_requests_are_batched(server, client):
-    svc = server.service
-    base = svc.loop.stats["peak_running"]
+    """Six requests sent together decode as one batch of six, in about the engine steps one request takes
+    (one after the other they would take six times as many)."""
+    loop = server.service.loop
     kw = dict(model="served", prompt="say hi", max_tokens=20, temperature=1.0, extra_body=LONG)
-    t = time.perf_counter()
-    for _ in range(2):
+    with StepGate(loop) as gate:
+        gate.open()  # not pacing here, only counting
         client.completions.create(**kw)
-    one = (time.perf_counter() - t) / 2
-    results, threads = [], [threading.Thread(target=lambda: results.append(client.completions.create(**kw)))
-                            for _ in range(6)]
-    t = time.perf_counter()
-    [th.start() for th in threads]
-    [th.join() for th in threads]
-    six = time.perf_counter() - t
+    one = gate.steps
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(client.completions.create(**kw))) for _ in range(6)]
+    with StepGate(loop) as gate:  # held until all six are queued, so none can start early
+        for th in threads:
+            th.start()
+        wait_until(lambda: len(loop.engine.waiting) == 6, what="six queued requests")
+        gate.open()
+        for th in threads:
+            th.join(timeout=30)
     assert len(results) == 6 and all(r.usage.completion_tokens == 20 for r in results)
-    assert svc.loop.stats["peak_running"] >= max(base, 3)  # several sequences decoded in one batch
-    assert six < 4 * one, (six, one)  # six in parallel cost well under six one after the other
+    assert max(gate.batch_sizes) == 6 and loop.stats["peak_running"] >= 6
+    assert gate.steps <= one + 2, (gate.steps, one)  # one after the other: 6 * one
 
 
-def test_disconnect_frees_the_slot(server):
-    svc = server.service
-    body = {**OK, "max_tokens": 200, "stream": True, "ignore_eos": True}
-    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
-                      headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as r:
-        lines = r.iter_lines()
-        for _ in range(6):
-            next(lines)
-        assert svc.loop.load()["running"] == 1
-    deadline = time.monotonic() + 10  # closed after a few tokens: the engine must drop it long before 200
-    while (svc.loop.handles or svc.loop.engine.active) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not svc.loop.handles and not svc.loop.engine.active
+def test_disconnect_frees_the_slot(server, monkeypatch):
+    """A streaming client that leaves after a few of its 200 tokens: the server aborts the request and the
+    engine drops it at its next step instead of decoding it to the end."""
+    loop = server.service.loop
+    aborted, real_abort = [], loop.abort
+
+    def abort(h):
+        real_abort(h)
+        aborted.append(h)
+    monkeypatch.setattr(loop, "abort", abort)
+    body = {**OK, "max_tokens": 200, "stream": True, "ignore_eos": True, "temperature": 0}
+    with StepGate(loop) as gate:
+        gate.allow(3)  # 4 tokens of the programmed reasoning, then the engine waits
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
+                          headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as r:
+            lines = r.iter_lines()
+            for _ in range(6):  # the role chunk, then two reasoning deltas
+                next(lines)
+            assert loop.load()["running"] == 1
+        wait_until(lambda: aborted, what="the server to abort the request of the client that left")
+        gate.open()
+        wait_until(lambda: idle(loop), what="the slot to free")
+    out = aborted[0].req.outputs[0]
+    assert out.finish_reason == "abort" and len(out.token_ids) <= 4, (out.finish_reason, len(out.token_ids))
 
 
 def test_queue_full_gives_429(model_dir):
     opts = Options(model=model_dir, served_model_name="served", max_batch=1, max_queue=1, max_len=256,
                    shutdown_timeout=2)
-    with BackgroundServer(opts) as s:
+    with BackgroundServer(opts) as s, StepGate(s.service.loop) as gate:
+        engine = s.service.loop.engine
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=30)
         long = dict(model="served", prompt="hi", max_tokens=120, extra_body=LONG)
+        gate.allow(1)  # the first request is admitted, then held far from its 120 tokens
         first = c.completions.create(stream=True, **long)
-        next(iter(first))  # running
+        wait_until(lambda: gate.steps == 1 and len(engine.active) == 1, what="the first request to run")
         queued = threading.Thread(target=lambda: c.completions.create(**{**long, "max_tokens": 2}))
         queued.start()
-        while not s.service.loop.engine.waiting:
-            time.sleep(0.01)
+        wait_until(lambda: engine.waiting, what="the second request to queue")
         with pytest.raises(openai.RateLimitError) as e:
             c.completions.create(**long)
         assert e.value.status_code == 429 and e.value.body["code"] == "rate_limit_exceeded"
         first.close()
+        gate.open()
         queued.join(timeout=20)
         assert not queued.is_alive()
 
@@ -270,7 +357,29 @@ def test_think_splitter_holds_back_a_partial_tag():
     assert parts == [("abc", ""), ("", "ans"), ("", "wer")]
 
 
-def test_cli_env_key_and_graceful_shutdown(model_dir):
+# `nanoseek serve` as the console script runs it (nanoseek.cli:main), except that engine steps after the
+# first {free} wait while the file {hold} exists (for at most a minute): the test, not the CPU, decides
+# how far generation has got when the shutdown starts.
+PACED_SERVE = """
+import os, sys, time
+from nanoseek.cli import main
+from nanoseek.infer.engine import Engine
+
+real_step, taken = Engine.step, []
+
+def paced_step(self):
+    deadline = time.monotonic() + 60
+    while len(taken) >= {free} and os.path.exists({hold!r}) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    taken.append(1)
+    return real_step(self)
+
+Engine.step = paced_step
+sys.exit(main())
+"""
+
+
+def test_cli_env_key_and_graceful_shutdown(model_dir, tmp_path):
     """`nanoseek serve DIR` in a subprocess: NANOSEEK_API_KEY guards /v1; on SIGTERM the in-flight stream
     still runs to its end before the process exits."""
     import os
@@ -284,29 +393,35 @@ def test_cli_env_key_and_graceful_shutdown(model_dir):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
-    exe = Path(sys.executable).with_name("nanoseek")
-    proc = subprocess.Popen([str(exe), "serve", model_dir, "--port", str(port), "--max-len", "256"],
+    hold, free = tmp_path / "hold", 20
+    hold.touch()
+    proc = subprocess.Popen([sys.executable, "-c", PACED_SERVE.format(free=free, hold=str(hold)), "serve", model_dir,
+                             "--port", str(port), "--max-len", "256"],
                             env={**os.environ, "NANOSEEK_API_KEY": "k1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     url, lines = f"http://127.0.0.1:{port}", []
+
+    def refused() -> bool:
+        try:
+            httpx.get(url + "/health", timeout=5)
+            return False
+        except httpx.TransportError:
+            return True
+
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(url + "/health")
-                break
-            except httpx.TransportError:
-                assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-                time.sleep(0.2)
+        wait_until(lambda: proc.poll() is not None or not refused(), timeout=60, what="the server to start")
+        assert proc.poll() is None, "server did not start"
         assert httpx.get(url + "/v1/models").status_code == 401
-        body = {"model": Path(model_dir).name, "prompt": "hi", "max_tokens": 100, "ignore_eos": True, "stream": True}
+        body = {"model": Path(model_dir).name, "prompt": "hi", "max_tokens": 100, "ignore_eos": True, "stream": True,
+                "seed": 0}
         with httpx.stream("POST", url + "/v1/completions", json=body, headers={"Authorization": "Bearer k1"},
                           timeout=60) as r:
-            for line in r.iter_lines():
-                if line:
-                    lines.append(line)
-                if len(lines) == 3:
+            for line in filter(None, r.iter_lines()):
+                lines.append(line)
+                if len(lines) == 3:  # mid-stream: at most `free` steps (free + 1 of 100 tokens) have run
                     proc.send_signal(signal.SIGTERM)
+                    wait_until(refused, timeout=30, what="the server to stop accepting connections")
+                    hold.unlink()  # shutting down: the rest of the tokens are generated from here on
         assert lines[-1] == "data: [DONE]"  # finished, not cut:
         assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
         proc.wait(timeout=30)
