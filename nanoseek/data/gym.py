@@ -1,18 +1,23 @@
-"""A handful of reasoning-gym tasks behind our Task interface (names `gym:<dataset>`).
+"""reasoning-gym datasets behind our Task interface (names `gym:<dataset>`).
 
-reasoning-gym (offline, 100+ generators with their own scorers) is imported lazily, so the
-rest of nanoseek works without it. Difficulty maps to the dataset's config knobs; the entry
-reasoning-gym returns is kept in meta so its own `score_answer` grades the answer later.
-Some datasets wrap the reference in <answer> tags: we strip them.
+Any of reasoning-gym's datasets (offline, 100+ generators with their own scorers) can be used:
+`gym_task(name)` builds its Task on first use. For the datasets in LEVELS, difficulty maps to
+the dataset's config knobs; every other dataset runs with its default config at one level.
+reasoning-gym is imported lazily, so the rest of nanoseek works without it. The entry reasoning-gym
+returns is kept in meta so its own `score_answer` grades the answer later. Some datasets wrap the
+reference in <answer> tags: we strip them. A few datasets (propositional_logic, graph_color, ...)
+have no single reference answer: their samples carry answer "" and only the scorer grades them.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import random
 import re
 from functools import lru_cache
 
 from nanoseek.data.tasks import Sample, Task, register
+from nanoseek.errors import UsageError
 
 # dataset -> difficulty -> config overrides (difficulty 1 = shortest prompts)
 LEVELS: dict[str, dict[int, dict]] = {
@@ -40,16 +45,49 @@ def _rg():
     try:
         import reasoning_gym
     except ImportError as e:  # pragma: no cover - depends on the install
-        raise ImportError("gym:* tasks need reasoning-gym: pip install 'nanoseek[tasks]'") from e
+        raise UsageError("gym:* tasks need reasoning-gym: pip install 'nanoseek[tasks]'") from e
     return reasoning_gym
 
 
-SIZE = 10 ** 9  # reasoning-gym builds entry i on access from (seed, i): a huge size costs nothing
+SIZE = 10 ** 9  # LEVELS datasets build entry i on access from (seed, i): a huge size costs nothing
+# Other datasets may do work per entry up front (gsm_symbolic draws a template per index, acre builds
+# its examples), and a few refuse large sizes: 10k entries (~1k test, ~8k train problems) is plenty.
+GENERIC_SIZE = 10_000
+
+
+def gym_datasets() -> list[str]:
+    """Every reasoning-gym dataset name."""
+    import warnings
+    with warnings.catch_warnings():  # reasoning-gym warns about optional extras on import
+        warnings.simplefilter("ignore")
+        from reasoning_gym.factory import DATASETS
+    return sorted(DATASETS)
+
+
+def check_name(name: str) -> None:
+    """UsageError unless `name` is a reasoning-gym dataset (with the closest names as suggestions)."""
+    _rg()
+    names = gym_datasets()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join('gym:' + c for c in close)}? " if close else ""
+        raise UsageError(f"unknown reasoning-gym dataset {name!r}; {hint}`nanoseek data --list` shows all "
+                         f"{len(names)}")
 
 
 @lru_cache(maxsize=None)
 def _dataset(name: str, difficulty: int):
-    return _rg().create_dataset(name, size=SIZE, seed=0, **LEVELS[name][difficulty])
+    rg = _rg()
+    if name in LEVELS:
+        return rg.create_dataset(name, size=SIZE, seed=0, **LEVELS[name][difficulty])
+    try:
+        try:
+            return rg.create_dataset(name, size=GENERIC_SIZE, seed=0)
+        except ValueError:  # a few datasets cannot make that many distinct problems: their default size
+            return rg.create_dataset(name, seed=0)
+    except Exception as e:  # noqa: BLE001 - e.g. `composite` needs a config of other datasets
+        raise UsageError(f"gym:{name} cannot be built with its default config ({type(e).__name__}: {e}); "
+                         "choose another dataset") from e
 
 
 def _jsonable(x):
@@ -58,12 +96,25 @@ def _jsonable(x):
 
 def _maker(name: str):
     def make(rng: random.Random, d: int) -> Sample:
-        index = rng.randrange(SIZE)  # our rng picks the entry, so our seeds and splits rule
-        entry = _dataset(name, d)[index]
+        ds = _dataset(name, d)
+        index = rng.randrange(len(ds))  # our rng picks the entry, so our seeds and splits rule
+        entry = ds[index]
         meta = {"check": "gym", "gym": {"name": name, "difficulty": d, "index": index,
                                         "entry": _jsonable({k: entry[k] for k in ("question", "answer", "metadata")})}}
-        return Sample(f"gym:{name}", entry["question"].strip(), strip_answer_tags(str(entry["answer"])), d, meta)
+        answer = "" if entry["answer"] is None else strip_answer_tags(str(entry["answer"]))
+        return Sample(f"gym:{name}", entry["question"].strip(), answer, d, meta)
     return make
+
+
+@lru_cache(maxsize=None)
+def gym_task(name: str) -> Task:
+    """The Task `gym:<name>` for any reasoning-gym dataset (UsageError naming close ones if unknown),
+    built and registered on first use."""
+    if name not in LEVELS:
+        check_name(name)
+    levels = LEVELS.get(name, {1: {}})
+    kind = "difficulty sets its config" if name in LEVELS else "its default config"
+    return register(Task(f"gym:{name}", _maker(name), min(levels), max(levels), f"reasoning-gym {name} ({kind})"))
 
 
 def score(meta: dict, answer: str) -> float:
@@ -71,7 +122,3 @@ def score(meta: dict, answer: str) -> float:
     g = meta["gym"]
     ds = _dataset(g["name"], g["difficulty"])
     return float(ds.score_answer(answer, g["entry"]) or 0.0)
-
-
-for _name, _levels in LEVELS.items():
-    register(Task(f"gym:{_name}", _maker(_name), min(_levels), max(_levels), f"reasoning-gym {_name}"))

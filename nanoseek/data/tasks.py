@@ -11,12 +11,12 @@ problems of the requested split, so no test prompt can ever appear in train, eve
 whose problem space is small (1-digit addition has only 100 problems).
 
 Our own tasks are sized for a tiny model trained for minutes on a CPU: difficulty 1 prompts
-are ~10 tokens and the answers a few digits. reasoning-gym tasks are wrapped in gym.py.
+are ~10 tokens and the answers a few digits. reasoning-gym tasks are wrapped in gym.py (built on
+first use by get_task("gym:<dataset>")); user files and the `--tasks` syntax are in sources.py.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
@@ -92,13 +92,22 @@ def register(task: Task) -> Task:
 
 
 def get_task(name: str) -> Task:
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown task {name!r}; known: {', '.join(list_tasks())}")
-    return _REGISTRY[name]
+    """A registered task, or `gym:<dataset>` for any reasoning-gym dataset. KeyError if unknown
+    (sources.resolve turns a user's `--tasks` entry into a one-line UsageError instead)."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name.startswith("gym:"):
+        from nanoseek.data.gym import gym_task  # gym.py builds on this module: imported on use
+        return gym_task(name[len("gym:"):])
+    raise KeyError(f"unknown task {name!r}; known: {', '.join(list_tasks())}")
 
 
 def list_tasks(own_only: bool = False) -> list[str]:
-    return [n for n in _REGISTRY if not (own_only and n.startswith("gym:"))]
+    """Our own tasks, then (unless own_only) the reasoning-gym tasks with difficulty levels; any other
+    reasoning-gym dataset works too as gym:<name>."""
+    from nanoseek.data.gym import LEVELS
+    own = [n for n in _REGISTRY if not n.startswith("gym:")]
+    return own if own_only else own + [f"gym:{n}" for n in LEVELS]
 
 
 def mix(tasks: list[str] | None, n: int, split: str = "train", difficulty: int | None = None,
@@ -241,48 +250,10 @@ register(Task("word", _word, 1, 3, "word problems with one or two arithmetic ste
 
 
 # --------------------------------------------------------------------------------------------
-# user data
+# user data: read by sources.py (JSONL / JSON / Parquet / CSV / datasets folders)
 
-_PROMPT_KEYS = ("prompt", "question", "problem", "input")
-_ANSWER_KEYS = ("answer", "ground_truth", "solution", "target", "output")
-
-
-def _records(path: Path):
-    if path.is_dir():  # a `datasets` save_to_disk folder (a DatasetDict: take its train split)
-        import datasets
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-        yield from ds
-    elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-        yield from pq.read_table(path).to_pylist()
-    elif path.suffix == ".json":
-        data = json.loads(path.read_text())
-        yield from (data if isinstance(data, list) else [data])
-    else:  # JSONL
-        with path.open() as f:
-            for line in f:
-                if line.strip():
-                    yield json.loads(line)
-
-
-def load_user_data(path: str | Path, task: str = "user") -> list:
-    """Read JSONL / JSON / Parquet / HF-datasets records. Records with a prompt and an answer
-    (also called question/problem and ground_truth/solution) become Samples graded like math;
-    records with `messages` are returned unchanged as chat records for SFT."""
-    out = []
-    for i, r in enumerate(_records(Path(path))):
-        if r.get("messages"):
-            out.append({"messages": list(r["messages"])})
-            continue
-        prompt = next((r[k] for k in _PROMPT_KEYS if r.get(k) is not None), None)
-        answer = next((r[k] for k in _ANSWER_KEYS if r.get(k) is not None), None)
-        if prompt is None or answer is None:
-            raise ValueError(f"{path}: record {i} has neither messages nor prompt+answer fields: {sorted(r)}")
-        meta = {"check": str(r.get("check", "auto")), "source": str(path)}
-        out.append(Sample(r.get("task", task), str(prompt), str(answer), int(r.get("difficulty", 1)), meta))
-    return out
-
-
-from nanoseek.data import gym as _gym  # noqa: E402,F401  (registers the gym:* tasks)
+def load_user_data(path: str | Path, task: str | None = None) -> list:
+    """Records of a data file: prompt + answer rows as Samples (graded as their answers suggest),
+    `messages` rows unchanged as chat records (SFT). See sources.load_records."""
+    from nanoseek.data.sources import load_records  # sources.py builds on this module
+    return load_records(path, task=task)

@@ -8,6 +8,7 @@ hang or raise on garbage model output, and must not be fooled by listing several
   * countdown: the expression is parsed with `ast` (never eval), may only use + - * / ( ) and
               integers, must use the given numbers exactly once each, and must hit the target.
   * gym     : reasoning-gym's own scorer (score 1.0 = correct).
+  * string  : normalized exact match (case, surrounding whitespace and a final period ignored).
   * auto/math: integers take the fast path; otherwise math-verify. Its signal-based timeouts
               only work in the main thread, so elsewhere they are off and the input is bounded
               instead: length cap, and no power towers / huge exponents / huge factorials, the
@@ -26,7 +27,8 @@ from fractions import Fraction
 MAX_ANSWER_CHARS = 300   # longer "answers" are not answers; also bounds every parser below
 _INT = re.compile(r"[-−]?\d+")
 _PLAIN_INT = re.compile(r"^\s*[-−]?\d+\s*\.?\s*$")
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+_BOXED_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
+CHECKERS = ("int", "list", "symbol", "countdown", "gym", "string", "math")  # meta["check"]; "auto" = math
 
 
 @dataclass
@@ -42,12 +44,33 @@ def _to_int(s: str) -> int:
     return int(s.replace("−", "-"))
 
 
+def last_boxed(text: str) -> str | None:
+    """The content of the last \\boxed{...} (or \\fbox{...}) in text, nested braces included
+    ("\\boxed{\\frac{1}{2}}" -> "\\frac{1}{2}"); None if there is none or it never closes."""
+    starts = [m.end() for m in _BOXED_OPEN.finditer(text)]  # just after each box's "{"
+    if not starts:
+        return None
+    closing, stack = {}, []  # one pass pairs every "{" with its "}" (linear in the text)
+    for i in range(starts[0] - 1, len(text)):
+        if text[i] == "{":
+            stack.append(i)
+        elif text[i] == "}" and stack:
+            closing[stack.pop()] = i
+    return next((text[s:closing[s - 1]] for s in reversed(starts) if s - 1 in closing), None)
+
+
+def checker_of(sample) -> str:
+    """The name of the checker that grades `sample` (reports): its meta["check"], "auto" read as math."""
+    kind = sample.meta.get("check", "auto")
+    return "math" if kind == "auto" else kind
+
+
 def _final_part(text: str) -> str:
     """The part of an answer that states the result: a \\boxed{} if any, else what follows the last
     '=' ("12 + 30 = 42" -> "42"), else the whole text. Commas between digits are separators."""
-    boxed = _BOXED.findall(text)
-    if boxed:
-        return boxed[-1]
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed
     if "=" in text:
         text = text.rsplit("=", 1)[1]
     return re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)
