@@ -4,8 +4,10 @@ The protocol is the R1 report's: for every test question sample k completions at
 0.6 / top-p 0.95; pass@1 is the mean correctness over those k (a low-variance estimate of the
 chance that one sample is right), cons@k grades the majority answer of the k, and greedy
 decoding is reported beside them. Questions come from the tasks' *test* split only (disjoint
-from the train split by construction, see data/tasks.py), and grading goes through the same
-parser and reward functions GRPO trains on, so "correct" means the same thing everywhere.
+from the train split by construction, see data/tasks.py), or from the user's own files (their
+first n rows, see data/sources.py), and grading goes through the same parser and reward functions
+GRPO trains on, so "correct" means the same thing everywhere. Each task's row names the checkers
+that graded it: int, math (math-verify), string, gym (reasoning-gym's scorer), ...
 
 All questions × k go to the generator in one call, so a batched engine sees every row at
 once (and can share each prompt's prefill across its k samples). The generator is a plain
@@ -24,7 +26,9 @@ from typing import Callable
 import torch
 
 from nanoseek.data.chat import describe_template, opens_think, question_prompt
-from nanoseek.data.tasks import Sample, get_task, list_tasks
+from nanoseek.data.sources import eval_samples, resolve_all
+from nanoseek.data.tasks import Sample, list_tasks
+from nanoseek.data.verify import checker_of
 from nanoseek.rewards import compute_reward
 from nanoseek.tokenizer import load_tokenizer
 
@@ -113,14 +117,18 @@ def evaluate(model=None, tokenizer=None, tasks: list[str] | None = None, n: int 
              difficulty: int | None = 1, template: str = "r1", temperature: float = 0.6, top_p: float = 0.95,
              max_tokens: int = 128, seed: int = 0, greedy: bool = True, max_batch: int = 256,
              generate: GenerateFn | None = None, samples: list[Sample] | None = None,
-             speculative: bool = False) -> dict:
+             speculative: bool = False, prompt_field: str = "", answer_field: str = "") -> dict:
     """Evaluate a model (directory or module) on n test questions per task; returns the report dict
-    (per-task and overall METRICS, settings, a few example completions). `generate` replaces the
-    model (tests, other backends); `samples` replaces the task questions. speculative: decode with
-    MTP self-speculation (same outputs) and report its acceptance rate."""
+    (per-task and overall METRICS and checkers, settings, a few example completions). tasks: --tasks
+    entries (task names, gym:NAME, data files, see data/sources.py; prompt_field / answer_field map a
+    file's columns). `generate` replaces the model (tests, other backends); `samples` replaces the
+    task questions. speculative: decode with MTP self-speculation (same outputs) and report its
+    acceptance rate."""
     t0 = time.time()
     name = str(model) if isinstance(model, (str, Path)) else type(model).__name__
     spec: dict[str, int] = {}
+    if samples is None:  # before the model loads: a bad task or file fails at once
+        samples = eval_samples(resolve_all(tasks, prompt_field, answer_field), n, difficulty, seed)
     if generate is None:
         if isinstance(model, (str, Path)):
             from nanoseek.model.hf import from_pretrained
@@ -129,9 +137,6 @@ def evaluate(model=None, tokenizer=None, tasks: list[str] | None = None, n: int 
         if model is None or tokenizer is None:
             raise ValueError("evaluate needs a model directory, or a model and its tokenizer, or generate=")
         generate = model_generator(model, tokenizer, max_batch, speculative, spec)
-    if samples is None:
-        tasks = list(tasks or list_tasks(own_only=True))
-        samples = [s for t in tasks for s in get_task(t).generate(n, split="test", difficulty=difficulty, seed=seed)]
     prompts = [build_prompt(s, template, tokenizer) for s in samples]
     sampled = generate(prompts, k, temperature, top_p, max_tokens, seed)
     greedy_out = generate(prompts, 1, 0.0, 1.0, max_tokens, seed) if greedy else [[] for _ in samples]
@@ -139,6 +144,7 @@ def evaluate(model=None, tokenizer=None, tasks: list[str] | None = None, n: int 
     for s, prompt, comps, g in zip(samples, prompts, sampled, greedy_out):
         q = score_question(s, comps, opens_think(prompt))
         q["greedy"] = score_question(s, g, opens_think(prompt))["pass@1"] if g else None
+        q["checker"] = checker_of(s)
         per_q.append((s, q))
     by_task: dict[str, list[dict]] = {}
     for s, q in per_q:
@@ -165,6 +171,7 @@ def _aggregate(qs: list[dict]) -> dict:
     for m in METRICS:
         vals = [q[m] for q in qs if q.get(m) is not None]
         out[m] = sum(vals) / len(vals) if vals else None
+    out["checker"] = "+".join(sorted({q["checker"] for q in qs if q.get("checker")}))  # e.g. "int", "math+string"
     return out
 
 
@@ -175,11 +182,11 @@ def to_markdown(report: dict) -> str:
              f"template {report['template']}, {report['n']} test questions per task, k = {report['k']} samples "
              f"at temperature {report['temperature']} / top-p {report['top_p']}, max {report['max_tokens']} tokens, "
              f"difficulty {report['difficulty']}, seed {report['seed']}", "",
-             "| task | n | pass@1 % | greedy % | cons@k % | format errors % | mean length (tokens) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| task | n | pass@1 % | greedy % | cons@k % | format errors % | mean length (tokens) | checker |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in [*report["tasks"].items(), ("**overall**", report["overall"])]:
         lines.append(f"| {name} | {r['n']} | {cell(r['pass@1'])} | {cell(r['greedy'])} | {cell(r['cons@k'])} | "
-                     f"{cell(r['format_error'])} | {cell(r['mean_len'], False)} |")
+                     f"{cell(r['format_error'])} | {cell(r['mean_len'], False)} | {r.get('checker') or '–'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -203,9 +210,13 @@ POSITIONAL = (("model", "model directory (HF layout, DeepseekV3 or Qwen2, with t
 @dataclass
 class Options:
     model: str = field(default="", metadata={"help": "model directory"})
-    tasks: list[str] = field(default_factory=lambda: list_tasks(own_only=True),
-                             metadata={"help": "tasks, comma separated (gym:<name> for reasoning-gym)"})
-    n: int = field(default=20, metadata={"help": "test questions per task"})
+    tasks: list[str] = field(default_factory=lambda: list_tasks(own_only=True), metadata={
+        "help": "comma separated: built-in tasks, gym:NAME (any reasoning-gym dataset), or data files (.jsonl, "
+                ".json, .parquet, .csv, datasets folders; named by their stem in the report)"})
+    prompt_field: str = field(default="", metadata={"help": "data files: the prompt column (default: prompt/question/problem/input)"})
+    answer_field: str = field(default="", metadata={
+        "help": "data files: the answer column (default: answer/ground_truth/target/solution/output)"})
+    n: int = field(default=20, metadata={"help": "test questions per task (a data file: its first n rows)"})
     k: int = field(default=4, metadata={"help": "samples per question for pass@1 and cons@k"})
     difficulty: int | None = field(default=1, metadata={"help": "task difficulty (none = mixed)"})
     template: str = field(default="r1", metadata={"help": "r1 (chat template) or r1-zero (plain prompt)"})
@@ -224,9 +235,11 @@ def run(opts: Options) -> dict:
     if not opts.model:
         raise SystemExit("eval: a model directory is required")
     torch.manual_seed(opts.seed)
+    samples = eval_samples(resolve_all(opts.tasks, opts.prompt_field, opts.answer_field), opts.n, opts.difficulty,
+                           opts.seed)  # task and file errors come before the model's
     tok = load_tokenizer(opts.model)
     print(f"eval: {describe_template(tok, opts.template)}", flush=True)
-    report = evaluate(opts.model, tokenizer=tok, tasks=opts.tasks, n=opts.n, k=opts.k, difficulty=opts.difficulty,
+    report = evaluate(opts.model, tokenizer=tok, samples=samples, n=opts.n, k=opts.k, difficulty=opts.difficulty,
                       template=opts.template, temperature=opts.temperature, top_p=opts.top_p,
                       max_tokens=opts.max_tokens, seed=opts.seed, greedy=opts.greedy, max_batch=opts.max_batch,
                       speculative=opts.speculative)
