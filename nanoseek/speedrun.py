@@ -10,6 +10,11 @@
     baseline: the student trained by GRPO alone for the distillation's wall time -> student-grpo
     evaluation of every stage on held-out test questions -> report.md, report.json, plots/
 
+--tasks takes built-in tasks, gym:NAME and data files (data/sources.py). A data file is split by
+prompt hash, so no question is both trained on and evaluated: RL and rejection sampling use FILE@train,
+evaluation FILE@test. The cold-start SFT writes worked solutions for the built-in tasks among --tasks
+(all of them if there are none: it teaches the answer format).
+
 Each finished stage leaves `<stage>/stage.json`; a rerun skips those and continues (stages also resume
 from their own checkpoints), so an interrupted speedrun loses at most part of one stage.
 """
@@ -22,6 +27,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nanoseek.data.sources import resolve_all, with_split
+
 STAGES = ["pretrain", "sft", "grpo", "rejection", "sft2", "distill-sft", "distill-logits", "r1-zero",
           "student-grpo", "eval", "report"]
 
@@ -31,8 +38,12 @@ class Options:
     out: str = field(default="runs/speedrun", metadata={"help": "run folder (rerun to resume)"})
     preset: str = field(default="tiny", metadata={"help": "model preset: tiny (CPU), small (one GPU)"})
     quick: bool = field(default=False, metadata={"help": "CI variant: tiny everything, a couple of minutes"})
-    tasks: list[str] = field(default_factory=lambda: ["add", "sub", "compare", "max", "sort"],
-                             metadata={"help": "reasoning tasks for SFT, RL and evaluation"})
+    tasks: list[str] = field(default_factory=lambda: ["add", "sub", "compare", "max", "sort"], metadata={
+        "help": "reasoning tasks for SFT, RL and evaluation: built-in tasks, gym:NAME, data files (split by "
+                "prompt hash: FILE@train for RL, FILE@test for evaluation)"})
+    prompt_field: str = field(default="", metadata={"help": "data files: the prompt column (default: prompt/question/problem/input)"})
+    answer_field: str = field(default="", metadata={
+        "help": "data files: the answer column (default: answer/ground_truth/target/solution/output)"})
     difficulty: int = field(default=1, metadata={"help": "task difficulty for SFT, RL and evaluation"})
     pretrain_steps: int = field(default=400, metadata={"help": "pretraining optimizer steps"})
     sft_steps: int = field(default=150, metadata={"help": "cold-start SFT steps"})
@@ -130,6 +141,10 @@ def speedrun(o: Options) -> Path:
 
     if o.quick:
         o = quick(o)
+    fields = dict(prompt_field=o.prompt_field, answer_field=o.answer_field)
+    for split in ("train", "test"):  # bad tasks or data files fail before the run folder exists
+        resolve_all(with_split(o.tasks, split), **fields)
+    train_tasks = with_split(o.tasks, "train")
     torch.manual_seed(o.seed)
     run = Run(o)
     from nanoseek.cli import save_options
@@ -144,9 +159,9 @@ def speedrun(o: Options) -> Path:
         save_every=100, resume=True, **tcommon), o.nproc))
     base = pre["model"]
     sft1 = run.run("sft", lambda d: train("sft", S.sft, S.Options(
-        model=base, out=str(d), steps=o.sft_steps, n_examples=(200 if o.quick else 4000), tasks=o.tasks,
+        model=base, out=str(d), steps=o.sft_steps, n_examples=(200 if o.quick else 4000), tasks=coldstart_tasks(o),
         difficulty=o.difficulty, save_every=100, resume=True, **tcommon), o.nproc))
-    grpo_kw = dict(tasks=o.tasks, difficulty=o.difficulty, steps=o.grpo_steps, max_new_tokens=o.max_new_tokens,
+    grpo_kw = dict(tasks=train_tasks, **fields, difficulty=o.difficulty, steps=o.grpo_steps, max_new_tokens=o.max_new_tokens,
                    eval_n=(8 if o.quick else 64), save_every=20, resume=True, **common)
     # On the SFT model a gentle update pays: at this scale lr 2e-4 / temperature 1.0 (R1-Zero's) lowered
     # held-out accuracy; 5e-5 / 0.8 raised it (the README's speedrun section has the runs).
@@ -154,7 +169,7 @@ def speedrun(o: Options) -> Path:
     rl = run.run("grpo", lambda d: train("grpo", G.grpo, G.Options(model=sft1["model"], mode="r1", out=str(d), **r1_kw),
                                          o.nproc))
     rej = run.run("rejection", lambda d: {"data": str(R.rejection_sample(
-        rl["model"], out=str(d), tasks=o.tasks, difficulty=o.difficulty, n_prompts=o.rejection_prompts,
+        rl["model"], out=str(d), tasks=train_tasks, **fields, difficulty=o.difficulty, n_prompts=o.rejection_prompts,
         max_new_tokens=o.max_new_tokens, seed=o.seed))})
     sft2 = run.run("sft2", lambda d: train("sft", S.sft, S.Options(
         model=rl["model"], data=str(mixed_sft_data(d, rej["data"], o)), out=str(d), steps=o.sft2_steps, lr=3e-4,
@@ -175,6 +190,12 @@ def speedrun(o: Options) -> Path:
     print(f"\n[speedrun] done in {(time.time() - run.t0) / 60:.1f} min this session: "
           f"report {run.root / 'report.md'}, plots in {run.root / 'plots'}")
     return run.root / "report.md"
+
+
+def coldstart_tasks(o: Options) -> list[str]:
+    """The built-in tasks among --tasks (the ones with worked solutions); none: all of them."""
+    from nanoseek.data.coldstart import SOLVERS
+    return [t for t in o.tasks if t in SOLVERS]
 
 
 def seq_len(o: Options) -> int:
@@ -214,7 +235,8 @@ def mixed_sft_data(d: Path, traces: str, o: Options, min_records: int = 256) -> 
 
     lines = [x for x in Path(traces).read_text().splitlines() if x.strip()]
     extra = max(0, min_records - len(lines))
-    records = coldstart_dataset(extra, tasks=o.tasks, difficulty=o.difficulty, seed=o.seed + 17) if extra else []
+    records = (coldstart_dataset(extra, tasks=coldstart_tasks(o) or None, difficulty=o.difficulty, seed=o.seed + 17)
+               if extra else [])
     d.mkdir(parents=True, exist_ok=True)
     out = d / "sft_data.jsonl"
     out.write_text("".join(x + "\n" for x in lines) + "".join(json.dumps(r) + "\n" for r in records))
@@ -258,8 +280,9 @@ def evaluate_all(d: Path, run: Run, o: Options) -> dict:
         st = run.done(stage)
         if not st:
             continue
-        r = evaluate(st["model"], tasks=o.tasks, n=o.eval_n, k=o.eval_k, difficulty=o.difficulty, template=template,
-                     max_tokens=o.max_new_tokens, seed=o.seed + 1)
+        r = evaluate(st["model"], tasks=with_split(o.tasks, "test"), n=o.eval_n, k=o.eval_k, difficulty=o.difficulty,
+                     template=template, max_tokens=o.max_new_tokens, seed=o.seed + 1, prompt_field=o.prompt_field,
+                     answer_field=o.answer_field)
         write_eval(r, d / f"{stage}.json")
         ov = r["overall"]
         print(f"[speedrun] eval {label}: pass@1 {ov['pass@1']:.1%}, cons@{o.eval_k} {ov['cons@k']:.1%}, "

@@ -40,7 +40,12 @@ class Options:
     model: str = field(default="", metadata={"help": "model directory to start from (HF layout with tokenizer)"})
     mode: str = field(default="r1", metadata={"help": "r1 (chat template, + language reward) or r1-zero (plain prompt)"})
     out: str = field(default="", metadata={"help": "run directory (default: runs/grpo-<time>)"})
-    tasks: list[str] = field(default_factory=lambda: ["add"], metadata={"help": "tasks, comma separated"})
+    tasks: list[str] = field(default_factory=lambda: ["add"], metadata={
+        "help": "comma separated: built-in tasks, gym:NAME (any reasoning-gym dataset), data files (.jsonl, .json, "
+                ".parquet, .csv, datasets folders: every row trains; FILE@train holds FILE@test out for the eval)"})
+    prompt_field: str = field(default="", metadata={"help": "data files: the prompt column (default: prompt/question/problem/input)"})
+    answer_field: str = field(default="", metadata={
+        "help": "data files: the answer column (default: answer/ground_truth/target/solution/output)"})
     difficulty: int = field(default=1, metadata={"help": "task difficulty at the start"})
     max_difficulty: int = field(default=0, metadata={"help": "curriculum: ramp linearly to this level (0 = fixed)"})
     n_prompts: int = field(default=2000, metadata={"help": "training prompts per difficulty level"})
@@ -144,11 +149,11 @@ class GRPO:
 
     def prompts_at(self, step: int) -> list:
         """The samples of step `step`: a pure function of (seed, step), so resuming needs no data state."""
-        from nanoseek.data.tasks import mix
+        from nanoseek.data.sources import resolve_all, train_samples
         o = self.o
         d = self.difficulty_at(step)
-        if d not in self._pools:
-            self._pools[d] = mix(o.tasks, o.n_prompts, "train", d, o.seed)
+        if d not in self._pools:  # n_prompts generated train-split samples, plus every row of any data file
+            self._pools[d] = train_samples(resolve_all(o.tasks, o.prompt_field, o.answer_field), o.n_prompts, d, o.seed)
         pool = self._pools[d]
         out = []
         for i in range(step * o.prompts_per_step, (step + 1) * o.prompts_per_step):
@@ -321,10 +326,14 @@ class GRPO:
 # ------------------------------------------------------------------------------------ evaluation
 
 def evaluate(model, tok, o: Options, n: int | None = None) -> dict:
-    """Greedy accuracy and format rate on held-out (test split) prompts of the run's tasks."""
-    from nanoseek.data.tasks import mix
+    """Greedy accuracy and format rate on held-out (test split) prompts of the run's tasks ({} if none:
+    a whole data file has no held-out part, FILE@train holds out FILE@test)."""
+    from nanoseek.data.sources import heldout_samples, resolve_all
     from nanoseek.rewards import compute_rewards
-    samples = mix(o.tasks, n or o.eval_n, "test", o.max_difficulty or o.difficulty, seed=o.seed + 1)
+    samples = heldout_samples(resolve_all(o.tasks, o.prompt_field, o.answer_field), n or o.eval_n,
+                              o.max_difficulty or o.difficulty, seed=o.seed + 1)
+    if not samples:
+        return {}
     prompts = [make_prompt(tok, s.prompt, o.mode) for s in samples]
     comps = []
     for i in range(0, len(prompts), 64):
@@ -397,6 +406,8 @@ def grpo(o: Options) -> Path:
     if sharded and o.filter_zero_var:
         raise SystemExit("grpo: --filter-zero-var is single-process only: under torchrun every rank must train "
                          "equally many sequences (their advantages are 0 anyway)")
+    from nanoseek.data.sources import resolve_all
+    resolve_all(o.tasks, o.prompt_field, o.answer_field)  # a bad task or data file fails before the run folder exists
     t_start = time.time()
     out = start_run(o, "grpo")
     device = distributed.join(o, resolve_device(o.device))[2] if sharded else resolve_device(o.device)
@@ -424,8 +435,11 @@ def grpo(o: Options) -> Path:
             run.sync_rollout_model()
             if distributed.is_main():  # rank 0 alone: greedy decoding of eval_n prompts is short
                 ev = evaluate(run.rollout_model, tok, o)
-                log.log({"step": step, **ev})
-                print(f"step {step}: held-out accuracy {ev['eval_accuracy']:.1%}, format {ev['eval_format']:.1%}", flush=True)
+                if ev:
+                    log.log({"step": step, **ev})
+                    print(f"step {step}: held-out accuracy {ev['eval_accuracy']:.1%}, format {ev['eval_format']:.1%}", flush=True)
+                else:
+                    print(f"step {step}: no held-out prompts (data files train whole; FILE@train holds out FILE@test)")
             distributed.barrier()
 
     if start == 0:

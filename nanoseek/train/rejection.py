@@ -25,9 +25,14 @@ class Options:
     model: str = field(default="", metadata={"help": "model directory to sample from"})
     out: str = field(default="", metadata={"help": "output directory (default: runs/rejection-<time>)"})
     mode: str = field(default="r1", metadata={"help": "prompt format: r1 (chat template) or r1-zero"})
-    tasks: list[str] = field(default_factory=lambda: ["add"], metadata={"help": "tasks, comma separated"})
+    tasks: list[str] = field(default_factory=lambda: ["add"], metadata={
+        "help": "comma separated: built-in tasks, gym:NAME (any reasoning-gym dataset), data files (.jsonl, .json, "
+                ".parquet, .csv, datasets folders: every row is a prompt)"})
+    prompt_field: str = field(default="", metadata={"help": "data files: the prompt column (default: prompt/question/problem/input)"})
+    answer_field: str = field(default="", metadata={
+        "help": "data files: the answer column (default: answer/ground_truth/target/solution/output)"})
     difficulty: int = field(default=1, metadata={"help": "task difficulty (0 = each task's full range)"})
-    n_prompts: int = field(default=256, metadata={"help": "prompts (train split)"})
+    n_prompts: int = field(default=256, metadata={"help": "prompts of the generated tasks (train split); files add all their rows"})
     k: int = field(default=8, metadata={"help": "answers sampled per prompt"})
     keep_per_prompt: int = field(default=1, metadata={"help": "kept answers per prompt (the shortest distinct ones)"})
     temperature: float = field(default=0.8, metadata={"help": "sampling temperature"})
@@ -75,7 +80,7 @@ def rejection_sample(model_dir: str | Path, opts: Options | None = None, sampler
 
     import torch
 
-    from nanoseek.data.tasks import mix
+    from nanoseek.data.sources import resolve_all, train_samples
     from nanoseek.tokenizer import load_tokenizer
     from nanoseek.train.grpo import make_prompt
     from nanoseek.train.pretrain import run_dir
@@ -84,6 +89,9 @@ def rejection_sample(model_dir: str | Path, opts: Options | None = None, sampler
 
     o = dataclasses.replace(opts or Options(), model=str(model_dir), **overrides)
     t0 = time.time()
+    # tasks and data files first: a bad one fails before the output folder exists or the model loads
+    samples = train_samples(resolve_all(o.tasks, o.prompt_field, o.answer_field), o.n_prompts, o.difficulty or None,
+                            o.seed)
     out = run_dir(o.out, "rejection")
     out.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(model_dir)
@@ -95,7 +103,6 @@ def rejection_sample(model_dir: str | Path, opts: Options | None = None, sampler
         def sampler(prompts, k, seed):
             return engine_rollout(model, prompts, k, o.max_new_tokens, tok.stop_ids, o.temperature, 0, o.top_p, seed,
                                   tok.pad_id)
-    samples = mix(o.tasks, o.n_prompts, "train", o.difficulty or None, o.seed)
     records, n_prompts_kept, n_done = [], 0, 0
     opened = prompt_opens_think(tok, o.mode)
     print(f"rejection sampling: {describe_template(tok, o.mode)}")

@@ -8,11 +8,13 @@ spoil speculative decoding later).
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nanoseek.data.coldstart import SOLVERS
+from nanoseek.data.sources import load_chat
+from nanoseek.errors import UsageError
 from nanoseek.train.pretrain import finish, start_run
 from nanoseek.train.trainer import TrainOptions, Trainer
 
@@ -24,7 +26,11 @@ POSITIONAL = (("model", "model directory (HF layout with tokenizer) to fine-tune
 class Options(TrainOptions):
     model: str = field(default="", metadata={"help": "model directory (HF layout with tokenizer) to fine-tune"})
     data: str = field(default="", metadata={
-        "help": "chat JSONL, one {\"messages\": [...]} per line (default: the built-in cold-start set)"})
+        "help": "chat data: JSONL / JSON / Parquet / CSV or a datasets folder with {\"messages\": [...]} rows, or "
+                "prompt + answer rows (one user and one assistant turn each) (default: the built-in cold-start set)"})
+    prompt_field: str = field(default="", metadata={"help": "--data prompt column (default: prompt/question/problem/input)"})
+    answer_field: str = field(default="", metadata={
+        "help": "--data answer column (default: answer/ground_truth/target/solution/output)"})
     n_examples: int = field(default=2000, metadata={"help": "built-in cold-start examples when --data is not given"})
     tasks: list[str] = field(default_factory=list, metadata={
         "help": "tasks of the built-in cold-start set, comma separated (default: every task with a solver)"})
@@ -36,20 +42,17 @@ class Options(TrainOptions):
     mtp_weight: float = field(default=0.1, metadata={"help": "MTP loss weight lambda (V3's late value)"})
 
 
-def read_chat_jsonl(path: str | Path) -> list[dict]:
-    records = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
-            if not isinstance(rec, dict) or not isinstance(rec.get("messages"), list):
-                raise ValueError(f"{path}:{n}: expected an object with a 'messages' list")
-            records.append(rec)
-    return records
+def read_chat_jsonl(path: str | Path, prompt_field: str = "", answer_field: str = "") -> list[dict]:
+    """Chat records ({"messages": [...]}) from any data file sources.py reads (the name is historical:
+    JSON, Parquet, CSV and datasets folders work too; prompt + answer rows become two turns)."""
+    return load_chat(path, prompt_field, answer_field)
+
+
+def check_tasks(tasks: list[str]) -> None:
+    """The built-in cold-start set has worked solutions for our own tasks only."""
+    if unknown := [t for t in tasks if t not in SOLVERS]:
+        raise UsageError(f"sft --tasks: no worked solutions for {', '.join(unknown)}; the cold-start set covers "
+                         f"{', '.join(SOLVERS)} (train on your own data with --data FILE)")
 
 
 def encode_records(tok, records: list[dict]) -> list[tuple[list[int], list[int]]]:
@@ -70,16 +73,17 @@ def sft(opts: Options) -> Path:
         raise SystemExit("sft: a model directory is required: nanoseek sft DIR "
                          "(e.g. the final/ folder of a pretrain run)")
     t0 = time.time()
+    if opts.data:  # the data first: a bad file fails before the run folder exists or the model loads
+        records, source = read_chat_jsonl(opts.data, opts.prompt_field, opts.answer_field), opts.data
+    else:
+        from nanoseek.data.coldstart import coldstart_dataset
+        check_tasks(opts.tasks)
+        records = coldstart_dataset(opts.n_examples, opts.tasks or None, opts.difficulty, seed=opts.seed)
+        source = "built-in cold-start set"
     out = start_run(opts, "sft")
     print(f"sft: run folder {out}, model {opts.model}")
     model = from_pretrained(opts.model)
     tok = load_tokenizer(opts.model)
-    if opts.data:
-        records, source = read_chat_jsonl(opts.data), opts.data
-    else:
-        from nanoseek.data.coldstart import coldstart_dataset
-        records = coldstart_dataset(opts.n_examples, opts.tasks or None, opts.difficulty, seed=opts.seed)
-        source = "built-in cold-start set"
     examples = encode_records(tok, records)
     data = pack_examples(examples, opts.seq_len, tok.pad_id)
     n_train = int(data.mask[:, 1:].sum())
