@@ -2,8 +2,9 @@
 
 `load_tokenizer(dir)` takes what transformers' AutoTokenizer takes from a "fast" tokenizer directory:
 tokenizer.json; tokenizer_config.json (bos/eos/pad/unk as strings or AddedToken dicts, added_tokens_decoder,
-model_max_length); the chat template from chat_template.jinja, additional_chat_templates/*.jinja,
-chat_template.json or tokenizer_config.json (a string, or a list of named templates); and the stop ids from
+model_max_length); the chat template from chat_template.jinja and additional_chat_templates/*.jinja, else
+tokenizer_config.json (a string, or a list of named templates), else a processor's chat_template.json; the
+pad token from tokenizer.json's padding where the config names none; and the stop ids from
 generation_config.json (`eos_token_id` may be a list). Chats render to the same text and ids as
 `AutoTokenizer.apply_chat_template` (the Jinja semantics live in nanoseek/data/chat.py). `save(dir)` writes
 a loaded directory's tokenizer files back unchanged, so a fine-tuned model keeps its tokenizer exactly.
@@ -120,7 +121,9 @@ class Tokenizer:
         if self.chat_template is None:
             raise ChatTemplateError("this tokenizer has no chat template (a base model?): use the plain prompt "
                                     "(--template r1-zero), or add a chat_template.jinja to the model directory")
-        text = render_chat(messages, add_generation_prompt, self.chat_template, **{**self.special_tokens, **kwargs})
+        # a special the tokenizer lacks stays undefined in the template (renders ""), as in transformers
+        tokens = {"bos_token": None, "eos_token": None, **self.special_tokens, **kwargs}
+        text = render_chat(messages, add_generation_prompt, self.chat_template, **tokens)
         return self.encode(text) if tokenize else text
 
     def encode_chat(self, messages: list[dict]) -> tuple[list[int], list[int]]:
@@ -189,7 +192,8 @@ def _read_json(path: Path) -> dict:
 
 
 def _chat_templates(p: Path, config: dict) -> str | dict | None:
-    """The chat template(s) in transformers' order of precedence: template files over tokenizer_config.json."""
+    """The chat template(s) in transformers' order of precedence: template files over tokenizer_config.json.
+    A processor's chat_template.json (which AutoTokenizer ignores) is used only where there is nothing else."""
     named = {}
     if (p / "chat_template.jinja").is_file():
         named["default"] = (p / "chat_template.jinja").read_text(encoding="utf-8")
@@ -197,11 +201,11 @@ def _chat_templates(p: Path, config: dict) -> str | dict | None:
         named[f.stem] = f.read_text(encoding="utf-8")
     if named:
         return named
-    if (p / "chat_template.json").is_file():
-        return _read_json(p / "chat_template.json").get("chat_template")
     template = config.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         return {t["name"]: t["template"] for t in template}
+    if template is None and (p / "chat_template.json").is_file():
+        return _read_json(p / "chat_template.json").get("chat_template")
     return template
 
 
@@ -220,6 +224,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         tk = HFTokenizer.from_file(str(file))
     except Exception as e:  # noqa: BLE001 - the Rust library's parse errors have no common type
         raise UsageError(f"{file} is not a valid tokenizer.json ({e})") from e
+    padding = tk.padding  # transformers never applies tokenizer.json's padding or truncation, but takes its pad token
+    tk.no_padding()
+    tk.no_truncation()
     if not p.is_dir():
         return Tokenizer(tk)
     config = _read_json(p / "tokenizer_config.json") if (p / "tokenizer_config.json").is_file() else {}
@@ -233,6 +240,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         (tk.add_special_tokens if v.get("special") else tk.add_tokens)([token])
     legacy = _read_json(p / "special_tokens_map.json") if (p / "special_tokens_map.json").is_file() else {}
     specials = {name: _token_text(config.get(name, legacy.get(name))) for name in NAMED_SPECIALS}
+    specials["pad_token"] = specials["pad_token"] or (padding or {}).get("pad_token")
     extra_stops: list[int] = []
     if (p / "generation_config.json").is_file():
         eos = _read_json(p / "generation_config.json").get("eos_token_id")

@@ -77,8 +77,11 @@ def test_corrupt_config(saved):
 
 
 def test_not_a_directory(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a model directory"):
+    with pytest.raises(FileNotFoundError, match="nope does not exist"):
         nanoseek.from_pretrained(tmp_path / "nope")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileNotFoundError, match="file is not a model directory"):
+        nanoseek.from_pretrained(tmp_path / "file")
 
 
 def test_invalid_config_values(saved):

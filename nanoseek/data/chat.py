@@ -1,4 +1,7 @@
-"""The DeepSeek-R1 chat format: template, renderer, completion parser, R1-Zero prompt.
+"""Chat formats: nanoseek's R1 template, any model's template rendered as transformers renders it, how a
+question is asked (r1 / r1-zero), and the split of a completion (whole or streamed) into reasoning and answer.
+
+nanoseek's own template (the one its tokenizer ships):
 
 A conversation renders as
 
@@ -13,6 +16,10 @@ of the full rendering, which is what SFT masking relies on.
 
 The same Jinja string is saved as chat_template.jinja, so transformers' apply_chat_template
 renders the identical text (tests/test_chat.py and tests/test_tokenizer.py check this).
+
+Other models bring their own template (DeepSeek-R1's drops the reasoning of every assistant turn, ChatML
+has no think block at all): `render_chat` runs any of them in transformers' Jinja environment, and the
+parsers work on text, so `<think>` may be one token, several, or something the model never writes.
 """
 from __future__ import annotations
 
@@ -198,6 +205,41 @@ def parse_completion(text: str, opened_think: bool = True) -> Parsed:
     if not answer:
         problems.append("empty answer")
     return Parsed(reasoning=reasoning, answer=answer, well_formed=not problems, reason="; ".join(problems))
+
+
+class ThinkSplitter:
+    """Splits streamed completion text at `</think>` into (reasoning, answer) deltas. opened: the generation
+    prompt already opened <think> (R1's template). Otherwise the completion may open it as its first text, or
+    not think at all (then it is all answer). Holds back a tail that may be the start of a tag; drops blanks
+    after it. Works on text, so the tags may be single tokens, several, or unknown to the vocabulary."""
+
+    def __init__(self, opened: bool = True):
+        self.thinking, self.buf, self.started = True, "", False
+        self.undecided = not opened  # not opened: is the first text "<think>"?
+
+    def feed(self, text: str, final: bool = False) -> tuple[str, str]:
+        self.buf += text
+        if self.undecided:
+            head = self.buf.lstrip()
+            if THINK_START.startswith(head) and head != THINK_START and not final:
+                return "", ""  # nothing yet, or a prefix of "<think>": wait
+            self.undecided, self.thinking = False, head.startswith(THINK_START)
+            self.buf = head[len(THINK_START):] if self.thinking else self.buf
+        reasoning = ""
+        if self.thinking:
+            i = self.buf.find(THINK_END)
+            if i < 0:
+                keep = 0 if final else next((k for k in range(len(THINK_END) - 1, 0, -1)
+                                             if self.buf.endswith(THINK_END[:k])), 0)
+                cut = len(self.buf) - keep
+                reasoning, self.buf = self.buf[:cut], self.buf[cut:]
+                return reasoning, ""
+            reasoning, self.buf, self.thinking = self.buf[:i], self.buf[i + len(THINK_END):], False
+        if not self.started:
+            self.buf = self.buf.lstrip()  # the template's "\n\n" after </think>
+            self.started = bool(self.buf)
+        content, self.buf = self.buf, ""
+        return reasoning, content
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,6 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rich.console import Console
+
+from nanoseek.data.chat import ChatTemplateError, ThinkSplitter, describe_template, opens_think, parse_completion
+from nanoseek.infer.engine import Engine
+from nanoseek.infer.generate import load
+from nanoseek.infer.sampling import SamplingParams
+
 POSITIONAL = (("model", "model directory (HF layout, with tokenizer files)"),)
 
 
@@ -17,18 +24,12 @@ class Options:
 
 
 def run(opts: Options) -> None:
-    from rich.console import Console
-
-    from nanoseek.data.chat import parse_completion
-    from nanoseek.infer.engine import Engine
-    from nanoseek.infer.generate import load
-    from nanoseek.infer.sampling import SamplingParams
-
     console = Console()
     model, tok = load(opts.model, opts.device)
     eng = Engine(model, tok, max_batch=1, max_len=model.config.max_position_embeddings)
     history = [{"role": "system", "content": opts.system}] if opts.system else []
     console.print(f"[bold]nanoseek chat[/] with {opts.model} — /exit or Ctrl-D to quit")
+    console.print(describe_template(tok), style="dim", markup=False)
     while True:
         try:
             user = console.input("[bold green]you> [/]").strip()
@@ -39,25 +40,25 @@ def run(opts: Options) -> None:
         if not user:
             continue
         history.append({"role": "user", "content": user})
-        ids = tok.apply_chat_template(history, add_generation_prompt=True, tokenize=True)
-        ids = ids[-(eng.max_len - 8):]  # keep the newest context if the conversation outgrows the window
+        try:
+            prompt = tok.apply_chat_template(history, add_generation_prompt=True)
+        except ChatTemplateError as e:  # the model's template refuses this conversation: say so, keep chatting
+            console.print(f"error: {e}", style="red", markup=False)
+            history.pop()
+            continue
+        ids = tok.encode(prompt)[-(eng.max_len - 8):]  # keep the newest context if the conversation outgrows the window
         rid = eng.add_request(ids, SamplingParams(temperature=opts.temperature, top_p=opts.top_p,
                                                   max_tokens=min(opts.max_tokens, eng.max_len - len(ids))))
-        thinking, text = True, ""
+        opened = opens_think(prompt)
+        split = ThinkSplitter(opened)
         console.print("[bold blue]nanoseek>[/] ", end="")
         while eng.has_work():
             for ev in eng.step():
-                if ev.request_id != rid or not ev.text:
+                if ev.request_id != rid:
                     continue
-                text += ev.text
-                if thinking and "</think>" in text:
-                    before, after = ev.text.split("</think>", 1) if "</think>" in ev.text else ("", ev.text)
-                    console.print(before, style="dim", end="")
-                    console.print("\n", end="")
-                    console.print(after.lstrip("\n"), end="")
-                    thinking = False
-                else:
-                    console.print(ev.text, style="dim" if thinking else None, end="", markup=False)
+                reasoning, answer = split.feed(ev.text, final=ev.finished)
+                console.print(reasoning, style="dim", end="", markup=False)
+                console.print(answer, end="", markup=False)
         console.print()
-        parsed = parse_completion(eng.requests.pop(rid).outputs[0].text)
+        parsed = parse_completion(eng.requests.pop(rid).outputs[0].text, opened_think=opened)
         history.append({"role": "assistant", "content": parsed.answer.strip()})

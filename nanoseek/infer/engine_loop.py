@@ -2,7 +2,7 @@
 
 Requests from many clients therefore decode together in one batch (continuous batching), and the
 asyncio event loop never waits on the model. Also here: the prefix memory behind
-`prompt_cache_hit_tokens`, and the streaming split of `reasoning</think>answer` text.
+`prompt_cache_hit_tokens`.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from nanoseek.data.chat import THINK_END, THINK_START
 from nanoseek.infer.api_schema import APIError
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
@@ -177,38 +176,3 @@ async def follow(h: Handle, loop: EngineLoop, is_disconnected, timeout: float):
     finally:
         if not done:
             loop.abort(h)
-
-
-class ThinkSplitter:
-    """Splits streamed completion text at `</think>` into (reasoning, answer) deltas. opened: the generation
-    prompt already opened <think> (R1's template). Otherwise the completion may open it as its first text, or
-    not think at all (then it is all answer). Holds back a tail that may be the start of a tag; drops blanks
-    after it. Works on text, so the tags may be single tokens, several, or unknown to the vocabulary."""
-
-    def __init__(self, opened: bool = True):
-        self.thinking, self.buf, self.started = True, "", False
-        self.undecided = not opened  # not opened: is the first text "<think>"?
-
-    def feed(self, text: str, final: bool = False) -> tuple[str, str]:
-        self.buf += text
-        if self.undecided:
-            head = self.buf.lstrip()
-            if THINK_START.startswith(head) and head != THINK_START and not final:
-                return "", ""  # nothing yet, or a prefix of "<think>": wait
-            self.undecided, self.thinking = False, head.startswith(THINK_START)
-            self.buf = head[len(THINK_START):] if self.thinking else self.buf
-        reasoning = ""
-        if self.thinking:
-            i = self.buf.find(THINK_END)
-            if i < 0:
-                keep = 0 if final else next((k for k in range(len(THINK_END) - 1, 0, -1)
-                                             if self.buf.endswith(THINK_END[:k])), 0)
-                cut = len(self.buf) - keep
-                reasoning, self.buf = self.buf[:cut], self.buf[cut:]
-                return reasoning, ""
-            reasoning, self.buf, self.thinking = self.buf[:i], self.buf[i + len(THINK_END):], False
-        if not self.started:
-            self.buf = self.buf.lstrip()  # the template's "\n\n" after </think>
-            self.started = bool(self.buf)
-        content, self.buf = self.buf, ""
-        return reasoning, content

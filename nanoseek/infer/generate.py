@@ -4,6 +4,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from nanoseek.data.chat import PROMPT_TEMPLATES, describe_template, opens_think, parse_completion, question_prompt
+from nanoseek.errors import UsageError
+
 POSITIONAL = (("model", "model directory (HF layout, with tokenizer files)"),)
 
 
@@ -12,7 +15,8 @@ class Options:
     model: str = field(default="", metadata={"help": "model directory"})
     prompt: list[str] = field(default_factory=lambda: ["What is 12 + 35?"],
                               metadata={"help": "a prompt; repeat the flag for several", "repeat": True})
-    chat: bool = field(default=True, metadata={"help": "wrap prompts in the chat template (opens <think>)"})
+    template: str = field(default="r1", metadata={
+        "help": "r1 (the model's chat template), r1-zero (R1-Zero's plain prompt, for base models) or raw (as given)"})
     max_tokens: int = field(default=256, metadata={"help": "new tokens per completion"})
     temperature: float = field(default=0.6, metadata={"help": "0 = greedy"})
     top_p: float = field(default=0.95, metadata={"help": "nucleus sampling mass"})
@@ -33,13 +37,19 @@ def load(model_dir: str, device: str = "cpu"):
 
 
 def run(opts: Options) -> None:
-    from nanoseek.data.chat import parse_completion
     from nanoseek.infer.engine import Engine
     from nanoseek.infer.sampling import SamplingParams
 
+    if opts.template not in (*PROMPT_TEMPLATES, "raw"):
+        raise UsageError(f"--template must be one of {', '.join(PROMPT_TEMPLATES)} or raw, got {opts.template!r}")
     model, tok = load(opts.model, opts.device)
-    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
-               if opts.chat else tok.encode(p, add_bos=True) for p in opts.prompt]
+    if opts.template == "raw":
+        texts = [(tok.bos_token or "") + p for p in opts.prompt]
+        print("generate: raw prompts (bos + the text as given)")
+    else:
+        texts = [question_prompt(tok, p, opts.template) for p in opts.prompt]
+        print(f"generate: {describe_template(tok, opts.template)}")
+    prompts = [tok.encode(t) for t in texts]
     eng = Engine(model, tok, max_batch=max(1, len(prompts) * opts.n),
                  max_len=min(model.config.max_position_embeddings, max(map(len, prompts)) + opts.max_tokens),
                  speculative=opts.speculative)
@@ -49,10 +59,10 @@ def run(opts: Options) -> None:
     results = eng.generate(prompts, sp)
     dt = time.perf_counter() - t0
     n_tok = 0
-    for p, r in zip(opts.prompt, results):
+    for p, text, r in zip(opts.prompt, texts, results):
         for o in r.outputs:
             n_tok += len(o.token_ids)
-            parsed = parse_completion(o.text, opened_think=opts.chat)
+            parsed = parse_completion(o.text, opened_think=opens_think(text))
             print(f"\n### {p}  [sample {o.index}, {len(o.token_ids)} tokens, {o.finish_reason}]")
             if parsed.reasoning is not None:
                 print(f"--- reasoning ---\n{parsed.reasoning.strip()}\n--- answer ---")

@@ -27,10 +27,11 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanoseek.data.chat import THINK_END, THINK_START, ChatTemplateError, describe_template, opens_think, parse_completion
+from nanoseek.data.chat import (THINK_END, THINK_START, ChatTemplateError, ThinkSplitter, describe_template, opens_think,
+                                parse_completion)
 from nanoseek.infer.api_schema import APIError, ChatRequest, CompletionRequest, error_body
 from nanoseek.infer.engine import Engine
-from nanoseek.infer.engine_loop import EngineLoop, Handle, ThinkSplitter, follow
+from nanoseek.infer.engine_loop import EngineLoop, Handle, follow
 from nanoseek.infer.sampling import SamplingParams
 
 WEB = Path(__file__).parent / "web"

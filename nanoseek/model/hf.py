@@ -170,7 +170,8 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
     """Load a DeepseekV3ForCausalLM / Qwen2ForCausalLM directory (ours or transformers')."""
     path = Path(path)
     if not path.is_dir():
-        raise MissingPathError(f"{path} is not a model directory (expected config.json + model.safetensors)")
+        why = "is not a model directory" if path.exists() else "does not exist"
+        raise MissingPathError(f"{path} {why}: give a directory in HF layout (config.json + model.safetensors)")
     cfg = load_config(path)
     sd = _read_safetensors(path)
     if isinstance(cfg, ModelConfig):
