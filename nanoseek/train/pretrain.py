@@ -48,12 +48,13 @@ def start_run(opts, stage: str) -> Path:
 
 
 def encode_documents(tok, docs: list[str]) -> list[list[int]]:
-    """Every document framed as <bos> ... <eos> (chat-rendered documents already carry both)."""
+    """Every document framed as <bos> ... <eos> (chat-rendered documents already carry both; a tokenizer
+    without a bos token, as Qwen's, frames them with eos alone)."""
     out = []
     for ids in tok.encode_batch(docs):
-        if not ids or ids[0] != tok.bos_id:
+        if tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
             ids = [tok.bos_id] + ids
-        if ids[-1] != tok.eos_id:
+        if not ids or ids[-1] != tok.eos_id:
             ids = ids + [tok.eos_id]
         out.append(ids)
     return out
