@@ -386,14 +386,10 @@ def resolve_all(specs: list[str] | None, prompt_field: str = "", answer_field: s
 
 
 def with_split(specs: list[str], split: str) -> list[str]:
-    """File entries restricted to a hash split (FILE -> FILE@split); other entries unchanged."""
-    out = []
-    for spec in specs:
-        s = str(spec).strip()
-        generated = s.startswith("gym:") or s in list_tasks(own_only=True)
-        has_split = s.rpartition("@")[2] in SPLITS and "@" in s
-        out.append(s if generated or has_split else f"{s}@{split}")
-    return out
+    """Data files restricted to a hash split (FILE -> FILE@split); other entries (and files that already
+    name a split) unchanged."""
+    own = list_tasks(own_only=True)
+    return [f"{s}@{split}" if s not in own and Path(s).exists() else s for s in (str(x).strip() for x in specs)]
 
 
 def eval_samples(sources: list[Source], n: int, difficulty: int | None = None, seed: int = 0) -> list[Sample]:
