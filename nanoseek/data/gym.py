@@ -7,6 +7,8 @@ reasoning-gym is imported lazily, so the rest of nanoseek works without it. The 
 returns is kept in meta so its own `score_answer` grades the answer later. Some datasets wrap the
 reference in <answer> tags: we strip them. A few datasets (propositional_logic, graph_color, ...)
 have no single reference answer: their samples carry answer "" and only the scorer grades them.
+Entries whose reference their own scorer rejects are skipped (gsm_symbolic's scorer misreads a
+negative answer, e.g.): no answer could earn a reward on them.
 """
 from __future__ import annotations
 
@@ -86,7 +88,8 @@ def _dataset(name: str, difficulty: int):
         except ValueError:  # a few datasets cannot make that many distinct problems: their default size
             return rg.create_dataset(name, seed=0)
     except Exception as e:  # noqa: BLE001 - e.g. `composite` needs a config of other datasets
-        raise UsageError(f"gym:{name} cannot be built with its default config ({type(e).__name__}: {e}); "
+        why = (str(e).splitlines() or [""])[0][:150]
+        raise UsageError(f"gym:{name} cannot be built with its default config ({type(e).__name__}: {why}); "
                          "choose another dataset") from e
 
 
@@ -97,8 +100,12 @@ def _jsonable(x):
 def _maker(name: str):
     def make(rng: random.Random, d: int) -> Sample:
         ds = _dataset(name, d)
-        index = rng.randrange(len(ds))  # our rng picks the entry, so our seeds and splits rule
-        entry = ds[index]
+        for _ in range(100):
+            index = rng.randrange(len(ds))  # our rng picks the entry, so our seeds and splits rule
+            entry = ds[index]
+            # an entry whose reference its own scorer rejects could never be rewarded: draw another
+            if entry["answer"] is None or ds.score_answer(strip_answer_tags(str(entry["answer"])), entry) >= 1.0:
+                break
         meta = {"check": "gym", "gym": {"name": name, "difficulty": d, "index": index,
                                         "entry": _jsonable({k: entry[k] for k in ("question", "answer", "metadata")})}}
         answer = "" if entry["answer"] is None else strip_answer_tags(str(entry["answer"]))
@@ -113,6 +120,7 @@ def gym_task(name: str) -> Task:
     if name not in LEVELS:
         check_name(name)
     levels = LEVELS.get(name, {1: {}})
+    _dataset(name, min(levels))  # fails here, before a command starts, if it cannot be built
     kind = "difficulty sets its config" if name in LEVELS else "its default config"
     return register(Task(f"gym:{name}", _maker(name), min(levels), max(levels), f"reasoning-gym {name} ({kind})"))
 
