@@ -140,6 +140,15 @@ def test_datasetdict_folder_and_csv_keeps_text(tmp_path):
     assert [r.answer for r in resolve(str(tmp_path / "c.csv")).rows] == ["007", "0.50"]
 
 
+def test_mixed_type_answer_column_stays_exact(tmp_path):
+    # ints in some rows, text in others: datasets stores the column as JSON; "0.3" must not become 0.30000000000000004
+    rows = [{"prompt": "a", "answer": 24}, {"prompt": "b", "answer": "0.3"}, {"prompt": "c", "answer": "007"},
+            {"prompt": "d", "answer": "1.50"}, {"prompt": "e", "answer": "Paris"}, {"prompt": "f", "answer": 0.1}]
+    src = resolve(str(write(tmp_path / "mixed.jsonl", rows)))
+    assert [r.answer for r in src.rows] == ["24", "0.3", "007", "1.50", "Paris", "0.1"]
+    assert [r.meta["check"] for r in src.rows] == ["int", "math", "int", "math", "string", "math"]
+
+
 def test_checker_per_sample_and_check_column(tmp_path):
     rows = [{"prompt": "a", "answer": "x^2+1", "check": "string"}, {"prompt": "b", "answer": "12", "check": None},
             {"prompt": "c", "answer": "1/2", "check": "auto"}]

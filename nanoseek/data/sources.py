@@ -135,6 +135,19 @@ def _why_unreadable(path: Path, fmt: str, error: Exception) -> str:
     return f"{path}: cannot read it as {fmt.upper()} ({type(cause).__name__}: {_one_line(cause, 120)})"
 
 
+def _exact_rows(datasets, ds) -> list[dict]:
+    """ds.to_list(), except in columns of mixed types (ints in some rows, text in others), which `datasets`
+    keeps as JSON text and decodes with a float parser that turns the answer "0.3" into
+    0.30000000000000004 and "007" into 7: there a cell is its JSON string, or its literal as written."""
+    rows = ds.to_list()
+    json_type = getattr(datasets, "Json", None)
+    for name, feature in ds.features.items():
+        if json_type is not None and isinstance(feature, json_type):
+            for row, text in zip(rows, ds.data.column(name).to_pylist()):
+                row[name] = json.loads(text) if text and text[0] in "\"[{" else text
+    return rows
+
+
 def read_records(path: str | Path, split: str | None = None) -> tuple[list[dict], bool]:
     """The rows of a data file or datasets folder, as dicts, read with `datasets`. For a saved
     DatasetDict: its `split` if it has one (then the second value is True: the split was taken),
@@ -168,7 +181,7 @@ def read_records(path: str | Path, split: str | None = None) -> tuple[list[dict]
                 features = datasets.Features({c: datasets.Value("string") for c in header})
                 ds = datasets.Dataset.from_csv(str(p), cache_dir=cache, keep_in_memory=True, features=features,
                                                keep_default_na=False)
-            rows = ds.to_list()
+            rows = _exact_rows(datasets, ds)
         except FileNotFoundError as e:
             if p.is_dir():
                 raise UsageError(f"{p} is a folder but not one written by datasets' save_to_disk; give a data "

@@ -28,7 +28,6 @@ MAX_ANSWER_CHARS = 300   # longer "answers" are not answers; also bounds every p
 _INT = re.compile(r"[-−]?\d+")
 _PLAIN_INT = re.compile(r"^\s*[-−]?\d+\s*\.?\s*$")
 _BOXED_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
-CHECKERS = ("int", "list", "symbol", "countdown", "gym", "string", "math")  # meta["check"]; "auto" = math
 
 
 @dataclass
