@@ -31,6 +31,7 @@ from nanoseek.data.tasks import Sample, list_tasks
 from nanoseek.data.verify import checker_of
 from nanoseek.rewards import compute_reward
 from nanoseek.tokenizer import load_tokenizer
+from nanoseek.train.trainer import resolve_device
 
 METRICS = ("pass@1", "greedy", "cons@k", "mean_len", "format_error")
 
@@ -117,7 +118,7 @@ def evaluate(model=None, tokenizer=None, tasks: list[str] | None = None, n: int 
              difficulty: int | None = 1, template: str = "r1", temperature: float = 0.6, top_p: float = 0.95,
              max_tokens: int = 128, seed: int = 0, greedy: bool = True, max_batch: int = 256,
              generate: GenerateFn | None = None, samples: list[Sample] | None = None,
-             speculative: bool = False, prompt_field: str = "", answer_field: str = "") -> dict:
+             speculative: bool = False, prompt_field: str = "", answer_field: str = "", device: str = "cpu") -> dict:
     """Evaluate a model (directory or module) on n test questions per task; returns the report dict
     (per-task and overall METRICS and checkers, settings, a few example completions). tasks: --tasks
     entries (task names, gym:NAME, data files, see data/sources.py; prompt_field / answer_field map a
@@ -133,7 +134,7 @@ def evaluate(model=None, tokenizer=None, tasks: list[str] | None = None, n: int 
         if isinstance(model, (str, Path)):
             from nanoseek.model.hf import from_pretrained
             tokenizer = tokenizer or load_tokenizer(model)
-            model = from_pretrained(model)
+            model = from_pretrained(model, device=device)
         if model is None or tokenizer is None:
             raise ValueError("evaluate needs a model directory, or a model and its tokenizer, or generate=")
         generate = model_generator(model, tokenizer, max_batch, speculative, spec)
@@ -229,6 +230,7 @@ class Options:
     out: str = field(default="", metadata={"help": "write eval.json + eval.md here (dir or .json path)"})
     speculative: bool = field(default=False, metadata={
         "help": "MTP self-speculative decoding (MoE models with MTP; same outputs), reports its acceptance rate"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
 
 
 def run(opts: Options) -> dict:
@@ -242,7 +244,7 @@ def run(opts: Options) -> dict:
     report = evaluate(opts.model, tokenizer=tok, samples=samples, n=opts.n, k=opts.k, difficulty=opts.difficulty,
                       template=opts.template, temperature=opts.temperature, top_p=opts.top_p,
                       max_tokens=opts.max_tokens, seed=opts.seed, greedy=opts.greedy, max_batch=opts.max_batch,
-                      speculative=opts.speculative)
+                      speculative=opts.speculative, device=str(resolve_device(opts.device)))
     print(to_markdown(report))
     acc = report.get("mtp_acceptance")
     print(f"({report['time_s']:.1f}s" + (f", MTP draft acceptance {acc:.1%})" if acc is not None else ")"))
