@@ -96,7 +96,16 @@ def cpu_has_fast_bf16() -> bool:
     Linux: the AVX512-BF16 / AMX-BF16 flags decide (no timing noise). Elsewhere (macOS,
     where Apple silicon has its own bf16 story) time a small bf16 vs fp32 matmul; the
     slow path is ~100x off, so a 0.1 s measurement cannot get the answer wrong.
+
+    NANOSEEK_CPU_BF16=1 / =0 overrides the detection, so that `dtype="auto"` takes the
+    bf16-autocast / fp32 path on any CPU: CI reruns the training tests on the path this
+    CPU would not pick (`make test-other-dtype`). Read once per process, like the flags.
     """
+    forced = os.environ.get("NANOSEEK_CPU_BF16", "")
+    if forced:
+        if forced not in ("0", "1"):
+            raise ValueError(f"NANOSEEK_CPU_BF16 must be 1 or 0, got {forced!r}")
+        return forced == "1"
     flags = _cpu_flags()
     if flags is not None:
         return bool(flags & {"avx512_bf16", "amx_bf16"})

@@ -28,6 +28,7 @@ def test_pick_dtype_cpu(monkeypatch):
 
 
 def test_fast_bf16_from_flags(monkeypatch):
+    monkeypatch.delenv("NANOSEEK_CPU_BF16", raising=False)  # the override is tested below
     for flags, want in (({"avx2", "avx512f"}, False), ({"avx512_bf16"}, True), ({"amx_bf16"}, True)):
         hardware.cpu_has_fast_bf16.cache_clear()
         monkeypatch.setattr(hardware, "_cpu_flags", lambda f=flags: f)
@@ -38,6 +39,21 @@ def test_fast_bf16_from_flags(monkeypatch):
     monkeypatch.setattr(hardware, "measure_matmul_peak", lambda dtype, **kw: 1e11 if dtype == torch.float32 else 1e9)
     assert hardware.cpu_has_fast_bf16() is False
     hardware.cpu_has_fast_bf16.cache_clear()
+
+
+def test_fast_bf16_override(monkeypatch):
+    monkeypatch.setattr(hardware, "_cpu_flags", lambda: {"avx2"})
+    try:
+        for value, want in (("1", True), ("0", False), ("", False)):
+            hardware.cpu_has_fast_bf16.cache_clear()
+            monkeypatch.setenv("NANOSEEK_CPU_BF16", value)
+            assert hardware.cpu_has_fast_bf16() is want
+        hardware.cpu_has_fast_bf16.cache_clear()
+        monkeypatch.setenv("NANOSEEK_CPU_BF16", "yes")
+        with pytest.raises(ValueError, match="NANOSEEK_CPU_BF16"):
+            hardware.cpu_has_fast_bf16()
+    finally:
+        hardware.cpu_has_fast_bf16.cache_clear()
 
 
 def test_gpu_peaks_and_description():
