@@ -10,6 +10,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "auto_dtype: trains with dtype='auto', in the dtype nanoseek.hardware picks "
+                                       "for this CPU; `make test-other-dtype` reruns it on the other one")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -58,11 +58,12 @@ def teacher_and_traces(tmp_path_factory):
     return d
 
 
+@pytest.mark.auto_dtype
 def test_both_methods_learn_and_student_loads_in_transformers(teacher_and_traces, tmp_path):
     d = teacher_and_traces
     opts = Options(teacher=str(d / "teacher"), data=str(d / "traces.jsonl"), method="both", alpha=0.2, top_k=8,
                    out=str(tmp_path / "run"), steps=8, seq_len=64, batch_size=4, lr=3e-3, warmup_steps=2,
-                   student_overrides=SMALL_STUDENT, progress=False, device="cpu", dtype="fp32", save_every=0)
+                   student_overrides=SMALL_STUDENT, progress=False, device="cpu", dtype="auto", save_every=0)
     final = distill(opts)
     summary = json.loads((tmp_path / "run" / "distill.json").read_text())
     for method in ("sft", "logits"):

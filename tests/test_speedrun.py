@@ -9,6 +9,7 @@ from nanoseek.speedrun import EVALUATED, Options, speedrun
 
 
 @pytest.mark.slow
+@pytest.mark.auto_dtype
 def test_quick_speedrun_end_to_end(tmp_path):
     out = tmp_path / "run"
     report = speedrun(Options(out=str(out), quick=True))

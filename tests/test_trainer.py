@@ -18,6 +18,9 @@ from nanoseek.train.trainer import TrainOptions, Trainer, lr_factor
 
 SMALL = {"hidden_size": 128, "intermediate_size": 256, "moe_intermediate_size": 64, "num_hidden_layers": 2}
 FAST = dict(seq_len=64, batch_size=8, warmup_steps=5, progress=False, device="cpu", dtype="fp32")
+# Pretraining, SFT and resume train in the dtype this CPU picks by itself (bf16 autocast where bf16 is fast, else
+# fp32); `make test-other-dtype` reruns them on the other path. Comparisons with other numerics keep fp32.
+AUTO = {**FAST, "dtype": "auto"}
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +56,12 @@ def pretrained(tok_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain")
     t0 = time.time()
     final = pretrain(Options(out=str(out), tokenizer=str(tok_dir), n_docs=400, steps=30, lr=3e-3,
-                             model_overrides=SMALL, save_every=15, **FAST))
+                             model_overrides=SMALL, save_every=15, **AUTO))
     return out, final, time.time() - t0
 
 
 # --------------------------------------------------------------------------- (1) pretraining learns
+@pytest.mark.auto_dtype
 def test_pretrain_loss_falls_and_writes_run_folder(pretrained):
     out, final, wall = pretrained
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
@@ -92,14 +96,16 @@ def _trainer(tok, packed, out, steps, resume=False, seed=0, **kw):
     return Trainer(small_model(tok, seed), opts, BatchIterator(packed, opts.batch_size, seed=0), out)
 
 
+@pytest.mark.auto_dtype
 def test_resume_is_bit_exact(tok, packed, tmp_path):
-    straight = _trainer(tok, packed, tmp_path / "a", 8)
+    straight = _trainer(tok, packed, tmp_path / "a", 8, dtype="auto")
     straight.fit()
-    half = _trainer(tok, packed, tmp_path / "b", 8)
+    half = _trainer(tok, packed, tmp_path / "b", 8, dtype="auto")
     for _ in range(4):
         half.metrics.log(half.train_step())
     half.save()
-    resumed = _trainer(tok, packed, tmp_path / "b", 8, resume=True, seed=123)  # other init: must be overwritten
+    # other init: must be overwritten
+    resumed = _trainer(tok, packed, tmp_path / "b", 8, resume=True, seed=123, dtype="auto")
     assert resumed.step == 4
     resumed.fit()
     losses = [[json.loads(ln)["loss"] for ln in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
@@ -182,12 +188,13 @@ def test_sft_mask_is_the_assistant_part_and_packing_isolates_examples(tok):
             pos += len(ids)
 
 
+@pytest.mark.auto_dtype
 def test_sft_command_trains_on_chat_jsonl(pretrained, tmp_path):
     from nanoseek.data.coldstart import coldstart_dataset
     from nanoseek.train.sft import Options, sft
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in coldstart_dataset(60, seed=3)))
-    final = sft(Options(model=str(pretrained[1]), data=str(data), out=str(tmp_path / "sft"), steps=4, **FAST))
+    final = sft(Options(model=str(pretrained[1]), data=str(data), out=str(tmp_path / "sft"), steps=4, **AUTO))
     assert (final / "model.safetensors").exists() and (tmp_path / "sft" / "plots" / "loss.png").exists()
 
 
