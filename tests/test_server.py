@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from nanoseek.config import get_preset
-from nanoseek.infer.engine_loop import ThinkSplitter
+from nanoseek.data.chat import ThinkSplitter
 from nanoseek.infer.server import BackgroundServer, Options
 from nanoseek.model.transformer import Transformer
 from nanoseek.tokenizer import train_tokenizer
