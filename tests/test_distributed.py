@@ -28,7 +28,7 @@ STEPS, BATCH, SEQ, GAMMA = 3, 4, 16, 0.01
 MODES = [("ddp", 1), ("fsdp", 1), ("ddp", 2), ("fsdp", 2)]   # (mode, ep) at world 2
 MODES4 = [("fsdp", 2)]                                      # at world 4: EP groups of 2, 2 replicas (HSDP)
 CKPT_MODE = ("fsdp", 2)                                       # saved after STEPS steps, resumed elsewhere
-TIMEOUT_S = 90
+TIMEOUT_S = 180  # per spawn: the 4-rank one takes 11-15 s on a 2-core CPU; room for a 10x slower one
 
 
 def tiny_config() -> ModelConfig:
