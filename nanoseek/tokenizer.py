@@ -78,8 +78,8 @@ class Tokenizer:
                              "generation could never stop; set eos_token in tokenizer_config.json")
         if self.eos_id is None:
             self.eos_id = self.stop_ids[0]
-        # single-token think tags (nanoseek's and DeepSeek's vocabularies), else None: nothing depends on them
-        self.think_start_id, self.think_end_id = tk.token_to_id(THINK_START), tk.token_to_id(THINK_END)
+        # `</think>` as one token (nanoseek's and DeepSeek's vocabularies), else None: a shortcut, never required
+        self.think_end_id = tk.token_to_id(THINK_END)
 
     def _id(self, token: str | None) -> int | None:
         return None if token is None else self.tk.token_to_id(token)
@@ -119,7 +119,8 @@ class Tokenizer:
         """Same semantics as transformers: the rendered string, or its ids when tokenize=True (the
         template writes bos itself, so no special tokens are added on top). kwargs reach the template."""
         if self.chat_template is None:
-            raise ChatTemplateError("this tokenizer has no chat template (a base model?): use the plain prompt "
+            named = f" (it has {', '.join(sorted(self.chat_templates))}, none named 'default')" if self.chat_templates else ""
+            raise ChatTemplateError(f"this tokenizer has no default chat template{named}: use the plain prompt "
                                     "(--template r1-zero), or add a chat_template.jinja to the model directory")
         # a special the tokenizer lacks stays undefined in the template (renders ""), as in transformers
         tokens = {"bos_token": None, "eos_token": None, **self.special_tokens, **kwargs}

@@ -148,6 +148,15 @@ def test_errors_are_one_line(qwen, tmp_path, capsys):
         assert len(err.splitlines()) == 1 and err.startswith(f"nanoseek {argv[0]}: error:") and says in err, err
     with pytest.raises(UsageError, match="tokenizer.json"):  # --debug: the exception itself, for the traceback
         main(["--debug", "eval", str(bare)])
+    base = tmp_path / "base"  # a base model: no chat template, so only the plain R1-Zero prompt can ask
+    shutil.copytree(qwen, base)
+    (base / "chat_template.jinja").unlink()
+    for argv in (["grpo", str(base), "--steps", "1"], ["sft", str(base), "--steps", "1"],
+                 ["rejection-sample", str(base)]):
+        assert main([*argv, "--out", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "no default chat template" in err and "r1-zero" in err, err
+        assert not (tmp_path / "run").exists()  # refused before the run folder was made
 
 
 # ------------------------------------------------------------------------------------------ serving

@@ -408,10 +408,11 @@ def grpo(o: Options) -> Path:
                          "equally many sequences (their advantages are 0 anyway)")
     from nanoseek.data.sources import resolve_all
     resolve_all(o.tasks, o.prompt_field, o.answer_field)  # a bad task or data file fails before the run folder exists
+    tok = load_tokenizer(o.model)
+    template = describe_template(tok, o.mode)  # a template that cannot ask the questions fails here, folder-less
     t_start = time.time()
     out = start_run(o, "grpo")
     device = distributed.join(o, resolve_device(o.device))[2] if sharded else resolve_device(o.device)
-    tok = load_tokenizer(o.model)
     model = from_pretrained(o.model).to(device).train()
     plain = None
     if sharded:  # rollouts and the reference run on an unwrapped copy; the policy is wrapped for the update
@@ -428,7 +429,7 @@ def grpo(o: Options) -> Path:
     log = MetricsLog(out / "metrics.jsonl", resume_step, tensorboard=False) if distributed.is_main() else NoLog()
     print(f"grpo ({o.mode}): {o.steps} steps x {o.prompts_per_step} prompts x G={o.group_size}, tasks {','.join(o.tasks)}, "
           f"{run.world} rank(s), run folder {out}")
-    print(f"grpo: {describe_template(tok, o.mode)}")
+    print(f"grpo: {template}")
 
     def eval_row(step):
         if o.eval_n > 0:

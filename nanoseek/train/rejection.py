@@ -92,9 +92,8 @@ def rejection_sample(model_dir: str | Path, opts: Options | None = None, sampler
     # tasks and data files first: a bad one fails before the output folder exists or the model loads
     samples = train_samples(resolve_all(o.tasks, o.prompt_field, o.answer_field), o.n_prompts, o.difficulty or None,
                             o.seed)
-    out = run_dir(o.out, "rejection")
-    out.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(model_dir)
+    template = describe_template(tok, o.mode)
     if sampler is None:
         from nanoseek.model.hf import from_pretrained
         torch.manual_seed(o.seed)
@@ -103,9 +102,11 @@ def rejection_sample(model_dir: str | Path, opts: Options | None = None, sampler
         def sampler(prompts, k, seed):
             return engine_rollout(model, prompts, k, o.max_new_tokens, tok.stop_ids, o.temperature, 0, o.top_p, seed,
                                   tok.pad_id)
+    out = run_dir(o.out, "rejection")  # after everything that can refuse the run
+    out.mkdir(parents=True, exist_ok=True)
     records, n_prompts_kept, n_done = [], 0, 0
     opened = prompt_opens_think(tok, o.mode)
-    print(f"rejection sampling: {describe_template(tok, o.mode)}")
+    print(f"rejection sampling: {template}")
     for b in range(0, len(samples), o.batch_prompts):
         batch = samples[b:b + o.batch_prompts]
         comps = sampler([make_prompt(tok, s.prompt, o.mode) for s in batch], o.k, o.seed * 1_000_003 + b)

@@ -80,11 +80,11 @@ def sft(opts: Options) -> Path:
         check_tasks(opts.tasks)
         records = coldstart_dataset(opts.n_examples, opts.tasks or None, opts.difficulty, seed=opts.seed)
         source = "built-in cold-start set"
-    out = start_run(opts, "sft")
-    print(f"sft: run folder {out}, model {opts.model}")
-    model = from_pretrained(opts.model)
     tok = load_tokenizer(opts.model)
-    examples = encode_records(tok, records)
+    examples = encode_records(tok, records)  # the model's template must render every conversation
+    model = from_pretrained(opts.model)
+    out = start_run(opts, "sft")  # after everything that can refuse the run
+    print(f"sft: run folder {out}, model {opts.model}")
     data = pack_examples(examples, opts.seq_len, tok.pad_id)
     n_train = int(data.mask[:, 1:].sum())
     print(f"data: {len(examples)} conversations from {source} packed into {len(data)} rows of {opts.seq_len + 1} "
