@@ -63,3 +63,33 @@ def test_web_chat_streams_thinking_and_escapes_html(tmp_path):
             page.screenshot(path=str(shot))
         finally:
             browser.close()
+
+
+def test_web_chat_on_a_model_transformers_made(tmp_path):
+    """A Qwen2 checkpoint with a ChatML tokenizer (no think block): the reply streams in as content, no thinking
+    block shows, and a second turn renders through the model's own template."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    from test_foreign_model import save_model
+    model = save_model(tmp_path / "qwen", "qwen25_chatml", "qwen2")
+    opts = Options(model=str(model), served_model_name="my-qwen", max_len=256, shutdown_timeout=2)
+    with BackgroundServer(opts) as server, playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(server.url + "/")
+            page.wait_for_function("document.getElementById('model').textContent.startsWith('my-qwen')")
+            page.click("#settings summary")
+            page.fill("#max-tokens", "24")  # two turns of a random model's text fit the 256-token context
+            page.click("#settings summary")
+            for turn, text in enumerate(["What is 1 + 2?", "And 2 + 2?"]):
+                page.fill("#input", text)
+                page.press("#input", "Enter")
+                page.locator(".msg.assistant").nth(turn).locator(".stats").get_by_text("tokens").wait_for(timeout=30_000)
+                reply = page.locator(".msg.assistant").nth(turn)
+                assert reply.locator(".content").inner_text().strip()  # the random model's text, all of it answer
+                assert reply.locator(".thinking").is_hidden()
+            assert page.locator(".msg.user").nth(1).inner_text() == "And 2 + 2?" and not errors
+        finally:
+            browser.close()
