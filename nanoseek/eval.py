@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from nanoseek.data.chat import describe_template, opens_think, question_prompt
-from nanoseek.data.sources import eval_samples, resolve_all
+from nanoseek.data.sources import column_option, eval_samples, resolve_all
 from nanoseek.data.tasks import Sample, list_tasks
 from nanoseek.data.verify import checker_of
 from nanoseek.rewards import compute_reward
@@ -214,9 +214,8 @@ class Options:
     tasks: list[str] = field(default_factory=lambda: list_tasks(own_only=True), metadata={
         "help": "comma separated: built-in tasks, gym:NAME (any reasoning-gym dataset), or data files (.jsonl, "
                 ".json, .parquet, .csv, datasets folders; named by their stem in the report)"})
-    prompt_field: str = field(default="", metadata={"help": "data files: the prompt column (default: prompt/question/problem/input)"})
-    answer_field: str = field(default="", metadata={
-        "help": "data files: the answer column (default: answer/ground_truth/target/solution/output)"})
+    prompt_field: str = column_option("prompt")
+    answer_field: str = column_option("answer")
     n: int = field(default=20, metadata={"help": "test questions per task (a data file: its first n rows)"})
     k: int = field(default=4, metadata={"help": "samples per question for pass@1 and cons@k"})
     difficulty: int | None = field(default=1, metadata={"help": "task difficulty (none = mixed)"})

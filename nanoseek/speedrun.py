@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nanoseek.data.sources import resolve_all, with_split
+from nanoseek.data.sources import column_option, resolve_all, with_split
 
 STAGES = ["pretrain", "sft", "grpo", "rejection", "sft2", "distill-sft", "distill-logits", "r1-zero",
           "student-grpo", "eval", "report"]
@@ -41,9 +41,8 @@ class Options:
     tasks: list[str] = field(default_factory=lambda: ["add", "sub", "compare", "max", "sort"], metadata={
         "help": "reasoning tasks for SFT, RL and evaluation: built-in tasks, gym:NAME, data files (split by "
                 "prompt hash: FILE@train for RL, FILE@test for evaluation)"})
-    prompt_field: str = field(default="", metadata={"help": "data files: the prompt column (default: prompt/question/problem/input)"})
-    answer_field: str = field(default="", metadata={
-        "help": "data files: the answer column (default: answer/ground_truth/target/solution/output)"})
+    prompt_field: str = column_option("prompt")
+    answer_field: str = column_option("answer")
     difficulty: int = field(default=1, metadata={"help": "task difficulty for SFT, RL and evaluation"})
     pretrain_steps: int = field(default=400, metadata={"help": "pretraining optimizer steps"})
     sft_steps: int = field(default=150, metadata={"help": "cold-start SFT steps"})

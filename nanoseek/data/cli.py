@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import List
 
 from nanoseek.data.coldstart import SOLVERS, coldstart_record, worked_solution
-from nanoseek.data.sources import resolve_all
+from nanoseek.data.sources import column_option, resolve_all
 from nanoseek.data.tasks import get_task, list_tasks
 from nanoseek.data.verify import check_answer, checker_of, throughput
 
@@ -32,9 +32,8 @@ class Options:
     split: str = field(default="train", metadata={"help": "train, validation or test"})
     difficulty: int | None = field(default=None, metadata={"help": "difficulty level (default: mixed over each task's range)"})
     seed: int = field(default=0, metadata={"help": "generation seed"})
-    prompt_field: str = field(default="", metadata={"help": "data files: the prompt column (default: prompt/question/problem/input)"})
-    answer_field: str = field(default="", metadata={
-        "help": "data files: the answer column (default: answer/ground_truth/target/solution/output)"})
+    prompt_field: str = column_option("prompt")
+    answer_field: str = column_option("answer")
     out: str | None = field(default=None, metadata={"help": "JSONL file to write the samples to"})
     chat: bool = field(default=False, metadata={"help": "write cold-start chat records instead of samples"})
     show: int = field(default=2, metadata={"help": "samples printed per task"})

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from nanoseek.data.chat import describe_template, prompt_opens_think, question_prompt
+from nanoseek.data.sources import column_option, heldout_samples, resolve_all, train_samples
 from nanoseek.model.moe import balance_losses, moe_layers, update_balancing_bias
 from nanoseek.parallel.parallelize import all_reduce_sum
 from nanoseek.train import distributed
@@ -43,9 +44,8 @@ class Options:
     tasks: list[str] = field(default_factory=lambda: ["add"], metadata={
         "help": "comma separated: built-in tasks, gym:NAME (any reasoning-gym dataset), data files (.jsonl, .json, "
                 ".parquet, .csv, datasets folders: every row trains; FILE@train holds FILE@test out for the eval)"})
-    prompt_field: str = field(default="", metadata={"help": "data files: the prompt column (default: prompt/question/problem/input)"})
-    answer_field: str = field(default="", metadata={
-        "help": "data files: the answer column (default: answer/ground_truth/target/solution/output)"})
+    prompt_field: str = column_option("prompt")
+    answer_field: str = column_option("answer")
     difficulty: int = field(default=1, metadata={"help": "task difficulty at the start"})
     max_difficulty: int = field(default=0, metadata={"help": "curriculum: ramp linearly to this level (0 = fixed)"})
     n_prompts: int = field(default=2000, metadata={"help": "training prompts per difficulty level"})
@@ -149,7 +149,6 @@ class GRPO:
 
     def prompts_at(self, step: int) -> list:
         """The samples of step `step`: a pure function of (seed, step), so resuming needs no data state."""
-        from nanoseek.data.sources import resolve_all, train_samples
         o = self.o
         d = self.difficulty_at(step)
         if d not in self._pools:  # n_prompts generated train-split samples, plus every row of any data file
@@ -328,7 +327,6 @@ class GRPO:
 def evaluate(model, tok, o: Options, n: int | None = None) -> dict:
     """Greedy accuracy and format rate on held-out (test split) prompts of the run's tasks ({} if none:
     a whole data file has no held-out part, FILE@train holds out FILE@test)."""
-    from nanoseek.data.sources import heldout_samples, resolve_all
     from nanoseek.rewards import compute_rewards
     samples = heldout_samples(resolve_all(o.tasks, o.prompt_field, o.answer_field), n or o.eval_n,
                               o.max_difficulty or o.difficulty, seed=o.seed + 1)
@@ -406,7 +404,6 @@ def grpo(o: Options) -> Path:
     if sharded and o.filter_zero_var:
         raise SystemExit("grpo: --filter-zero-var is single-process only: under torchrun every rank must train "
                          "equally many sequences (their advantages are 0 anyway)")
-    from nanoseek.data.sources import resolve_all
     resolve_all(o.tasks, o.prompt_field, o.answer_field)  # a bad task or data file fails before the run folder exists
     tok = load_tokenizer(o.model)
     template = describe_template(tok, o.mode)  # a template that cannot ask the questions fails here, folder-less

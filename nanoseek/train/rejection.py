@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from nanoseek.data.chat import describe_template, prompt_opens_think
+from nanoseek.data.sources import column_option, resolve_all, train_samples
 
 POSITIONAL = (("model", "model directory (HF layout with tokenizer), e.g. the final/ of a GRPO run"),)
 
@@ -28,9 +29,8 @@ class Options:
     tasks: list[str] = field(default_factory=lambda: ["add"], metadata={
         "help": "comma separated: built-in tasks, gym:NAME (any reasoning-gym dataset), data files (.jsonl, .json, "
                 ".parquet, .csv, datasets folders: every row is a prompt)"})
-    prompt_field: str = field(default="", metadata={"help": "data files: the prompt column (default: prompt/question/problem/input)"})
-    answer_field: str = field(default="", metadata={
-        "help": "data files: the answer column (default: answer/ground_truth/target/solution/output)"})
+    prompt_field: str = column_option("prompt")
+    answer_field: str = column_option("answer")
     difficulty: int = field(default=1, metadata={"help": "task difficulty (0 = each task's full range)"})
     n_prompts: int = field(default=256, metadata={"help": "prompts of the generated tasks (train split); files add all their rows"})
     k: int = field(default=8, metadata={"help": "answers sampled per prompt"})
@@ -80,7 +80,6 @@ def rejection_sample(model_dir: str | Path, opts: Options | None = None, sampler
 
     import torch
 
-    from nanoseek.data.sources import resolve_all, train_samples
     from nanoseek.tokenizer import load_tokenizer
     from nanoseek.train.grpo import make_prompt
     from nanoseek.train.pretrain import run_dir

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nanoseek.data.coldstart import SOLVERS
-from nanoseek.data.sources import load_chat
+from nanoseek.data.sources import column_option, load_chat
 from nanoseek.errors import UsageError
 from nanoseek.train.pretrain import finish, start_run
 from nanoseek.train.trainer import TrainOptions, Trainer
@@ -28,9 +28,8 @@ class Options(TrainOptions):
     data: str = field(default="", metadata={
         "help": "chat data: JSONL / JSON / Parquet / CSV or a datasets folder with {\"messages\": [...]} rows, or "
                 "prompt + answer rows (one user and one assistant turn each) (default: the built-in cold-start set)"})
-    prompt_field: str = field(default="", metadata={"help": "--data prompt column (default: prompt/question/problem/input)"})
-    answer_field: str = field(default="", metadata={
-        "help": "--data answer column (default: answer/ground_truth/target/solution/output)"})
+    prompt_field: str = column_option("prompt")
+    answer_field: str = column_option("answer")
     n_examples: int = field(default=2000, metadata={"help": "built-in cold-start examples when --data is not given"})
     tasks: list[str] = field(default_factory=list, metadata={
         "help": "tasks of the built-in cold-start set, comma separated (default: every task with a solver)"})
