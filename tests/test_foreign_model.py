@@ -8,6 +8,7 @@ as a user would type it, and must finish, say which prompt template it used and 
 """
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -78,6 +79,12 @@ def test_generate_and_eval_say_their_template(qwen, deepseek, tmp_path, capsys):
     report = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert set(report["tasks"]) == {"add", "sort"} and report["overall"]["n"] == 6
     assert "'<｜Assistant｜><think>\\n'" in out  # DeepSeek-R1's generation prompt, printed at the start
+
+
+def test_terminal_chat_answers_turn_after_turn(qwen, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is 2 + 3?\nAnd 4 + 4?\n/exit\n"))
+    out = run(capsys, "chat", qwen, "--max-tokens", "6", "--temperature", "0")
+    assert "does not open <think>" in out and out.count("nanoseek>") == 2  # two replies, then /exit
 
 
 def test_grpo_then_eval_on_a_qwen2_with_a_chatml_tokenizer(qwen, tmp_path, capsys):
