@@ -17,6 +17,7 @@ which lets tests swap in a stub and check the scoring path without a model.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train.trainer import resolve_device
 
 METRICS = ("pass@1", "greedy", "cons@k", "mean_len", "format_error")
+PASS_KS = (4, 16, 64)  # pass@k reported beside pass@1 for every k up to the samples drawn per question
 
 
 @dataclass
@@ -66,12 +68,22 @@ def cons_at_k(answers: list[str], correct: list[bool]) -> float:
     return float(correct[keys.index(winner)])
 
 
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k from n samples of which c are correct (Chen et al., 2021): the chance that k
+    samples drawn without replacement from the n hold at least one correct, 1 - C(n-c, k) / C(n, k).
+    pass@k - pass@1 is what RL can sharpen into pass@1 (RL mostly moves pass@k into pass@1)."""
+    if not 1 <= k <= n:
+        raise ValueError(f"pass@{k} needs 1 <= k <= n = {n}")
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
 def score_question(sample: Sample, completions: list[Completion], opened_think: bool = True) -> dict:
     """Grade the k completions of one question with the training rewards' accuracy and format."""
     rewards = [compute_reward(sample, c.text, prompt_opened_think=opened_think) for c in completions]
     correct = [r.accuracy == 1.0 for r in rewards]
     k = max(len(completions), 1)
     return {"pass@1": sum(correct) / k,
+            **{f"pass@{j}": pass_at_k(len(correct), sum(correct), j) for j in PASS_KS if j <= len(correct)},
             "cons@k": cons_at_k([r.answer for r in rewards], correct),
             "mean_len": sum(c.n_tokens for c in completions) / k,
             "format_error": sum(r.format < 1.0 for r in rewards) / k,
@@ -169,7 +181,7 @@ def evaluate(model=None, tokenizer=None, tasks: list[str] | None = None, n: int 
 
 def _aggregate(qs: list[dict]) -> dict:
     out = {"n": len(qs)}
-    for m in METRICS:
+    for m in (*METRICS, *(f"pass@{j}" for j in PASS_KS)):
         vals = [q[m] for q in qs if q.get(m) is not None]
         out[m] = sum(vals) / len(vals) if vals else None
     out["checker"] = "+".join(sorted({q["checker"] for q in qs if q.get("checker")}))  # e.g. "int", "math+string"
@@ -183,11 +195,17 @@ def to_markdown(report: dict) -> str:
              f"template {report['template']}, {report['n']} test questions per task, k = {report['k']} samples "
              f"at temperature {report['temperature']} / top-p {report['top_p']}, max {report['max_tokens']} tokens, "
              f"difficulty {report['difficulty']}, seed {report['seed']}", "",
-             "| task | n | pass@1 % | greedy % | cons@k % | format errors % | mean length (tokens) | checker |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| task | n | pass@1 % | greedy % | cons@k % | pass@k % | format errors % | mean length (tokens) | checker |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    top = max((j for j in PASS_KS if j <= report["k"]), default=None)  # the widest pass@k the samples allow
     for name, r in [*report["tasks"].items(), ("**overall**", report["overall"])]:
         lines.append(f"| {name} | {r['n']} | {cell(r['pass@1'])} | {cell(r['greedy'])} | {cell(r['cons@k'])} | "
-                     f"{cell(r['format_error'])} | {cell(r['mean_len'], False)} | {r.get('checker') or '–'} |")
+                     f"{cell(r.get(f'pass@{top}'))} | {cell(r['format_error'])} | {cell(r['mean_len'], False)} | "
+                     f"{r.get('checker') or '–'} |")
+    if top:
+        lines += ["", f"pass@k: the unbiased pass@{top} (the chance that {top} of the {report['k']} samples hold a "
+                      f"correct answer); all of pass@{', pass@'.join(str(j) for j in PASS_KS if j <= report['k'])} "
+                      "are in eval.json"]
     return "\n".join(lines) + "\n"
 
 

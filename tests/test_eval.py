@@ -1,13 +1,15 @@
 """Evaluation harness: metric math, the scoring path with a perfect stub, and a tiny random model end to end."""
+import itertools
 import json
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from nanoseek.data.chat import EOS
 from nanoseek.data.tasks import Sample
-from nanoseek.eval import (METRICS, Completion, Options, build_prompt, cons_at_k, evaluate, run, score_question,
-                           to_markdown)
+from nanoseek.eval import (METRICS, Completion, Options, build_prompt, cons_at_k, evaluate, pass_at_k, run,
+                           score_question, to_markdown)
 
 TASKS = ["add", "sort", "countdown", "compare"]
 
@@ -28,6 +30,32 @@ def test_pass_and_cons_math():
     assert q["cons@k"] == 1.0 and q["format_error"] == pytest.approx(2 / 3) and q["mean_len"] == pytest.approx(5)
     assert cons_at_k(["5", "3", "3 ", "5."], [False, True, True, False]) == 0.0
     assert cons_at_k(["", ""], [False, False]) == 0.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.booleans(), min_size=1, max_size=9), st.integers(1, 9))
+def test_pass_at_k_is_the_chance_that_k_of_the_samples_hold_a_correct_one(correct, k):
+    """Unbiased pass@k equals the brute-force share of k-subsets of the samples with a correct one in them."""
+    n, c = len(correct), sum(correct)
+    if k > n:
+        with pytest.raises(ValueError):
+            pass_at_k(n, c, k)
+        return
+    subsets = list(itertools.combinations(correct, k))
+    assert pass_at_k(n, c, k) == pytest.approx(sum(map(any, subsets)) / len(subsets))
+    assert pass_at_k(n, c, 1) == pytest.approx(c / n) and pass_at_k(n, c, k) >= pass_at_k(n, c, 1) - 1e-12
+
+
+def test_pass_at_k_in_the_report():
+    s = Sample("add", "What is 1 + 2?", "3", 1, {"check": "int"})
+
+    def one_in_four(prompts, n, temperature, top_p, max_tokens, seed):  # 1 correct of every 4 samples
+        return [[comp("3" if i % 4 == 0 else "4") for i in range(n)] for _ in prompts]
+    r = evaluate(generate=one_in_four, samples=[s], k=16, greedy=False)
+    o = r["overall"]
+    assert o["pass@1"] == pytest.approx(0.25) and o["pass@4"] == pytest.approx(1 - 495 / 1820)  # 1 - C(12, 4) / C(16, 4)
+    assert o["pass@16"] == 1.0 and o["pass@64"] is None  # only k up to the samples drawn
+    assert "| **overall** | 1 | 25.0 | – | 0.0 | 100.0 |" in to_markdown(r) and "unbiased pass@16" in to_markdown(r)
 
 
 def perfect(samples):
