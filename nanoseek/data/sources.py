@@ -45,16 +45,18 @@ from nanoseek.errors import UsageError
 PROMPT_FIELDS = ("prompt", "question", "problem", "input")
 ANSWER_FIELDS = ("answer", "ground_truth", "target", "solution", "output")
 
-
-def column_option(kind: str):
-    """The --prompt-field / --answer-field option of every command that reads data files."""
-    names = PROMPT_FIELDS if kind == "prompt" else ANSWER_FIELDS
-    return field(default="", metadata={"help": f"data files: the {kind} column (default: the first of {'/'.join(names)})"})
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 FILE_CHECKS = ("int", "math", "string", "list", "symbol")  # what a `check` column may say
 ACCEPTED = ("gym:NAME (any reasoning-gym dataset) or a data file (.jsonl, .json, .parquet, .csv, "
             "a datasets save_to_disk folder)")
 _FLAG = {"prompt": "--prompt-field", "answer": "--answer-field"}
+
+
+def column_option(kind: str):
+    """The --prompt-field / --answer-field option of every command that reads data files."""
+    names = PROMPT_FIELDS if kind == "prompt" else ANSWER_FIELDS
+    return field(default="", metadata={
+        "help": f"data files: the {kind} column (default: the first of {'/'.join(names)})"})
 
 
 # ------------------------------------------------------------------------------ reference answers
