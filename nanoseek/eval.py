@@ -203,9 +203,9 @@ def to_markdown(report: dict) -> str:
                      f"{cell(r.get(f'pass@{top}'))} | {cell(r['format_error'])} | {cell(r['mean_len'], False)} | "
                      f"{r.get('checker') or '–'} |")
     if top:
-        lines += ["", f"pass@k: the unbiased pass@{top} (the chance that {top} of the {report['k']} samples hold a "
-                      f"correct answer); all of pass@{', pass@'.join(str(j) for j in PASS_KS if j <= report['k'])} "
-                      "are in eval.json"]
+        lines += ["", f"pass@k column: pass@{top}, the unbiased chance that {top} samples (of the {report['k']} drawn "
+                      f"per question) include a correct answer; eval.json has pass@"
+                      f"{', pass@'.join(str(j) for j in PASS_KS if j <= report['k'])}"]
     return "\n".join(lines) + "\n"
 
 

@@ -55,7 +55,7 @@ def test_pass_at_k_in_the_report():
     o = r["overall"]
     assert o["pass@1"] == pytest.approx(0.25) and o["pass@4"] == pytest.approx(1 - 495 / 1820)  # 1 - C(12, 4) / C(16, 4)
     assert o["pass@16"] == 1.0 and o["pass@64"] is None  # only k up to the samples drawn
-    assert "| **overall** | 1 | 25.0 | – | 0.0 | 100.0 |" in to_markdown(r) and "unbiased pass@16" in to_markdown(r)
+    assert "| **overall** | 1 | 25.0 | – | 0.0 | 100.0 |" in to_markdown(r) and "pass@k column: pass@16, the unbiased chance" in to_markdown(r)
 
 
 def perfect(samples):
