@@ -141,6 +141,9 @@ def test_distillation_across_tokenizers_is_by_traces(deepseek, qwen, tmp_path, c
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--method sft" in err
     assert not (tmp_path / "logits").exists()  # refused before anything was written
+    assert main(["distill", "--teacher", str(deepseek), "--data", str(tmp_path / "nope.jsonl"),
+                 "--out", str(tmp_path / "nodata")]) == 2
+    assert "nope.jsonl does not exist" in capsys.readouterr().err and not (tmp_path / "nodata").exists()
 
 
 def test_errors_are_one_line(qwen, tmp_path, capsys):

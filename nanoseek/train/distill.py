@@ -193,11 +193,12 @@ def distill(opts: Options) -> Path:
         raise UsageError(f"logit distillation compares token ids, but the student {opts.student} has another "
                          f"vocabulary than the teacher: use --method sft (training on the teacher's traces), or a "
                          f"student with the teacher's tokenizer")
+    given = read_chat_jsonl(opts.data) if opts.data else None  # a bad --data file fails here, folder-less
     out = start_run(opts, "distill")  # after the checks: a refused run leaves no folder behind
     device = resolve_device(opts.device)
     teacher = from_pretrained(opts.teacher).to(device).eval().requires_grad_(False)
     traces = teacher_traces(opts, out)
-    train_ex, val_ex = _split(encode_records(tok, read_chat_jsonl(traces)), opts.val_frac)
+    train_ex, val_ex = _split(encode_records(tok, given if given is not None else read_chat_jsonl(traces)), opts.val_frac)
     data = pack_examples(train_ex, opts.seq_len, tok.pad_id)
     val = pack_examples(val_ex, opts.seq_len, tok.pad_id) if val_ex else None
     val_batches = [{k: v.to(device) for k, v in make_batch(val, torch.arange(i, min(i + opts.batch_size, len(val)))).items()}
