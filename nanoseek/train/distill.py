@@ -89,6 +89,13 @@ def topk_kl(student_logits: torch.Tensor, t_logp: torch.Tensor, t_idx: torch.Ten
     return masked_mean(kl, mask.float())
 
 
+def masked_ce(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """The student's cross-entropy on the batch's assistant tokens (the SFT loss)."""
+    mask = batch["loss_mask"].float()
+    return masked_mean(F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(),
+                                       reduction="none").view_as(mask), mask)
+
+
 def logits_step(teacher: torch.nn.Module, top_k: int, alpha: float, tail: bool):
     """A Trainer step_fn: teacher top-k under no_grad, then KL (+ alpha * CE) for the student."""
     def step(model, batch, trainer=None):
@@ -99,8 +106,7 @@ def logits_step(teacher: torch.nn.Module, top_k: int, alpha: float, tail: bool):
             del t_logits  # free the [B, T, vocab] tensor before the student's forward
         s_logits = model(x, doc_ids=doc)
         kl = topk_kl(s_logits, t_logp, t_idx, mask, tail)
-        ce = masked_mean(F.cross_entropy(s_logits.float().flatten(0, 1), batch["targets"].flatten(),
-                                         reduction="none").view_as(mask), mask)
+        ce = masked_ce(s_logits, batch)
         return {"loss": (1 - alpha) * kl + alpha * ce, "kl": kl, "ce": ce}
     return step
 
@@ -111,9 +117,7 @@ def validate(student, teacher, batches: list[dict], top_k: int, tail: bool) -> d
     teacher None (its vocabulary is not the student's): the CE alone."""
     student.eval()
     if teacher is None:
-        rows = [{"ce": masked_mean(F.cross_entropy(student(b["input_ids"], doc_ids=b.get("doc_ids")).float().flatten(0, 1),
-                                                   b["targets"].flatten(), reduction="none").view_as(b["loss_mask"]),
-                                   b["loss_mask"].float())} for b in batches]
+        rows = [{"ce": masked_ce(student(b["input_ids"], doc_ids=b.get("doc_ids")), b)} for b in batches]
     else:
         step = logits_step(teacher, top_k, 0.0, tail)
         rows = [step(student, b) for b in batches]

@@ -16,6 +16,7 @@ seed of step s depend only on (seed, s).
 from __future__ import annotations
 
 import copy
+import functools
 import random
 import time
 from dataclasses import dataclass, field
@@ -164,9 +165,14 @@ class GRPO:
     def encode_prompt(self, sample) -> list[int]:
         return make_prompt(self.tok, sample.prompt, self.o.mode)
 
+    @functools.cached_property
+    def opens_think(self) -> bool:
+        """Do this run's prompts open the think block (read once from the template; a custom reward_fn never asks)?"""
+        return prompt_opens_think(self.tok, self.o.mode)
+
     def _rule_rewards(self, samples, texts, n_tokens):
         from nanoseek.rewards import compute_rewards
-        return compute_rewards(samples, texts, self.reward_cfg, prompt_opens_think(self.tok, self.o.mode), n_tokens)
+        return compute_rewards(samples, texts, self.reward_cfg, self.opens_think, n_tokens)
 
     def rollout(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
         o = self.o
