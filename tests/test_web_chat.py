@@ -17,6 +17,12 @@ pytestmark = [pytest.mark.browser, pytest.mark.skipif(not os.path.exists(CHROMIU
                                                      reason=f"no browser at {CHROMIUM}: apt-get install chromium")]
 
 
+def wait_for_model_name(page, name):
+    """Wait until the page has read /v1/models. A locator wait, not `wait_for_function`: Playwright polls a
+    string predicate with eval inside the page, which the page's strict CSP (no 'unsafe-eval') refuses."""
+    page.locator("#model", has_text=name).wait_for(timeout=20_000)
+
+
 def test_web_chat_streams_thinking_and_escapes_html(tmp_path):
     playwright = pytest.importorskip("playwright.sync_api")
     model = build_model_dir(tmp_path / "model")
@@ -31,7 +37,7 @@ def test_web_chat_streams_thinking_and_escapes_html(tmp_path):
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.on("dialog", lambda d: (errors.append("dialog: " + d.message), d.dismiss()))
             page.goto(server.url + "/")
-            page.wait_for_function("document.getElementById('model').textContent.startsWith('nanoseek-tiny')")
+            wait_for_model_name(page, "nanoseek-tiny")
             page.click("#settings summary")
             page.fill("#temperature", "0")
             page.click("#settings summary")
@@ -79,7 +85,7 @@ def test_web_chat_on_a_model_transformers_made(tmp_path):
             errors = []
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(server.url + "/")
-            page.wait_for_function("document.getElementById('model').textContent.startsWith('my-qwen')")
+            wait_for_model_name(page, "my-qwen")
             page.click("#settings summary")
             page.fill("#max-tokens", "24")  # two turns of a random model's text fit the 256-token context
             page.click("#settings summary")
