@@ -59,6 +59,9 @@ class Options:
     max_new_tokens: int = field(default=96, metadata={"help": "completion length in RL, sampling and eval"})
     r1_zero: bool = field(default=True, metadata={"help": "also run the R1-Zero branch (GRPO on the base)"})
     seed: int = field(default=0, metadata={"help": "seed for every stage"})
+    seeds: int = field(default=1, metadata={
+        "help": "repeat the RL stages (GRPO on the SFT model, R1-Zero on the base) with seeds seed..seed+N-1, all "
+                "from the same SFT model and base: the report gives each seed's gain and the mean +- spread"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     batch_size: int = field(default=8, metadata={"help": "sequences per step in pretraining, SFT and distillation "
                                                          "(the global batch when --nproc > 1)"})
@@ -88,7 +91,10 @@ class Run:
         self.root.mkdir(parents=True, exist_ok=True)
         self.t0 = time.time()
         self.spent, self.ran_weight = 0.0, 0.0
-        self.stages = [s for s in STAGES if o.r1_zero or s != "r1-zero"]
+        self.stages = stage_names(o)
+
+    def weight(self, stage: str) -> float:
+        return self.WEIGHT[stage.split("-seed")[0]]
 
     def marker(self, stage: str) -> Path:
         return self.root / stage / "stage.json"
@@ -102,7 +108,7 @@ class Run:
             print(f"[speedrun] {stage}: done earlier ({d['wall_s']:.0f}s), skipping")
             return d
         i = self.stages.index(stage)
-        left = sum(self.WEIGHT[s] for s in self.stages[i:] if not self.done(s))
+        left = sum(self.weight(s) for s in self.stages[i:] if not self.done(s))
         # rate from the stages run in this session only (a resumed run skipped the others)
         eta = (f", ETA {self.spent / self.ran_weight * left / 60:.0f} min"
                if self.ran_weight and self.spent > 30 else "")
@@ -111,10 +117,23 @@ class Run:
         out = fn(self.root / stage)
         d = {"stage": stage, "wall_s": round(time.time() - t, 1), **out}
         self.spent += d["wall_s"]
-        self.ran_weight += self.WEIGHT[stage]
+        self.ran_weight += self.weight(stage)
         self.marker(stage).parent.mkdir(parents=True, exist_ok=True)
         self.marker(stage).write_text(json.dumps(d, indent=2) + "\n")
         return d
+
+
+def extra_seeds(o: Options) -> list[int]:
+    """The seeds the RL stages are repeated with, besides o.seed."""
+    return [o.seed + i for i in range(1, max(1, o.seeds))]
+
+
+def stage_names(o: Options) -> list[str]:
+    """Every stage of this run in order: the fixed ones, then one GRPO and one R1-Zero per extra seed."""
+    repeats = [f"{rl}-seed{s}" for rl in ("grpo", "r1-zero") if o.r1_zero or rl == "grpo" for s in extra_seeds(o)]
+    fixed = [s for s in STAGES if o.r1_zero or s != "r1-zero"]
+    i = fixed.index("student-grpo")
+    return fixed[:i] + repeats + fixed[i:]
 
 
 def _tokens(stage_dir: Path) -> int | None:
@@ -179,9 +198,16 @@ def speedrun(o: Options) -> Path:
             teacher=sft2["model"], data=str(mixed_sft_data(d, rej["data"], o)), method=m, out=str(d),
             steps=o.distill_steps, student_preset=("small" if small else "tiny"), **tcommon), o.nproc,
             final=d / m / "final"))
+    r0_kw = {**grpo_kw, "steps": o.r1_zero_steps}
     if o.r1_zero:
-        run.run("r1-zero", lambda d: train("grpo", G.grpo, G.Options(model=base, mode="r1-zero", out=str(d),
-                                                                    **{**grpo_kw, "steps": o.r1_zero_steps}), o.nproc))
+        run.run("r1-zero", lambda d: train("grpo", G.grpo, G.Options(model=base, mode="r1-zero", out=str(d), **r0_kw),
+                                           o.nproc))
+    for seed in extra_seeds(o):  # the RL stages again, from the same starting models: is the gain the seed's luck?
+        run.run(f"grpo-seed{seed}", lambda d, s=seed: train("grpo", G.grpo, G.Options(
+            model=sft1["model"], mode="r1", out=str(d), **{**r1_kw, "seed": s}), o.nproc))
+    for seed in extra_seeds(o) if o.r1_zero else []:
+        run.run(f"r1-zero-seed{seed}", lambda d, s=seed: train("grpo", G.grpo, G.Options(
+            model=base, mode="r1-zero", out=str(d), **{**r0_kw, "seed": s}), o.nproc))
     budget = dist["sft"]["wall_s"]
     run.run("student-grpo", lambda d: student_grpo_baseline(d, base, o, budget, grpo_kw))
     ev = run.run("eval", lambda d: evaluate_all(d, run, o))
@@ -271,11 +297,21 @@ EVALUATED = [("base (pretrain)", "pretrain", "r1-zero"), ("cold-start SFT", "sft
              ("student: GRPO alone, same wall time", "student-grpo", "r1")]
 
 
+def evaluated(o: Options) -> list[tuple[str, str, str]]:
+    """(label, stage, template) of every stage the report evaluates, the extra seeds' RL stages included."""
+    out = []
+    for label, stage, template in EVALUATED:
+        out.append((label + (f", seed {o.seed}" if extra_seeds(o) and stage in ("grpo", "r1-zero") else ""), stage, template))
+        if stage in ("grpo", "r1-zero"):
+            out += [(f"{label}, seed {s}", f"{stage}-seed{s}", template) for s in extra_seeds(o)]
+    return out
+
+
 def evaluate_all(d: Path, run: Run, o: Options) -> dict:
     from nanoseek.eval import evaluate, write_report as write_eval
 
     results = {}
-    for label, stage, template in EVALUATED:
+    for label, stage, template in evaluated(o):
         st = run.done(stage)
         if not st:
             continue
@@ -294,7 +330,7 @@ def evaluate_all(d: Path, run: Run, o: Options) -> dict:
 def write_report(run: Run, ev: dict) -> dict:
     from nanoseek.speedrun_report import render_report
 
-    md, plots = render_report(run.root, run.o, ev["results"], {s: run.done(s) for s in STAGES if run.done(s)},
+    md, plots = render_report(run.root, run.o, ev["results"], {s: run.done(s) for s in run.stages if run.done(s)},
                               _tokens)
     (run.root / "report.md").write_text(md)
     return {"report": str(run.root / "report.md"), "plots": [str(p) for p in plots]}

@@ -71,6 +71,20 @@ def _plot(root: Path, results: dict) -> list[Path]:
     ax.set_title("reward during RL")
     save(fig, "reward")
 
+    rows = [r for r in _metrics(root / "r1-zero" / "metrics.jsonl") if "reward" in r]
+    if rows:  # the R1 paper's Figure 2/3 at toy scale: does the response grow as accuracy rises?
+        fig, ax = plt.subplots(figsize=(7, 4))
+        x = [r["step"] for r in rows]
+        ax.plot(x, [100 * r["accuracy"] for r in rows], label="accuracy (rollouts)")
+        ax.plot(x, [100 * r["reward_format"] for r in rows], label="format rate (rollouts)")
+        ax.set(xlabel="R1-Zero GRPO step", ylabel="% of rollouts", ylim=(0, 100))
+        ax2 = ax.twinx()
+        ax2.plot(x, [r["response_len"] for r in rows], color="#55a868", label="mean response length")
+        ax2.set_ylabel("tokens")
+        ax.legend(handles=ax.get_lines() + ax2.get_lines(), fontsize=8, loc="lower right")
+        ax.set_title("R1-Zero from the base: accuracy, format and length")
+        save(fig, "r1_zero")
+
     rows = [r for r in _metrics(root / "pretrain" / "metrics.jsonl") if "load_max_over_mean" in r]
     if rows:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -109,13 +123,63 @@ def _checks(results: dict) -> list[str]:
         x, y = acc(a), acc(b)
         if x is None or y is None:
             continue
-        n, two_se = paired_two_se(results[a].get("per_question"), results[b].get("per_question"))
+        verdict, two_se, n = _verdict(results, a, b)
         if not n:  # no per-question data: the bare comparison
             lines.append(f"- {what}: {'yes' if y > x else '**no**'} ({_pct(x)} % → {_pct(y)} %)")
             continue
-        verdict = "yes" if y - x > two_se else "**no**" if x - y > two_se else "**within noise**"
         lines.append(f"- {what}: {verdict} ({_pct(x)} % → {_pct(y)} %; two standard errors of the paired "
                      f"difference ±{100 * two_se:.1f} pts over {n} questions)")
+    return lines
+
+
+def r1_zero_length(root: Path) -> str | None:
+    """Whether R1-Zero's responses grow, as in the R1 paper: mean length over the first vs the last tenth of steps."""
+    rows = [r for r in _metrics(root / "r1-zero" / "metrics.jsonl") if "reward" in r]
+    if len(rows) < 2:
+        return None
+    tenth = max(1, len(rows) // 10)
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+    first, last = rows[:tenth], rows[-tenth:]
+    a, b = mean(first, "response_len"), mean(last, "response_len")
+    change = "grows" if b > 1.1 * a else "shrinks" if b < a / 1.1 else "stays about the same"
+    return (f"- R1-Zero's mean response length {change}: {a:.0f} → {b:.0f} tokens ({b / a:.2f}×) from the first to the "
+            f"last tenth of its {len(rows)} steps, while rollout accuracy goes {100 * mean(first, 'accuracy'):.0f} → "
+            f"{100 * mean(last, 'accuracy'):.0f} % and the format rate {100 * mean(first, 'reward_format'):.0f} → "
+            f"{100 * mean(last, 'reward_format'):.0f} % (plot: r1_zero.png).")
+
+
+def _verdict(results: dict, a: str, b: str) -> tuple[str, float, int]:
+    """(yes / **no** / **within noise**, two standard errors, questions) for "b beats a"."""
+    x, y = results[a]["pass@1"], results[b]["pass@1"]
+    n, two_se = paired_two_se(results[a].get("per_question"), results[b].get("per_question"))
+    return ("yes" if y - x > two_se else "**no**" if x - y > two_se else "**within noise**"), two_se, n
+
+
+def seed_table(results: dict, top_k: int | None) -> list[str]:
+    """One row per seed of each repeated RL stage: its gain over the stage it started from, the paired test,
+    and (GRPO) the share of the starting model's pass@k - pass@1 gap it closed; then mean +- spread."""
+    lines = []
+    for rl, parent, what in (("grpo", "sft", "GRPO (R1) over cold-start SFT"), ("r1-zero", "pretrain", "R1-Zero over the base")):
+        runs = sorted((k for k in results if k == rl or k.startswith(rl + "-seed")), key=lambda k: (k != rl, k))
+        if len(runs) < 2 or parent not in results:
+            continue
+        p1, pk = results[parent]["pass@1"], results[parent].get(f"pass@{top_k}") if top_k else None
+        lines += ["", f"**{what}**, {len(runs)} seeds from the same starting model:", "",
+                  f"| seed | pass@1 % | gain (pts) | ±2 SE (paired) | verdict | pass@{top_k or 'k'} − pass@1 gap closed |",
+                  "|---|---:|---:|---:|---|---:|"]
+        gains = []
+        for k in runs:
+            verdict, two_se, _ = _verdict(results, parent, k)
+            gain = results[k]["pass@1"] - p1
+            gains.append(gain)
+            closed = f"{100 * gain / (pk - p1):.0f} %" if pk is not None and pk - p1 > 0 else "–"
+            lines.append(f"| {results[k]['label'].rsplit('seed ', 1)[-1]} | {_pct(results[k]['pass@1'])} | "
+                         f"{100 * gain:+.1f} | {100 * two_se:.1f} | {verdict} | {closed} |")
+        m = sum(gains) / len(gains)
+        sd = (sum((g - m) ** 2 for g in gains) / (len(gains) - 1)) ** 0.5
+        lines += ["", f"Mean gain {100 * m:+.1f} ± {100 * sd:.1f} pts (sample std over seeds), starting from "
+                      f"{_pct(p1)} %; {sum(_verdict(results, parent, k)[0] == 'yes' for k in runs)} of {len(runs)} "
+                      "seeds beat the starting model by more than two standard errors."]
     return lines
 
 
@@ -127,7 +191,7 @@ def render_report(root: Path, o, results: dict, stages: dict, tokens_fn) -> tupl
     lines = ["# nanoseek speedrun report", "",
              f"Machine: {describe_device()}, {platform.system()}; preset `{o.preset}`"
              f"{' (quick CI variant)' if o.quick else ''}; tasks {', '.join(o.tasks)} at difficulty {o.difficulty}; "
-             f"seed {o.seed}. Total wall time of all stages: **{total / 60:.1f} min**.", "",
+             f"seed {o.seed}{f' (RL stages repeated with {o.seeds} seeds)' if o.seeds > 1 else ''}. Total wall time of all stages: **{total / 60:.1f} min**.", "",
              f"Held-out test questions: {o.eval_n} per task, k = {o.eval_k} samples at temperature 0.6 / top-p 0.95 "
              "(as the R1 report); greedy = one greedy sample; pass@k (unbiased, from the same samples) − pass@1 is "
              "what RL can sharpen into pass@1. Cost = wall time × "
@@ -145,6 +209,10 @@ def render_report(root: Path, o, results: dict, stages: dict, tokens_fn) -> tupl
     lines += ["", "Stages not evaluated (data or bookkeeping): " + ", ".join(
         f"{s} {d['wall_s']:.0f} s" for s, d in stages.items() if s not in results), ""]
     lines += ["## Did each stage buy what the R1 report says it does?", ""] + (_checks(results) or ["- (no stages)"])
+    if zero := r1_zero_length(root):
+        lines.append(zero)
+    if seeds := seed_table(results, top_k):
+        lines += ["", "## Seeds: the RL stages repeated"] + seeds
     plots = _plot(root, results)
     lines += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
     lines += ["", "Per-stage details: each stage folder has config.yaml, metrics.jsonl, plots/ and its final model "

@@ -5,20 +5,24 @@ from pathlib import Path
 
 import pytest
 
-from nanoseek.speedrun import EVALUATED, Options, speedrun
+from nanoseek.speedrun import Options, evaluated, speedrun
 
 
 @pytest.mark.slow
 @pytest.mark.auto_dtype
 def test_quick_speedrun_end_to_end(tmp_path):
     out = tmp_path / "run"
-    report = speedrun(Options(out=str(out), quick=True))
+    opts = Options(out=str(out), quick=True, seeds=2)
+    report = speedrun(opts)
     assert report.exists()
     md = report.read_text()
     assert "| stage | pass@1 %" in md
+    assert "**GRPO (R1) over cold-start SFT**, 2 seeds" in md and "**R1-Zero over the base**, 2 seeds" in md
     for name in ("accuracy", "loss", "reward", "expert_load"):
         assert (out / "plots" / f"{name}.png").stat().st_size > 1000
-    for _, stage, _ in EVALUATED:
+    stages = [stage for _, stage, _ in evaluated(opts)]
+    assert {"grpo-seed1", "r1-zero-seed1"} <= set(stages)
+    for stage in stages:
         marker = json.loads((out / stage / "stage.json").read_text())
         assert (Path(marker["model"]) / "config.json").exists() and (Path(marker["model"]) / "tokenizer.json").exists()
         ev = json.loads((out / "eval" / f"{stage}.json").read_text())["overall"]
@@ -32,7 +36,7 @@ def test_quick_speedrun_end_to_end(tmp_path):
     assert (out / "rejection" / "rejection.jsonl").exists()
     # rerunning resumes: every stage is skipped, nothing retrains
     before = (out / "pretrain" / "stage.json").read_text()
-    speedrun(Options(out=str(out), quick=True))
+    speedrun(Options(out=str(out), quick=True, seeds=2))
     assert (out / "pretrain" / "stage.json").read_text() == before
 
 
@@ -50,3 +54,29 @@ def test_report_checks_weigh_the_change_against_question_noise():
     assert "GRPO raises held-out accuracy over cold-start SFT: **within noise**" in lines[1]
     lines = _checks({"sft": res(sft), "grpo": res([0.0] * 100)})
     assert "**no**" in lines[0]
+
+
+def test_seed_table_gives_each_seed_its_verdict_and_the_gap_it_closed():
+    from nanoseek.speedrun_report import seed_table
+    res = lambda label, xs, **kw: {"label": label, "pass@1": sum(xs) / len(xs), "per_question": xs, **kw}  # noqa: E731
+    sft = res("cold-start SFT", [1.0] * 20 + [0.0] * 80, **{"pass@16": 0.6})
+    results = {"sft": sft, "grpo": res("GRPO (R1), seed 0", [1.0] * 40 + [0.0] * 60),
+               "grpo-seed1": res("GRPO (R1), seed 1", [1.0] * 21 + [0.0] * 79)}
+    lines = seed_table(results, 16)
+    rows = [x for x in lines if x.startswith("| 0 ") or x.startswith("| 1 ")]
+    assert rows[0].split("|")[3].strip() == "+20.0" and "yes" in rows[0] and rows[0].rstrip(" |").endswith("50 %")
+    assert "within noise" in rows[1]
+    assert any("Mean gain +10.5" in x and "1 of 2 seeds" in x for x in lines)
+    assert seed_table({"sft": sft, "grpo": results["grpo"]}, 16) == []  # one seed: the main table says it all
+
+
+def test_r1_zero_length_line_reads_the_metrics(tmp_path):
+    from nanoseek.speedrun_report import r1_zero_length
+    assert r1_zero_length(tmp_path) is None
+    (tmp_path / "r1-zero").mkdir()
+    rows = [{"step": i + 1, "reward": 0.1, "accuracy": i / 40, "reward_format": min(1.0, i / 20),
+             "response_len": 20 + i} for i in range(40)]
+    (tmp_path / "r1-zero" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    line = r1_zero_length(tmp_path)
+    # first tenth: steps 1-4 (lengths 20-23, mean 21.5), last tenth: steps 37-40 (56-59, mean 57.5)
+    assert "grows: 22 → 58 tokens (2.67×)" in line and "of its 40 steps" in line and "format rate 8 → 100 %" in line
