@@ -210,7 +210,9 @@ class GRPO:
         all_adv, all_zero_var = group_advantages(all_r, G, o.scale_rewards)
         adv = all_adv[self.rank * len(comps):(self.rank + 1) * len(comps)]
         zero_var = all_zero_var[self.rank * per:(self.rank + 1) * per]
+        all_tasks = distributed.gather_lists([getattr(s, "task", "?") for s in group_samples])
         row = {"step": step + 1, **self._reward_stats(all_rewards, all_r, all_comps, all_zero_var),
+               "adv_abs": all_adv.abs().mean().item(), **per_task_accuracy(all_tasks, all_rewards),
                "lr": self.optimizer.param_groups[0]["lr"]}
         keep = [i for i in range(len(comps)) if not (o.filter_zero_var and zero_var[i // G])]
         row["trained_seqs"] = len(keep)
@@ -328,6 +330,14 @@ class GRPO:
         return {**sums, "grad_norm": grad_norm, "_train_tokens": ids.numel()}
 
 
+def per_task_accuracy(tasks: list[str], rewards) -> dict:
+    """{"accuracy/<task>": share of this step's rollouts of that task that are correct}."""
+    by: dict[str, list[float]] = {}
+    for t, r in zip(tasks, rewards):
+        by.setdefault(t, []).append(float(r.accuracy > 0))
+    return {f"accuracy/{t}": sum(v) / len(v) for t, v in sorted(by.items())}
+
+
 # ------------------------------------------------------------------------------------ evaluation
 
 def evaluate(model, tok, o: Options, n: int | None = None) -> dict:
@@ -358,6 +368,7 @@ PANELS = {
     "clip_frac": {"keys": ["clip_frac"], "ylabel": "share of tokens clipped"},
     "entropy": {"keys": ["entropy"], "ylabel": "nats / token"},
     "zero_var_groups": {"keys": ["zero_var_groups"], "ylabel": "share of groups with equal rewards"},
+    "advantage": {"keys": ["adv_abs"], "ylabel": "mean |advantage| (0 for equal-reward groups)"},
     "throughput": {"keys": ["rollout_tokens_per_s", "train_tokens_per_s"], "ylabel": "tokens / s"},
 }
 
@@ -369,7 +380,9 @@ def plot_run(out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     from nanoseek.train.plots import plot_metrics, read_metrics
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "reward" in r]
-    paths = plot_metrics(out / "metrics.jsonl", out / "plots", PANELS)
+    task_keys = sorted({k for r in rows for k in r if k.startswith("accuracy/")})
+    paths = plot_metrics(out / "metrics.jsonl", out / "plots", {**PANELS, "accuracy_per_task": {
+        "keys": task_keys, "ylabel": "share correct (rollouts)", "smooth": 5, "title": "accuracy per task"}})
     if rows:
         x = [r["step"] for r in rows]
         m = [r["reward"] for r in rows]
