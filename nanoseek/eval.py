@@ -26,15 +26,15 @@ from typing import Callable
 
 import torch
 
-from nanoseek.data.chat import describe_template, opens_think, question_prompt
+from nanoseek.data.chat import describe_template, opens_think, parse_completion, question_prompt
 from nanoseek.data.sources import column_option, eval_samples, resolve_all
 from nanoseek.data.tasks import Sample, list_tasks
-from nanoseek.data.verify import checker_of
+from nanoseek.data.verify import checker_of, reasoning_steps
 from nanoseek.rewards import compute_reward
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train.trainer import resolve_device
 
-METRICS = ("pass@1", "greedy", "cons@k", "mean_len", "format_error")
+METRICS = ("pass@1", "greedy", "cons@k", "sound", "mean_len", "format_error")
 PASS_KS = (4, 16, 64)  # pass@k reported beside pass@1 for every k up to the samples drawn per question
 
 
@@ -77,12 +77,20 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
+def shows_sound_reasoning(text: str, opened_think: bool) -> bool:
+    """A visible chain of thought with no wrong arithmetic step in it (reasoning_steps recomputes them)."""
+    reasoning = parse_completion(text, opened_think=opened_think).reasoning
+    return bool(reasoning and reasoning.strip()) and reasoning_steps(reasoning)[1] == 0
+
+
 def score_question(sample: Sample, completions: list[Completion], opened_think: bool = True) -> dict:
-    """Grade the k completions of one question with the training rewards' accuracy and format."""
+    """Grade the k completions of one question with the training rewards' accuracy and format.
+    sound: the share that are right *and* show their reasoning with every checkable step right."""
     rewards = [compute_reward(sample, c.text, prompt_opened_think=opened_think) for c in completions]
     correct = [r.accuracy == 1.0 for r in rewards]
     k = max(len(completions), 1)
-    return {"pass@1": sum(correct) / k,
+    sound = [ok and shows_sound_reasoning(c.text, opened_think) for ok, c in zip(correct, completions)]
+    return {"pass@1": sum(correct) / k, "sound": sum(sound) / k,
             **{f"pass@{j}": pass_at_k(len(correct), sum(correct), j) for j in PASS_KS if j <= len(correct)},
             "cons@k": cons_at_k([r.answer for r in rewards], correct),
             "mean_len": sum(c.n_tokens for c in completions) / k,
@@ -195,17 +203,21 @@ def to_markdown(report: dict) -> str:
              f"template {report['template']}, {report['n']} test questions per task, k = {report['k']} samples "
              f"at temperature {report['temperature']} / top-p {report['top_p']}, max {report['max_tokens']} tokens, "
              f"difficulty {report['difficulty']}, seed {report['seed']}", "",
-             "| task | n | pass@1 % | greedy % | cons@k % | pass@k % | format errors % | mean length (tokens) | checker |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| task | n | pass@1 % | greedy % | cons@k % | pass@k % | sound reasoning % | format errors % | "
+             "mean length (tokens) | checker |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     top = max((j for j in PASS_KS if j <= report["k"]), default=None)  # the widest pass@k the samples allow
     for name, r in [*report["tasks"].items(), ("**overall**", report["overall"])]:
         lines.append(f"| {name} | {r['n']} | {cell(r['pass@1'])} | {cell(r['greedy'])} | {cell(r['cons@k'])} | "
-                     f"{cell(r.get(f'pass@{top}'))} | {cell(r['format_error'])} | {cell(r['mean_len'], False)} | "
+                     f"{cell(r.get(f'pass@{top}'))} | {cell(r.get('sound'))} | {cell(r['format_error'])} | "
+                     f"{cell(r['mean_len'], False)} | "
                      f"{r.get('checker') or '–'} |")
     if top:
         lines += ["", f"pass@k column: pass@{top}, the unbiased chance that {top} samples (of the {report['k']} drawn "
                       f"per question) include a correct answer; eval.json has pass@"
                       f"{', pass@'.join(str(j) for j in PASS_KS if j <= report['k'])}"]
+    lines += ["", "sound reasoning: samples that are right *and* show a chain of thought in which every arithmetic step "
+                  "(a + b = c, a > b, ...) is right"]
     return "\n".join(lines) + "\n"
 
 

@@ -134,3 +134,17 @@ def test_speculative_eval_gives_the_same_greedy_results_and_reports_acceptance(t
     assert "mtp_acceptance" not in plain and 0.0 <= spec["mtp_acceptance"] <= 1.0
     assert [e["completion"] for e in spec["examples"]] == [e["completion"] for e in plain["examples"]]
     assert spec["overall"] == plain["overall"]
+
+
+def test_sound_counts_right_answers_whose_every_step_holds():
+    s = Sample("add", "What is 47 + 38?", "85", 2, {"check": "int", "a": 47, "b": 38})
+    good = "ones: 7 + 8 = 15, write 5 carry 1\ntens: 4 + 3 + 1 = 8\n</think>\n85"
+    slip = "ones: 7 + 8 = 14, write 4 carry 1\ntens: 4 + 3 + 1 = 8\n</think>\n85"  # right answer, wrong step
+    wrong = "ones: 7 + 8 = 15, write 5 carry 1\ntens: 4 + 3 = 7\n</think>\n75"
+    hidden = "</think>\n85"  # right, but no reasoning shown
+
+    def four(prompts, n, temperature, top_p, max_tokens, seed):
+        return [[Completion(t, 20) for t in (good, slip, wrong, hidden)][:n] for _ in prompts]
+    o = evaluate(generate=four, samples=[s], k=4, greedy=False)["overall"]
+    assert o["pass@1"] == 0.75 and o["sound"] == 0.25
+    assert "sound reasoning: samples that are right" in to_markdown(evaluate(generate=four, samples=[s], k=4))

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from nanoseek.data.tasks import Sample, get_task
-from nanoseek.data.verify import MAX_ANSWER_CHARS, check_answer, throughput
+from nanoseek.data.verify import MAX_ANSWER_CHARS, check_answer, reasoning_steps, throughput
 
 
 def S(answer, check="auto", **meta):
@@ -121,3 +121,21 @@ def test_integer_fast_path_throughput():
     rate = throughput(samples, [s.answer for s in samples], repeat=5)
     print(f"integer checker: {rate:,.0f} answers/s")
     assert rate > 20_000
+
+
+@given(st.integers(0, 10**6), st.integers(0, 10**6), st.sampled_from("+-*"), st.integers(-3, 3))
+def test_reasoning_steps_recompute_each_equation(a, b, op, off):
+    true = {"+": a + b, "-": a - b, "*": a * b}[op]
+    text = f"first: {a} {op} {b} = {true + off}, then 3 < 5"
+    assert reasoning_steps(text) == (2, int(off != 0))
+
+
+def test_reasoning_steps_on_every_worked_solution_and_on_slips():
+    from nanoseek.data.coldstart import SOLVERS, worked_solution
+    for task in SOLVERS:
+        for s in get_task(task).generate(20, "train", 2):
+            assert reasoning_steps(worked_solution(s))[1] == 0, (task, worked_solution(s))
+    assert reasoning_steps("ones: 7 + 8 + 1 = 16, write 6 carry 1\ntens: 4 + 3 + 1 = 8") == (2, 0)
+    assert reasoning_steps("ones: 7 + 8 = 16\n12 > 40, take 12\n12 <= 12") == (3, 2)
+    assert reasoning_steps("x = 25 / 5 = 5; 2 * 3 + 4 = 10") == (2, 0)  # precedence, as written
+    assert reasoning_steps("no arithmetic here, just words and 42") == (0, 0)

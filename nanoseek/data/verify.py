@@ -135,6 +135,29 @@ def check_countdown(numbers: list[int], target: int, text: str) -> Check:
     return Check(value == target, "reaches target" if value == target else f"evaluates to {value}, not {target}")
 
 
+_STEP = re.compile(r"(?<![\d.])(-?\d{1,12}(?:\s*[-+*/]\s*-?\d{1,12})+)\s*=\s*(-?\d{1,15})(?![\d.])")
+_COMPARISON = re.compile(r"(?<![\d.])(\d{1,15})\s*(<=|>=|<|>)\s*(\d{1,15})(?![\d.])")
+_COMPARE = {"<": lambda a, b: a < b, ">": lambda a, b: a > b, "<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b}
+
+
+def reasoning_steps(reasoning: str) -> tuple[int, int]:
+    """(steps checked, steps wrong) in a chain of thought: every `a + b (+ c ...) = d` with integers (+ - * /,
+    usual precedence) and every `a < b` / `a >= b` comparison is recomputed. A wrong step in a right answer
+    is a lucky guess, not reasoning; 0 checked steps means there was nothing arithmetic to check."""
+    checked = wrong = 0
+    for m in _STEP.finditer(reasoning[:4000]):
+        try:
+            value = _eval(ast.parse(m.group(1), mode="eval").body, [])
+        except (SyntaxError, ValueError, ZeroDivisionError, RecursionError):
+            continue
+        checked += 1
+        wrong += value != int(m.group(2))
+    for m in _COMPARISON.finditer(reasoning[:4000]):
+        checked += 1
+        wrong += not _COMPARE[m.group(2)](int(m.group(1)), int(m.group(3)))
+    return checked, wrong
+
+
 def _normalize(s: str) -> str:
     return re.sub(r"\s+", " ", s.strip().strip(".").strip().lower())
 
