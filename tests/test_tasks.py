@@ -143,3 +143,11 @@ def test_data_cli_writes_jsonl(tmp_path, capsys):
     run(Options(task=["sort"], n=3, chat=True, out=str(tmp_path / "c.jsonl")))
     recs = [json.loads(x) for x in (tmp_path / "c.jsonl").read_text().splitlines()]
     assert len(recs) == 3 and recs[0]["messages"][1]["reasoning_content"]
+
+
+def test_max_difficulty_caps_the_mixed_levels():
+    levels = {s.difficulty for s in get_task("add").generate(200, "train", None, seed=1, max_difficulty=2)}
+    assert levels == {1, 2}
+    assert {s.difficulty for s in get_task("add").generate(300, "train", None, seed=1)} == set(range(1, 7))
+    assert {s.difficulty for s in mix(["add", "compare"], 100, max_difficulty=1)} == {1}
+    assert get_task("add").generate(5, "train", 3, seed=1, max_difficulty=2) == get_task("add").generate(5, "train", 3, seed=1)

@@ -12,6 +12,7 @@ kept short because the tiny model's context is 256-512 tokens.
 from __future__ import annotations
 
 from nanoseek.data.tasks import Sample, get_task, mix
+from nanoseek.errors import UsageError
 
 _PLACES = ["ones", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands", "millions"]
 
@@ -144,8 +145,16 @@ def coldstart_record(sample: Sample) -> dict:
     ]}
 
 
+def require_solvers(tasks: list[str], command: str) -> None:
+    """The built-in cold-start set and corpus have worked solutions for our own tasks only."""
+    if unknown := [t for t in tasks if t not in SOLVERS]:
+        raise UsageError(f"{command} --tasks: no worked solutions for {', '.join(unknown)}; the built-in set covers "
+                         f"{', '.join(SOLVERS)} (bring your own data with --data FILE)")
+
+
 def coldstart_dataset(n: int, tasks: list[str] | None = None, difficulty: int | None = None,
-                      seed: int = 0, split: str = "train") -> list[dict]:
-    """n chat records drawn evenly from `tasks` (default: every task with a solver)."""
+                      seed: int = 0, split: str = "train", max_difficulty: int | None = None) -> list[dict]:
+    """n chat records drawn evenly from `tasks` (default: every task with a solver); difficulty None mixes
+    each task's levels, up to max_difficulty when given."""
     names = [t for t in (tasks or list(SOLVERS)) if get_task(t) and t in SOLVERS]
-    return [coldstart_record(s) for s in mix(names, n, split, difficulty, seed)]
+    return [coldstart_record(s) for s in mix(names, n, split, difficulty, seed, max_difficulty)]

@@ -59,11 +59,11 @@ def iter_text_file(path: str | Path, text_field: str = "text") -> Iterator[str]:
 
 
 def iter_documents(n_docs: int, seed: int = 0, tasks: list[str] | None = None, difficulty: int | None = None,
-                   files: list[str] | None = None, split: str = "train") -> Iterator[str]:
-    """n_docs task documents (train split only, so eval problems are never pretrained on),
-    followed by every document of `files`."""
+                   files: list[str] | None = None, split: str = "train", max_difficulty: int | None = None) -> Iterator[str]:
+    """n_docs task documents (train split only, so eval problems are never pretrained on), levels up to
+    max_difficulty when given, followed by every document of `files`."""
     rng = random.Random(f"corpus/{seed}")
-    for sample in mix(list(tasks or SOLVERS), n_docs, split, difficulty, seed):  # shuffled mixture
+    for sample in mix(list(tasks or SOLVERS), n_docs, split, difficulty, seed, max_difficulty):  # shuffled mixture
         yield render_document(sample, rng.choice(STYLES))
     for f in files or []:
         yield from iter_text_file(f)

@@ -58,18 +58,22 @@ class Task:
     max_difficulty: int = 1
     description: str = ""
 
-    def generate(self, n: int, split: str = "train", difficulty: int | None = None, seed: int = 0) -> list[Sample]:
-        """n samples of `split`; difficulty None draws each sample's level uniformly from the range,
-        an int is clipped into it. Same arguments, same samples."""
+    def generate(self, n: int, split: str = "train", difficulty: int | None = None, seed: int = 0,
+                 max_difficulty: int | None = None) -> list[Sample]:
+        """n samples of `split`; difficulty None draws each sample's level uniformly from the range (capped at
+        max_difficulty when given), an int is clipped into it. Same arguments, same samples."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        rng = random.Random(f"{self.name}/{split}/{difficulty}/{seed}")  # per-split seed stream
+        cap = self.clip(max_difficulty) if max_difficulty else self.max_difficulty
+        capped = max_difficulty and difficulty is None
+        stream = f"{self.name}/{split}/{difficulty}/{seed}" + (f"/up-to-{cap}" if capped else "")
+        rng = random.Random(stream)  # per-split seed stream
         out, seen, tries = [], set(), 0
         while len(out) < n:
             tries += 1
             if tries > 2000 * n + 10000:
                 raise RuntimeError(f"{self.name}: could not draw {n} {split} samples at difficulty {difficulty}")
-            d = self.clip(difficulty) if difficulty is not None else rng.randint(self.min_difficulty, self.max_difficulty)
+            d = self.clip(difficulty) if difficulty is not None else rng.randint(self.min_difficulty, cap)
             s = self.make(rng, d)
             if split_of(s.prompt) != split:
                 continue
@@ -111,11 +115,13 @@ def list_tasks(own_only: bool = False) -> list[str]:
 
 
 def mix(tasks: list[str] | None, n: int, split: str = "train", difficulty: int | None = None,
-        seed: int = 0) -> list[Sample]:
-    """n samples drawn evenly from several tasks (default: all own tasks), shuffled."""
+        seed: int = 0, max_difficulty: int | None = None) -> list[Sample]:
+    """n samples drawn evenly from several tasks (default: all own tasks), shuffled. difficulty None: each
+    sample's level uniform over its task's range, up to max_difficulty when given."""
     names = list(tasks) if tasks else list_tasks(own_only=True)
     counts = [n // len(names) + (i < n % len(names)) for i in range(len(names))]
-    out = [s for name, k in zip(names, counts) if k for s in get_task(name).generate(k, split, difficulty, seed)]
+    out = [s for name, k in zip(names, counts) if k
+           for s in get_task(name).generate(k, split, difficulty, seed, max_difficulty)]
     random.Random(f"mix/{seed}").shuffle(out)
     return out
 

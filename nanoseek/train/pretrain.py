@@ -23,6 +23,10 @@ class Options(TrainOptions):
     tokenizer: str = field(default="", metadata={"help": "tokenizer dir (default: train one on the corpus)"})
     vocab_size: int = field(default=4096, metadata={"help": "vocab size when training the tokenizer"})
     n_docs: int = field(default=20000, metadata={"help": "documents drawn from the built-in task corpus"})
+    tasks: list[str] = field(default_factory=list, metadata={
+        "help": "tasks of the built-in corpus, comma separated (default: every task with worked solutions)"})
+    max_difficulty: int = field(default=0, metadata={
+        "help": "highest task difficulty in the built-in corpus (0 = each task's whole range)"})
     data: list[str] = field(default_factory=list, metadata={
         "help": "extra text files (txt / JSONL 'text' / Parquet / HF dataset dirs), comma separated"})
 
@@ -61,12 +65,13 @@ def encode_documents(tok, docs: list[str]) -> list[list[int]]:
 
 
 def write_cost(trainer: Trainer, out: Path, opts: TrainOptions, row: dict) -> dict:
-    """cost.json: measured tokens/s, achieved FLOP/s, MFU against the measured matmul peak, dollars."""
+    """cost.json: measured tokens/s, achieved FLOP/s, MFU against the measured matmul peak, dollars, dtype."""
     from nanoseek.cost import summarize_run
     from nanoseek.hardware import device_peak_flops
     peak = device_peak_flops(trainer.device, trainer.amp_dtype)  # the dtype the matmuls actually ran in
     cost = summarize_run(trainer.model.config, row.get("tokens", 0), row.get("elapsed", 0.0), opts.seq_len,
                          peak_flops=peak * trainer.world)  # tokens are counted over all ranks
+    cost["dtype"] = trainer.dtype_choice.to_dict()  # what the tokens/s were measured in, and why that dtype
     (out / "cost.json").write_text(json.dumps(cost, indent=2) + "\n")
     return cost
 
@@ -94,6 +99,7 @@ def finish(trainer: Trainer, opts: TrainOptions, out: Path, tok, row: dict, stag
 def pretrain(opts: Options) -> Path:
     """Run pretraining; returns the final model directory (HF layout, with tokenizer)."""
     from nanoseek.config import get_preset
+    from nanoseek.data.coldstart import require_solvers
     from nanoseek.data.corpus import iter_documents
     from nanoseek.model.hf import build_model
     from nanoseek.tokenizer import load_tokenizer, train_tokenizer
@@ -102,7 +108,9 @@ def pretrain(opts: Options) -> Path:
     t0 = time.time()
     out = start_run(opts, "pretrain")
     print(f"pretrain: run folder {out}")
-    docs = list(iter_documents(opts.n_docs, seed=opts.seed, files=opts.data))
+    require_solvers(opts.tasks, "pretrain")
+    docs = list(iter_documents(opts.n_docs, seed=opts.seed, tasks=opts.tasks or None, files=opts.data,
+                               max_difficulty=opts.max_difficulty or None))
     if opts.tokenizer:
         tok = load_tokenizer(opts.tokenizer)
         print(f"tokenizer: {opts.tokenizer} (vocab {tok.vocab_size})")

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nanoseek.data.coldstart import SOLVERS
+from nanoseek.data.coldstart import require_solvers
 from nanoseek.data.sources import column_option, load_chat
 from nanoseek.errors import UsageError
 from nanoseek.train.pretrain import finish, start_run
@@ -35,6 +35,8 @@ class Options(TrainOptions):
         "help": "tasks of the built-in cold-start set, comma separated (default: every task with a solver)"})
     difficulty: int | None = field(default=None, metadata={
         "help": "difficulty of the built-in cold-start set (none = mixed over each task's range)"})
+    max_difficulty: int = field(default=0, metadata={
+        "help": "with --difficulty none: the highest level of the mix (0 = each task's whole range)"})
     steps: int = field(default=150, metadata={"help": "optimizer steps"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps"})
@@ -45,13 +47,6 @@ def read_chat_jsonl(path: str | Path, prompt_field: str = "", answer_field: str 
     """Chat records ({"messages": [...]}) from any data file sources.py reads (the name is historical:
     JSON, Parquet, CSV and datasets folders work too; prompt + answer rows become two turns)."""
     return load_chat(path, prompt_field, answer_field)
-
-
-def check_tasks(tasks: list[str]) -> None:
-    """The built-in cold-start set has worked solutions for our own tasks only."""
-    if unknown := [t for t in tasks if t not in SOLVERS]:
-        raise UsageError(f"sft --tasks: no worked solutions for {', '.join(unknown)}; the cold-start set covers "
-                         f"{', '.join(SOLVERS)} (train on your own data with --data FILE)")
 
 
 def encode_records(tok, records: list[dict]) -> list[tuple[list[int], list[int]]]:
@@ -76,8 +71,9 @@ def sft(opts: Options) -> Path:
         records, source = read_chat_jsonl(opts.data, opts.prompt_field, opts.answer_field), opts.data
     else:
         from nanoseek.data.coldstart import coldstart_dataset
-        check_tasks(opts.tasks)
-        records = coldstart_dataset(opts.n_examples, opts.tasks or None, opts.difficulty, seed=opts.seed)
+        require_solvers(opts.tasks, "sft")
+        records = coldstart_dataset(opts.n_examples, opts.tasks or None, opts.difficulty, seed=opts.seed,
+                                    max_difficulty=opts.max_difficulty or None)
         source = "built-in cold-start set"
     tok = load_tokenizer(opts.model)
     examples = encode_records(tok, records)  # the model's template must render every conversation
