@@ -106,9 +106,9 @@ def pretrain(opts: Options) -> Path:
     from nanoseek.train.data import BatchIterator, pack_stream
 
     t0 = time.time()
+    require_solvers(opts.tasks, "pretrain")  # before the run folder exists
     out = start_run(opts, "pretrain")
     print(f"pretrain: run folder {out}")
-    require_solvers(opts.tasks, "pretrain")
     docs = list(iter_documents(opts.n_docs, seed=opts.seed, tasks=opts.tasks or None, files=opts.data,
                                max_difficulty=opts.max_difficulty or None))
     if opts.tokenizer:
