@@ -172,13 +172,16 @@ def speedrun(o: Options) -> Path:
     tcommon = dict(common, batch_size=o.batch_size, seq_len=seq_len(o))  # training stages
     small = o.preset != "tiny"
 
+    # The base reads worked problems of the run's own tasks at levels 1..difficulty, and the cold start mixes
+    # those levels: the held-out questions are then new combinations of steps it has seen (every single-digit
+    # fact, never the operand pair), which RL can sharpen; difficulty + 1 stays unseen (length generalization).
     pre = run.run("pretrain", lambda d: train("pretrain", P.pretrain, P.Options(
         out=str(d), preset=o.preset, steps=o.pretrain_steps, n_docs=(1500 if o.quick else corpus_docs(o)),
-        save_every=100, resume=True, **tcommon), o.nproc))
+        tasks=coldstart_tasks(o), max_difficulty=o.difficulty, save_every=100, resume=True, **tcommon), o.nproc))
     base = pre["model"]
     sft1 = run.run("sft", lambda d: train("sft", S.sft, S.Options(
         model=base, out=str(d), steps=o.sft_steps, n_examples=(200 if o.quick else 4000), tasks=coldstart_tasks(o),
-        difficulty=o.difficulty, save_every=100, resume=True, **tcommon), o.nproc))
+        difficulty=None, max_difficulty=o.difficulty, save_every=100, resume=True, **tcommon), o.nproc))
     grpo_kw = dict(tasks=train_tasks, **fields, difficulty=o.difficulty, steps=o.grpo_steps, max_new_tokens=o.max_new_tokens,
                    eval_n=(8 if o.quick else 64), save_every=20, resume=True, **common)
     # On the SFT model a gentle update pays: at this scale lr 2e-4 / temperature 1.0 (R1-Zero's) lowered
@@ -307,31 +310,45 @@ def evaluated(o: Options) -> list[tuple[str, str, str]]:
     return out
 
 
+ABOVE = ("sft", "grpo", "sft2")  # also asked one level above the trained range: does the procedure carry over?
+
+
 def evaluate_all(d: Path, run: Run, o: Options) -> dict:
     from nanoseek.eval import evaluate, write_report as write_eval
 
-    results = {}
+    def ask(stage, template, difficulty, name):
+        r = evaluate(run.done(stage)["model"], tasks=with_split(o.tasks, "test"), n=o.eval_n, k=o.eval_k,
+                     difficulty=difficulty, template=template, max_tokens=o.max_new_tokens, seed=o.seed + 1,
+                     prompt_field=o.prompt_field, answer_field=o.answer_field)
+        write_eval(r, d / name)
+        return r
+
+    results, above = {}, {}
     for label, stage, template in evaluated(o):
-        st = run.done(stage)
-        if not st:
+        if not run.done(stage):
             continue
-        r = evaluate(st["model"], tasks=with_split(o.tasks, "test"), n=o.eval_n, k=o.eval_k, difficulty=o.difficulty,
-                     template=template, max_tokens=o.max_new_tokens, seed=o.seed + 1, prompt_field=o.prompt_field,
-                     answer_field=o.answer_field)
-        write_eval(r, d / f"{stage}.json")
+        r = ask(stage, template, o.difficulty, f"{stage}.json")
         ov = r["overall"]
         print(f"[speedrun] eval {label}: pass@1 {ov['pass@1']:.1%}, cons@{o.eval_k} {ov['cons@k']:.1%}, "
               f"format errors {ov['format_error']:.1%}")
-        results[stage] = {"label": label, "template": template, **ov,
+        results[stage] = {"label": label, "template": template, **ov, "tasks": per_task(r),
                           "per_question": [q["pass@1"] for q in r["questions"]]}
-    return {"results": results}
+        if stage in ABOVE and coldstart_tasks(o):
+            r = ask(stage, template, o.difficulty + 1, f"{stage}-difficulty{o.difficulty + 1}.json")
+            print(f"[speedrun] eval {label} at difficulty {o.difficulty + 1}: pass@1 {r['overall']['pass@1']:.1%}")
+            above[stage] = {"label": label, "pass@1": r["overall"]["pass@1"], "tasks": per_task(r)}
+    return {"results": results, "above": above}
+
+
+def per_task(report: dict) -> dict:
+    return {t: r["pass@1"] for t, r in report["tasks"].items()}
 
 
 def write_report(run: Run, ev: dict) -> dict:
     from nanoseek.speedrun_report import render_report
 
     md, plots = render_report(run.root, run.o, ev["results"], {s: run.done(s) for s in run.stages if run.done(s)},
-                              _tokens)
+                              _tokens, ev.get("above", {}))
     (run.root / "report.md").write_text(md)
     return {"report": str(run.root / "report.md"), "plots": [str(p) for p in plots]}
 

@@ -183,7 +183,24 @@ def seed_table(results: dict, top_k: int | None) -> list[str]:
     return lines
 
 
-def render_report(root: Path, o, results: dict, stages: dict, tokens_fn) -> tuple[str, list[Path]]:
+def task_table(results: dict, above: dict, difficulty: int) -> list[str]:
+    """pass@1 per task and stage at the trained difficulty, then one level above it for the stages asked there."""
+    tasks = sorted({t for r in results.values() for t in r.get("tasks", {})})
+    if not tasks:
+        return []
+    lines = [f"| stage | {' | '.join(tasks)} | all |", "|---|" + "---:|" * (len(tasks) + 1)]
+
+    def row(label, r):
+        return f"| {label} | " + " | ".join(_pct(r["tasks"].get(t)) for t in tasks) + f" | {_pct(r['pass@1'])} |"
+    lines += [row(r["label"], r) for r in results.values() if "tasks" in r]
+    if above:
+        lines += ["", f"One level above the trained range (difficulty {difficulty + 1}: never in pretraining, SFT or RL):",
+                  "", lines[0], lines[1]] + [row(r["label"], r) for r in above.values()]
+    return lines
+
+
+def render_report(root: Path, o, results: dict, stages: dict, tokens_fn,
+                  above: dict | None = None) -> tuple[str, list[Path]]:
     from nanoseek.hardware import describe_device
 
     total = sum(s["wall_s"] for s in stages.values())
@@ -207,6 +224,8 @@ def render_report(root: Path, o, results: dict, stages: dict, tokens_fn) -> tupl
         lines.append(f"| {r['label']} | {_pct(r['pass@1'])} | {_pct(r.get('greedy'))} | {_pct(r['cons@k'])} | "
                      f"{_pct(r.get(f'pass@{top_k}'))} | {_pct(r.get('sound'))} | {_pct(fmt)} | {r['mean_len']:.0f} | {st.get('wall_s', 0):.0f} s | "
                      f"{'–' if tok is None else f'{tok:,}'} | {st.get('wall_s', 0) / 3600 * o.price_per_hour:.4f} |")
+    if per_task_lines := task_table(results, above or {}, o.difficulty):
+        lines += ["", f"pass@1 % per task at difficulty {o.difficulty}:", ""] + per_task_lines
     lines += ["", "Stages not evaluated (data or bookkeeping): " + ", ".join(
         f"{s} {d['wall_s']:.0f} s" for s, d in stages.items() if s not in results), ""]
     lines += ["## Did each stage buy what the R1 report says it does?", ""] + (_checks(results) or ["- (no stages)"])

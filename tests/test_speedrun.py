@@ -18,6 +18,8 @@ def test_quick_speedrun_end_to_end(tmp_path):
     md = report.read_text()
     assert "| stage | pass@1 %" in md
     assert "**GRPO (R1) over cold-start SFT**, 2 seeds" in md and "**R1-Zero over the base**, 2 seeds" in md
+    assert "pass@1 % per task at difficulty 1:" in md and "One level above the trained range (difficulty 2" in md
+    assert (out / "eval" / "grpo-difficulty2.json").exists()
     for name in ("accuracy", "loss", "reward", "expert_load"):
         assert (out / "plots" / f"{name}.png").stat().st_size > 1000
     stages = [stage for _, stage, _ in evaluated(opts)]
@@ -80,3 +82,14 @@ def test_r1_zero_length_line_reads_the_metrics(tmp_path):
     line = r1_zero_length(tmp_path)
     # first tenth: steps 1-4 (lengths 20-23, mean 21.5), last tenth: steps 37-40 (56-59, mean 57.5)
     assert "grows: 22 → 58 tokens (2.67×)" in line and "of its 40 steps" in line and "format rate 8 → 100 %" in line
+
+
+def test_task_table_lists_each_stage_per_task_and_the_level_above():
+    from nanoseek.speedrun_report import task_table
+    results = {"sft": {"label": "cold-start SFT", "pass@1": 0.5, "tasks": {"add": 0.25, "sub": 0.75}},
+               "grpo": {"label": "GRPO (R1)", "pass@1": 0.625, "tasks": {"add": 0.5, "sub": 0.75}}}
+    above = {"grpo": {"label": "GRPO (R1)", "pass@1": 0.1, "tasks": {"add": 0.0, "sub": 0.2}}}
+    lines = task_table(results, above, 2)
+    assert lines[0] == "| stage | add | sub | all |" and lines[2] == "| cold-start SFT | 25.0 | 75.0 | 50.0 |"
+    assert "difficulty 3" in lines[5] and lines[-1] == "| GRPO (R1) | 0.0 | 20.0 | 10.0 |"
+    assert task_table({"x": {"label": "x", "pass@1": 0.1}}, {}, 1) == []
