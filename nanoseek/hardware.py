@@ -1,12 +1,15 @@
 """What machine are we on, how fast is it, and which dtype should we train in?
 
-Everything here is cheap and cached: trainers call `pick_dtype` at start-up and
-`measure_matmul_peak` once to turn tokens/s into MFU (see `nanoseek.cost.summarize_run`).
+Everything here is cheap and cached: trainers call `pick_dtype` (through
+`nanoseek.dtype_choice.choose_dtype`) at start-up and `measure_matmul_peak` once to turn
+tokens/s into MFU (see `nanoseek.cost.summarize_run`).
 
 Why the dtype choice is not simply "bf16": on AVX2/AVX-512 CPUs *without* the BF16
 extensions, PyTorch's bf16 matmul falls back to slow scalar code (1-3 GFLOP/s versus
 ~170 GFLOP/s fp32 on the project's 2-core machines: 60-170x slower). CPUs with
-AVX512-BF16 or AMX run bf16 ~2x faster than fp32, and every recent GPU wants bf16.
+AVX512-BF16 or AMX can run bf16 matmuls faster than fp32, but whether a whole training step
+gains depends on the model's shapes (small models can lose), so there `dtype_choice` times
+both; every recent GPU wants bf16.
 """
 from __future__ import annotations
 
@@ -97,9 +100,10 @@ def cpu_has_fast_bf16() -> bool:
     where Apple silicon has its own bf16 story) time a small bf16 vs fp32 matmul; the
     slow path is ~100x off, so a 0.1 s measurement cannot get the answer wrong.
 
-    NANOSEEK_CPU_BF16=1 / =0 overrides the detection, so that `dtype="auto"` takes the
-    bf16-autocast / fp32 path on any CPU: CI reruns the training tests on the path this
-    CPU would not pick (`make test-other-dtype`). Read once per process, like the flags.
+    NANOSEEK_CPU_BF16=1 / =0 overrides the detection (and the measurement in
+    `nanoseek.dtype_choice`), so that `dtype="auto"` takes the bf16-autocast / fp32 path on any
+    CPU: CI runs the dtype-sensitive training tests on both (`make test-dtypes`). Read once per
+    process, like the flags.
     """
     forced = os.environ.get("NANOSEEK_CPU_BF16", "")
     if forced:
@@ -140,7 +144,9 @@ def pick_dtype(device: str | torch.device = "cpu", requested: str = "auto") -> t
     Parameters stay fp32 (master weights); mixed precision comes from autocast. "auto":
     CUDA -> bf16 autocast where the GPU supports it; CPU -> bf16 autocast only with fast
     bf16 hardware, else plain fp32. An explicit "bf16" is honoured even where it is slow
-    (the user asked), "fp32" always means no autocast.
+    (the user asked), "fp32" always means no autocast. This is the answer from the hardware
+    alone: the trainer asks `nanoseek.dtype_choice.choose_dtype`, which, where this says bf16
+    on a CPU, times the run's model in both dtypes.
     """
     requested = requested.lower()
     if requested not in ("auto", "fp32", "bf16"):

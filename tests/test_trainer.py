@@ -19,7 +19,8 @@ from nanoseek.train.trainer import TrainOptions, Trainer, lr_factor
 SMALL = {"hidden_size": 128, "intermediate_size": 256, "moe_intermediate_size": 64, "num_hidden_layers": 2}
 FAST = dict(seq_len=64, batch_size=8, warmup_steps=5, progress=False, device="cpu", dtype="fp32")
 # Pretraining, SFT and resume train in the dtype this CPU picks by itself (bf16 autocast where bf16 is fast, else
-# fp32); `make test-other-dtype` reruns them on the other path. Comparisons with other numerics keep fp32.
+# fp32, by measurement where the CPU has bf16 instructions); `make test-dtypes` runs them with each dtype forced.
+# Comparisons with other numerics keep fp32.
 AUTO = {**FAST, "dtype": "auto"}
 
 
@@ -76,7 +77,9 @@ def test_pretrain_loss_falls_and_writes_run_folder(pretrained):
     for f in ("config.yaml", "cost.json", "plots/loss.png", "plots/lr.png", "plots/expert_load.png",
               "plots/tokens_per_s.png", "final/config.json", "final/model.safetensors", "final/tokenizer.json"):
         assert (out / f).exists(), f
-    assert json.loads((out / "cost.json").read_text())["mfu"] > 0
+    cost = json.loads((out / "cost.json").read_text())
+    assert cost["mfu"] > 0
+    assert cost["dtype"]["dtype"] in ("fp32", "bf16") and cost["dtype"]["reason"]  # what the run computed in, and why
     from nanoseek.model.hf import from_pretrained
     model = from_pretrained(final)
     assert model(torch.tensor([[0, 5, 6]])).shape == (1, 3, model.config.vocab_size)

@@ -168,7 +168,7 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, opts: TrainOptions, batches: Iterator, out_dir: str | Path,
                  step_fn: Callable[..., dict] | None = None, log_extra: Callable[[], dict] | None = None,
                  all_reduce: Callable[[torch.Tensor], Any] | None = None):
-        from nanoseek.hardware import pick_dtype, retain_freed_memory
+        from nanoseek.hardware import retain_freed_memory
 
         self.opts, self.batches, self.step_fn = opts, batches, step_fn or lm_step
         self.log_extra, self.all_reduce = log_extra, all_reduce  # all_reduce: sum expert loads over ranks
@@ -179,7 +179,6 @@ class Trainer:
             self.rank, self.world, self.device = distributed.join(opts, self.device)
             # every rank must apply the identical routing-bias step: sum the expert loads first
             self.all_reduce = all_reduce or all_reduce_sum
-        _, self.amp_dtype = pick_dtype(self.device, opts.dtype)
         if self.device.type == "cpu":
             retain_freed_memory()  # the step's large tensors are reused, not page-faulted in again
         if opts.deterministic and self.device.type == "cpu":
@@ -187,6 +186,11 @@ class Trainer:
             # order: losses of two identical runs differed in the 7th digit (a dense model did not)
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.model = model.to(self.device).train()
+        self.step, self.tokens, self.elapsed = 0, 0, 0.0  # (the step_fn of the dtype probe reads self.step)
+        self.dtype_choice = self._choose_dtype()  # may time a few steps: before wrapping, on the final device
+        self.amp_dtype = self.dtype_choice.autocast
+        if self.rank == 0:
+            print(self.dtype_choice.describe())
         if opts.compile:
             from nanoseek.parallel.parallelize import compile_blocks
             compile_blocks(self.model)
@@ -195,7 +199,6 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, opts.lr, opts.weight_decay, (opts.beta1, opts.beta2))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
             s, opts.steps, opts.warmup_steps, opts.schedule, opts.min_lr_ratio, opts.decay_frac))
-        self.step, self.tokens, self.elapsed = 0, 0, 0.0
         self.ckpt_dir = self.out_dir / "checkpoints"
         resume_step = None
         if opts.resume:
@@ -211,6 +214,22 @@ class Trainer:
                 print(f"resumed from {ckpt} (step {self.step})")
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", resume_step) if self.rank == 0 else NoLog()
         self.has_moe = bool(moe_layers(self.model))
+
+    def _choose_dtype(self):
+        """`nanoseek.dtype_choice.choose_dtype` for this run, probing with the run's own step_fn. Several
+        ranks: rank 0 decides, timing its step alone (no collectives), and tells the others, so that all
+        ranks compute alike."""
+        from nanoseek.dtype_choice import choose_dtype
+
+        o, choice, world = self.opts, None, self.world
+        if self.rank == 0:
+            self.world = 1
+            try:
+                choice = choose_dtype(self.device, o.dtype, self.model, lambda b: self.step_fn(self.model, b, self)["loss"],
+                                      max(1, o.batch_size // world), o.seq_len)
+            finally:
+                self.world = world
+        return distributed.broadcast(choice) if self.sharded else choice
 
     # ------------------------------------------------------------------ schedules
     def mtp_weight(self) -> float:
