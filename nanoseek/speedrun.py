@@ -38,12 +38,13 @@ class Options:
     out: str = field(default="runs/speedrun", metadata={"help": "run folder (rerun to resume)"})
     preset: str = field(default="tiny", metadata={"help": "model preset: tiny (CPU), small (one GPU)"})
     quick: bool = field(default=False, metadata={"help": "CI variant: tiny everything, a couple of minutes"})
-    tasks: list[str] = field(default_factory=lambda: ["add", "sub", "compare", "max", "sort"], metadata={
+    tasks: list[str] = field(default_factory=lambda: ["add", "sub", "compare", "max"], metadata={
         "help": "reasoning tasks for SFT, RL and evaluation: built-in tasks, gym:NAME, data files (split by "
                 "prompt hash: FILE@train for RL, FILE@test for evaluation)"})
     prompt_field: str = column_option("prompt")
     answer_field: str = column_option("answer")
-    difficulty: int = field(default=1, metadata={"help": "task difficulty for SFT, RL and evaluation"})
+    difficulty: int = field(default=2, metadata={
+        "help": "task difficulty of RL and evaluation; pretraining and the cold start see levels 1..difficulty"})
     pretrain_steps: int = field(default=400, metadata={"help": "pretraining optimizer steps"})
     sft_steps: int = field(default=150, metadata={"help": "cold-start SFT steps"})
     grpo_steps: int = field(default=100, metadata={"help": "GRPO steps on the cold-start SFT model (R1)"})
@@ -55,7 +56,7 @@ class Options:
     distill_steps: int = field(default=200, metadata={"help": "distillation steps per method"})
     rejection_prompts: int = field(default=256, metadata={"help": "prompts sampled for rejection sampling"})
     eval_n: int = field(default=50, metadata={"help": "held-out test questions per task"})
-    eval_k: int = field(default=4, metadata={"help": "samples per question (pass@1, cons@k)"})
+    eval_k: int = field(default=16, metadata={"help": "samples per question (pass@1, cons@k, pass@k up to k)"})
     max_new_tokens: int = field(default=96, metadata={"help": "completion length in RL, sampling and eval"})
     r1_zero: bool = field(default=True, metadata={"help": "also run the R1-Zero branch (GRPO on the base)"})
     seed: int = field(default=0, metadata={"help": "seed for every stage"})
@@ -76,7 +77,7 @@ def quick(o: Options) -> Options:
     o.pretrain_steps, o.sft_steps, o.grpo_steps, o.sft2_steps, o.distill_steps = 30, 20, 3, 10, 15
     o.r1_zero_steps = 3
     o.rejection_prompts, o.eval_n, o.eval_k, o.max_new_tokens = 16, 4, 2, 24
-    o.tasks = o.tasks[:2]
+    o.tasks, o.difficulty = o.tasks[:2], 1  # level 1: the answers fit the short completions
     return o
 
 
