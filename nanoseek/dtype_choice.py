@@ -58,7 +58,8 @@ class DtypeChoice:
             if self.reason == "cached":
                 why = f"cached choice for this CPU and model, from {where}: {speeds} when measured"
             else:
-                why = f"measured on this CPU for this model: {speeds}; {'cached in ' + where if where else 'not cached'}"
+                cached = f"cached in {where}" if where else "not cached"
+                why = f"measured on this CPU for this model: {speeds}; {cached}"
         return f"dtype: {self.name} ({why}{'; ' + self.note if self.note else ''})"
 
     def to_dict(self) -> dict:
@@ -103,26 +104,28 @@ def probe_speeds(model: torch.nn.Module, loss_fn: Callable[[dict], torch.Tensor]
                  device: torch.device) -> dict[str, float]:
     """Training tokens/s of `loss_fn` forward + backward in fp32 and in bf16 autocast.
 
-    The run must not notice the probe: the random batch comes from its own generator and the global
-    RNG state is restored (dropout-free models draw nothing, but a step_fn might), gradients are
-    put back as they were, and so are the buffers (the MoE layers count routed tokens in `load`,
+    The run must not notice the probe: the random batches come from their own generator and the
+    global RNG state is restored (dropout-free models draw nothing, but a step_fn might), gradients
+    are put back as they were, and so are the buffers (the MoE layers count routed tokens in `load`,
     which the first routing-bias update reads) and each MoE layer's last `aux_loss`."""
     from nanoseek.model.moe import moe_layers
 
-    vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (batch_size, seq_len + 1), generator=g)
-    batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:],
-             "doc_ids": torch.zeros(batch_size, seq_len, dtype=torch.long),  # packed rows have them: same attention path
-             "loss_mask": torch.ones(batch_size, seq_len, dtype=torch.bool)}
-    batch = {k: v.to(device) for k, v in batch.items()}
+
+    def new_batch() -> dict[str, torch.Tensor]:
+        ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len + 1), generator=g)
+        batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:],
+                 "doc_ids": torch.zeros_like(ids[:, 1:]),  # packed rows carry them: the same attention path
+                 "loss_mask": torch.ones(batch_size, seq_len, dtype=torch.bool)}
+        return {k: v.to(device) for k, v in batch.items()}
+
     params = list(model.parameters())
     grads = [p.grad for p in params]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     aux = [(m, m.aux_loss) for m in moe_layers(model)]
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            return _interleaved_speeds(model, loss_fn, batch, device)
+            return _interleaved_speeds(model, loss_fn, new_batch, device)
     finally:
         with torch.no_grad():
             for p, gr in zip(params, grads):
@@ -133,15 +136,18 @@ def probe_speeds(model: torch.nn.Module, loss_fn: Callable[[dict], torch.Tensor]
             m.aux_loss = a
 
 
-def _interleaved_speeds(model, loss_fn, batch, device, rounds: int = 3) -> dict[str, float]:
+def _interleaved_speeds(model, loss_fn, new_batch, device, rounds: int = 3) -> dict[str, float]:
     """One warm-up step per dtype (kernel selection, allocator), then `rounds` timed steps of each,
     alternating, so that another process's load falls on both alike; the fastest step of each dtype
-    counts, as other processes can only add time."""
+    counts, as other processes can only add time. Every step gets a new batch, as in training: the
+    tokens routed to each expert, so the expert matmuls' shapes, change from step to step, and a
+    repeated batch would favour kernels that are prepared once per shape (as oneDNN's are)."""
     for amp in NAMES:
-        time_step(model, loss_fn, batch, amp, device)
+        time_step(model, loss_fn, new_batch(), amp, device)
     best = {amp: float("inf") for amp in NAMES}
     for _ in range(rounds):
         for amp in NAMES:
+            batch = new_batch()
             best[amp] = min(best[amp], time_step(model, loss_fn, batch, amp, device))
     return {NAMES[amp]: batch["input_ids"].numel() / t for amp, t in best.items()}
 
@@ -204,7 +210,8 @@ def _write_cache(path: Path, key: str, autocast: torch.dtype | None, speeds: dic
     or, where the cache cannot be written, why (the run goes on without it)."""
     try:
         data = json.loads(path.read_text())
-        if not (isinstance(data, dict) and data.get("version") == CACHE_VERSION and isinstance(data.get("entries"), dict)):
+        if not (isinstance(data, dict) and data.get("version") == CACHE_VERSION
+                and isinstance(data.get("entries"), dict)):
             data = None
     except (OSError, ValueError):
         data = None

@@ -221,12 +221,14 @@ class Trainer:
         ranks compute alike."""
         from nanoseek.dtype_choice import choose_dtype
 
+        def loss(batch):
+            return self.step_fn(self.model, batch, self)["loss"]
+
         o, choice, world = self.opts, None, self.world
         if self.rank == 0:
             self.world = 1
             try:
-                choice = choose_dtype(self.device, o.dtype, self.model, lambda b: self.step_fn(self.model, b, self)["loss"],
-                                      max(1, o.batch_size // world), o.seq_len)
+                choice = choose_dtype(self.device, o.dtype, self.model, loss, max(1, o.batch_size // world), o.seq_len)
             finally:
                 self.world = world
         return distributed.broadcast(choice) if self.sharded else choice
