@@ -6,8 +6,8 @@ scalar code there, ~100x off, so there is nothing to measure). But a CPU that *h
 not always faster in bf16: without AMX, for a small model, autocast's casts around every matmul and
 its slower bf16 kernels for small shapes can cost more than the matmuls gain. So on such a CPU,
 `choose_dtype` times a few real training steps of the run's model, at the run's batch shape, in
-each dtype and takes the faster. The answer depends only on the machine, the software and the
-shapes, so it is cached in a small JSON file (see `cache_path`) keyed by exactly those; a second
+each dtype and takes bf16 only when it is clearly faster (BF16_MARGIN). The answer depends only on
+the machine, the software and the shapes, so it is cached in a small JSON file (see `cache_path`) keyed by exactly those; a second
 run with the same key reads it and measures nothing.
 
 Overrides, strongest first: `--dtype fp32|bf16` (the user asked), NANOSEEK_CPU_BF16=1|0 (forces
@@ -31,6 +31,7 @@ import torch
 from nanoseek import hardware
 
 CACHE_VERSION = 1
+BF16_MARGIN = 1.1  # bf16 autocast is chosen only when it measures at least this much faster than fp32
 NAMES = {None: "fp32", torch.bfloat16: "bf16"}  # autocast dtype -> the name in the cache and run metadata
 
 
@@ -93,7 +94,8 @@ def choose_dtype(device: str | torch.device, requested: str, model: torch.nn.Mod
     if hit is not None:
         return DtypeChoice(hit["autocast"], "cached", hit["tokens_per_s"], str(path))
     speeds = {k: round(v, 1) for k, v in probe_speeds(model, loss_fn, batch_size, seq_len, dev).items()}
-    autocast = torch.bfloat16 if speeds["bf16"] > speeds["fp32"] else None
+    # fp32 is the exact path: bf16 must win clearly, as a near tie on a shared machine is noise
+    autocast = torch.bfloat16 if speeds["bf16"] > BF16_MARGIN * speeds["fp32"] else None
     note = _write_cache(path, key, autocast, speeds)
     return DtypeChoice(autocast, "measured", speeds, "" if note else str(path), note)
 

@@ -153,8 +153,9 @@ def test_measures_once_then_reads_the_cache(bf16_cpu, tmp_path):
     first = _choose(model)
     assert first.reason == "measured" and bf16_cpu == [None, torch.bfloat16] * 4
     assert set(first.tokens_per_s) == {"fp32", "bf16"} and min(first.tokens_per_s.values()) > 0
-    faster = max(first.tokens_per_s, key=first.tokens_per_s.get)
-    assert first.autocast == {"fp32": None, "bf16": torch.bfloat16}[faster]
+    speeds = first.tokens_per_s
+    clearly_bf16 = speeds["bf16"] > dtype_choice.BF16_MARGIN * speeds["fp32"]  # a near tie keeps exact fp32
+    assert first.autocast == (torch.bfloat16 if clearly_bf16 else None)
     assert "measured on this CPU for this model" in first.describe() and "dtype.json" in first.describe()
     path = tmp_path / "cache" / "dtype.json"
     entries = json.loads(path.read_text())["entries"]
