@@ -7,8 +7,8 @@ not always faster in bf16: without AMX, for a small model, autocast's casts arou
 its slower bf16 kernels for small shapes can cost more than the matmuls gain. So on such a CPU,
 `choose_dtype` times a few real training steps of the run's model, at the run's batch shape, in
 each dtype and takes bf16 only when it is clearly faster (BF16_MARGIN). The answer depends only on
-the machine, the software and the shapes, so it is cached in a small JSON file (see `cache_path`) keyed by exactly those; a second
-run with the same key reads it and measures nothing.
+the machine, the software and the shapes, so it is cached in a small JSON file (see `cache_path`)
+keyed by exactly those; a second run with the same key reads it and measures nothing.
 
 Overrides, strongest first: `--dtype fp32|bf16` (the user asked), NANOSEEK_CPU_BF16=1|0 (forces
 either side on any CPU; CI runs the dtype-sensitive tests on both), then the measurement.

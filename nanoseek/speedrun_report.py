@@ -159,7 +159,8 @@ def seed_table(results: dict, top_k: int | None) -> list[str]:
     """One row per seed of each repeated RL stage: its gain over the stage it started from, the paired test,
     and (GRPO) the share of the starting model's pass@k - pass@1 gap it closed; then mean +- spread."""
     lines = []
-    for rl, parent, what in (("grpo", "sft", "GRPO (R1) over cold-start SFT"), ("r1-zero", "pretrain", "R1-Zero over the base")):
+    for rl, parent, what in (("grpo", "sft", "GRPO (R1) over cold-start SFT"),
+                             ("r1-zero", "pretrain", "R1-Zero over the base")):
         runs = sorted((k for k in results if k == rl or k.startswith(rl + "-seed")), key=lambda k: (k != rl, k))
         if len(runs) < 2 or parent not in results:
             continue
@@ -208,7 +209,8 @@ def render_report(root: Path, o, results: dict, stages: dict, tokens_fn,
     lines = ["# nanoseek speedrun report", "",
              f"Machine: {describe_device()}, {platform.system()}; preset `{o.preset}`"
              f"{' (quick CI variant)' if o.quick else ''}; tasks {', '.join(o.tasks)} at difficulty {o.difficulty}; "
-             f"seed {o.seed}{f' (RL stages repeated with {o.seeds} seeds)' if o.seeds > 1 else ''}. Total wall time of all stages: **{total / 60:.1f} min**.", "",
+             f"seed {o.seed}{f' (RL stages repeated with {o.seeds} seeds)' if o.seeds > 1 else ''}. "
+             f"Total wall time of all stages: **{total / 60:.1f} min**.", "",
              f"Held-out test questions: {o.eval_n} per task, k = {o.eval_k} samples at temperature 0.6 / top-p 0.95 "
              "(as the R1 report); greedy = one greedy sample; pass@k (unbiased, from the same samples) − pass@1 is "
              "what RL can sharpen into pass@1; sound reasoning = right *and* every arithmetic step of the shown "
@@ -222,7 +224,8 @@ def render_report(root: Path, o, results: dict, stages: dict, tokens_fn,
         tok = tokens_fn(root / stage)
         fmt = None if r.get("format_error") is None else 1 - r["format_error"]
         lines.append(f"| {r['label']} | {_pct(r['pass@1'])} | {_pct(r.get('greedy'))} | {_pct(r['cons@k'])} | "
-                     f"{_pct(r.get(f'pass@{top_k}'))} | {_pct(r.get('sound'))} | {_pct(fmt)} | {r['mean_len']:.0f} | {st.get('wall_s', 0):.0f} s | "
+                     f"{_pct(r.get(f'pass@{top_k}'))} | {_pct(r.get('sound'))} | {_pct(fmt)} | {r['mean_len']:.0f} | "
+                     f"{st.get('wall_s', 0):.0f} s | "
                      f"{'–' if tok is None else f'{tok:,}'} | {st.get('wall_s', 0) / 3600 * o.price_per_hour:.4f} |")
     if per_task_lines := task_table(results, above or {}, o.difficulty):
         lines += ["", f"pass@1 % per task at difficulty {o.difficulty}:", ""] + per_task_lines
