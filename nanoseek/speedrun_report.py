@@ -173,7 +173,8 @@ def seed_table(results: dict, top_k: int | None) -> list[str]:
             verdict, two_se, _ = _verdict(results, parent, k)
             gain = results[k]["pass@1"] - p1
             gains.append(gain)
-            closed = f"{100 * gain / (pk - p1):.0f} %" if pk is not None and pk - p1 > 0 else "–"
+            # from the base, pass@k is no ceiling for RL (R1-Zero learns the format first): GRPO only
+            closed = f"{100 * gain / (pk - p1):.0f} %" if rl == "grpo" and pk is not None and pk - p1 > 0 else "–"
             lines.append(f"| {results[k]['label'].rsplit('seed ', 1)[-1]} | {_pct(results[k]['pass@1'])} | "
                          f"{100 * gain:+.1f} | {100 * two_se:.1f} | {verdict} | {closed} |")
         m = sum(gains) / len(gains)
