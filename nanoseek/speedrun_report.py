@@ -168,11 +168,12 @@ def seed_table(results: dict, top_k: int | None) -> list[str]:
         lines += ["", f"**{what}**, {len(runs)} seeds from the same starting model:", "",
                   f"| seed | pass@1 % | gain (pts) | ±2 SE (paired) | verdict | pass@{top_k or 'k'} − pass@1 gap closed |",
                   "|---|---:|---:|---:|---|---:|"]
-        gains = []
+        gains, wins = [], 0
         for k in runs:
             verdict, two_se, _ = _verdict(results, parent, k)
             gain = results[k]["pass@1"] - p1
             gains.append(gain)
+            wins += verdict == "yes"
             # from the base, pass@k is no ceiling for RL (R1-Zero learns the format first): GRPO only
             closed = f"{100 * gain / (pk - p1):.0f} %" if rl == "grpo" and pk is not None and pk - p1 > 0 else "–"
             lines.append(f"| {results[k]['label'].rsplit('seed ', 1)[-1]} | {_pct(results[k]['pass@1'])} | "
@@ -180,7 +181,7 @@ def seed_table(results: dict, top_k: int | None) -> list[str]:
         m = sum(gains) / len(gains)
         sd = (sum((g - m) ** 2 for g in gains) / (len(gains) - 1)) ** 0.5
         lines += ["", f"Mean gain {100 * m:+.1f} ± {100 * sd:.1f} pts (sample std over seeds), starting from "
-                      f"{_pct(p1)} %; {sum(_verdict(results, parent, k)[0] == 'yes' for k in runs)} of {len(runs)} "
+                      f"{_pct(p1)} %; {wins} of {len(runs)} "
                       "seeds beat the starting model by more than two standard errors."]
     return lines
 
