@@ -190,15 +190,20 @@ def cache_key(model: torch.nn.Module, batch_size: int, seq_len: int) -> str:
             f"{batch_size}x{seq_len}")
 
 
-def _read_cache(path: Path) -> dict[str, dict]:
-    """key -> {"autocast", "tokens_per_s"}; a missing, unreadable or malformed file (or entry) is no cache."""
+def _raw_entries(path: Path) -> dict:
+    """The cache file's entries as stored; a missing, unreadable or other-version file has none."""
     try:
         data = json.loads(path.read_text())
-        entries = data["entries"] if data.get("version") == CACHE_VERSION else {}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+    except (OSError, ValueError):
         return {}
+    ok = isinstance(data, dict) and data.get("version") == CACHE_VERSION and isinstance(data.get("entries"), dict)
+    return data["entries"] if ok else {}
+
+
+def _read_cache(path: Path) -> dict[str, dict]:
+    """key -> {"autocast", "tokens_per_s"}; a malformed entry is no entry."""
     out = {}
-    for key, e in entries.items() if isinstance(entries, dict) else ():
+    for key, e in _raw_entries(path).items():
         try:
             speeds = {k: float(e["tokens_per_s"][k]) for k in ("fp32", "bf16")}
             out[key] = {"autocast": {"fp32": None, "bf16": torch.bfloat16}[e["dtype"]], "tokens_per_s": speeds}
@@ -210,14 +215,7 @@ def _read_cache(path: Path) -> dict[str, dict]:
 def _write_cache(path: Path, key: str, autocast: torch.dtype | None, speeds: dict[str, float]) -> str:
     """Add one entry, atomically (temp file + os.replace: a reader never sees half a file). Returns ""
     or, where the cache cannot be written, why (the run goes on without it)."""
-    try:
-        data = json.loads(path.read_text())
-        if not (isinstance(data, dict) and data.get("version") == CACHE_VERSION
-                and isinstance(data.get("entries"), dict)):
-            data = None
-    except (OSError, ValueError):
-        data = None
-    data = data or {"version": CACHE_VERSION, "entries": {}}
+    data = {"version": CACHE_VERSION, "entries": _raw_entries(path)}
     data["entries"][key] = {"dtype": NAMES[autocast], "tokens_per_s": speeds,
                             "measured": time.strftime("%Y-%m-%d %H:%M:%S"), "host": platform.node()}
     tmp = None
