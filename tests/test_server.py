@@ -28,9 +28,9 @@ KEY = "sk-test"
 LONG = {"ignore_eos": True}  # vLLM's extra: keep sampling past eos
 
 
-def build_model_dir(path) -> str:
-    """Save a tiny MoE + tokenizer whose greedy (and low-temperature) chat answer is REASONING</think>ANSWER."""
-    completion = REASONING + "</think>" + ANSWER
+def build_model_dir(path, answer: str = ANSWER) -> str:
+    """Save a tiny MoE + tokenizer whose greedy (and low-temperature) chat answer is REASONING</think>answer."""
+    completion = REASONING + "</think>" + answer
     tok = train_tokenizer([completion] * 20 + ["hello there, what is two plus two? say hi"] * 5, vocab_size=600)
     cfg = get_preset("tiny").replace(
         vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
@@ -145,7 +145,7 @@ def chat(client, content="hi", **kw):
 def test_models_health_and_openapi(server, client):
     assert [m.id for m in client.models.list().data] == ["served"]
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
-    spec = httpx.get(server.url + "/openapi.json").json()
+    spec = httpx.get(server.url + "/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert "/v1/chat/completions" in spec["paths"] and "/v1/completions" in spec["paths"]
 
 

@@ -1,23 +1,28 @@
 """Request bodies of the OpenAI API subset we serve, and OpenAI's error JSON.
 
-Ranges are checked here (pydantic) so a bad request becomes a 400 before it reaches the engine;
-unknown fields are ignored, as OpenAI does. Engine extras that vLLM also accepts (top_k, min_p,
-repetition_penalty, ignore_eos) ride along in the same body.
+Types and ranges are checked here (pydantic, strict mode) so a bad request becomes a 400 naming the
+field before it reaches the tokenizer or the engine. Strict as OpenAI is: no coercion (the string "1"
+is not a number, 1 is not `true`), no NaN or Infinity. Text must be valid Unicode: a string holding an
+unpaired surrogate (JSON "\ud800") or NUL is refused, never repaired. Unknown roles and content-part
+types are refused; unknown top-level fields are ignored, as OpenAI does. Engine extras that vLLM also
+accepts (top_k, min_p, repetition_penalty, ignore_eos) ride along in the same body.
 """
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+import re
+from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, field_validator
 
 
 class APIError(Exception):
     """An error the client caused (or must see): rendered as OpenAI's error JSON with `status`."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code)
@@ -28,38 +33,59 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+_NOT_TEXT = re.compile("[\x00\ud800-\udfff]")
+
+
+def _valid_unicode(s: str) -> str:
+    # json.loads turns a lone "\ud800" escape into a str no tokenizer (nor UTF-8) can encode
+    bad = _NOT_TEXT.search(s)
+    if bad:
+        what = "NUL" if bad.group() == "\x00" else f"an unpaired surrogate U+{ord(bad.group()):04X}"
+        raise ValueError(f"invalid Unicode: {what} at character {bad.start()}")
+    return s
+
+
+Text = Annotated[StrictStr, AfterValidator(_valid_unicode)]
+STRICT = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+
+
+class TextPart(BaseModel):
+    model_config = STRICT
+    type: Literal["text"]  # image, audio and file parts: this server serves a text model
+    text: Text
+
+
 class Message(BaseModel):
+    model_config = STRICT
     role: Literal["system", "user", "assistant", "developer"]
-    # content: a string or OpenAI's list of {"type": "text", "text": ...} parts
-    content: Optional[Union[StrictStr, list[dict]]] = None
-    reasoning_content: Optional[StrictStr] = None
-    name: Optional[StrictStr] = None
+    content: Optional[Union[Text, list[TextPart]]] = None  # a string or OpenAI's list of text parts
+    reasoning_content: Optional[Text] = None
+    name: Optional[Text] = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            if any(p.get("type") != "text" or not isinstance(p.get("text"), str) for p in self.content):
-                raise APIError(400, "only text content parts are supported", param="messages")
-            return "".join(p["text"] for p in self.content)
+            return "".join(p.text for p in self.content)
         return self.content or ""
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
     include_usage: bool = False
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
-    model: StrictStr
+    model: Text
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=16)
     max_tokens: Optional[int] = Field(None, ge=1)
-    stop: Optional[Union[StrictStr, list[StrictStr]]] = None
+    stop: Optional[Union[Text, list[Text]]] = None
     seed: Optional[int] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    user: Optional[str] = None
+    user: Optional[Text] = None
     # engine extras (vLLM names)
     top_k: int = Field(0, ge=0, le=1 << 30)
     min_p: float = Field(0.0, ge=0, le=1)
@@ -83,7 +109,7 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[StrictStr, list[StrictStr], list[int], list[list[int]]]
+    prompt: Union[Text, list[Text], list[int], list[list[int]]]
     logprobs: Optional[int] = Field(None, ge=0, le=5)  # legacy API: an int, the number of top tokens
     echo: bool = False
     temperature: float = Field(1.0, ge=0, le=2)

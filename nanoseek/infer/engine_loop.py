@@ -1,14 +1,16 @@
 """The engine behind a server: one thread steps it for every request; each request reads its own queue.
 
 Requests from many clients therefore decode together in one batch (continuous batching), and the
-asyncio event loop never waits on the model. Also here: the prefix memory behind
-`prompt_cache_hit_tokens`.
+asyncio event loop never waits on the model. If that thread dies, every waiting request and every new
+one gets a 503 at once and /health fails, rather than requests hanging until their timeout. Also here:
+the prefix memory behind `prompt_cache_hit_tokens`.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -17,6 +19,9 @@ from dataclasses import dataclass
 from nanoseek.infer.api_schema import APIError
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
+
+log = logging.getLogger("nanoseek.server")
+RETRY_AFTER_S = 1  # what a 429 tells the client to wait: a slot frees as soon as any sequence ends
 
 
 class PrefixMemory:
@@ -60,6 +65,7 @@ class EngineLoop:
         self.memory = PrefixMemory(prefix_memory)
         self.stats = {"steps": 0, "peak_running": 0, "requests": 0, "rejected": 0}
         self.closing = False
+        self.died: BaseException | None = None  # what killed the engine thread, if anything did
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -68,15 +74,27 @@ class EngineLoop:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def dead(self) -> bool:
+        return self.died is not None
+
+    def check_room(self, n: int) -> None:
+        """Raise the 503 / 429 that a request of n sequences would get now (call with the lock held, or
+        unlocked as a cheap early check: submit() checks again)."""
+        if self.dead:
+            raise APIError(503, "the engine stopped; the server must be restarted", "server_error",
+                           code="engine_dead")
+        if self.closing:
+            raise APIError(503, "the server is shutting down", "server_error", code="shutting_down")
+        seqs = sum(h.params.n for h in list(self.handles.values()))
+        if seqs + n > self.engine.max_batch + self.max_queue:
+            self.stats["rejected"] += 1
+            raise APIError(429, f"too many requests: {seqs} sequences running or queued; retry later",
+                           "rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_S)})
+
     def submit(self, prompt: list[int], params: SamplingParams) -> Handle:
         with self._lock:
-            if self.closing:
-                raise APIError(503, "the server is shutting down", "server_error", code="shutting_down")
-            seqs = sum(h.params.n for h in self.handles.values())
-            if seqs + params.n > self.engine.max_batch + self.max_queue:
-                self.stats["rejected"] += 1
-                raise APIError(429, f"too many requests: {seqs} sequences running or queued; retry later",
-                               "rate_limit_error", code="rate_limit_exceeded")
+            self.check_room(params.n)
             h = Handle(next(self._ids), prompt, params, self.memory.hit(prompt), asyncio.Queue(),
                        asyncio.get_running_loop())
             self.memory.add(prompt)
@@ -115,6 +133,15 @@ class EngineLoop:
             h.loop.call_soon_threadsafe(h.queue.put_nowait, item)
 
     def _run(self) -> None:
+        try:
+            self._steps()
+        except BaseException as e:  # noqa: BLE001 - whatever ended the thread: fail fast, never hang
+            self.died = e
+            log.error("the engine thread died: %r", e)
+            self._fail_all(APIError(503, "the engine stopped; the server must be restarted", "server_error",
+                                    code="engine_dead"))
+
+    def _steps(self) -> None:
         eng = self.engine
         while not self.closing:
             if not eng.has_work():
@@ -124,7 +151,7 @@ class EngineLoop:
             try:
                 events = eng.step()
             except Exception as e:  # noqa: BLE001 - a broken step fails its requests, not the server
-                self._fail_all(e)
+                self._fail_all(APIError(500, f"generation failed: {e}", "server_error"))
                 continue
             self.stats["steps"] += 1
             self.stats["peak_running"] = max(self.stats["peak_running"], len(eng.active))
@@ -143,30 +170,41 @@ class EngineLoop:
                             self.memory.add(req.prompt_token_ids + o.token_ids)
                         self._put(h, ("done", req))
 
-    def _fail_all(self, e: Exception) -> None:
+    def _fail_all(self, error: APIError) -> None:
         with self._lock, self.engine._lock:  # start clean: the cache rows of a failed step are not trustworthy
             self.engine.active.clear(), self.engine.waiting.clear(), self.engine.requests.clear()
             for h in self.handles.values():
-                self._put(h, ("error", APIError(500, f"generation failed: {e}", "server_error")))
+                self._put(h, ("error", error))
             self.handles.clear()
 
 
-async def follow(h: Handle, loop: EngineLoop, is_disconnected, timeout: float):
+async def _report_disconnect(receive, queue: asyncio.Queue) -> None:
+    """Wait on the connection (its body is already read, so the next message is the disconnect) and tell
+    the request's reader. Non-streaming handlers are not cancelled when their client leaves; this is how
+    they learn it at once, without polling."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    queue.put_nowait(("gone", None))
+
+
+async def follow(h: Handle, loop: EngineLoop, receive, timeout: float):
     """Yield ("events", [Event]) items, then ("done", RequestOutput). Aborts the request in the engine
-    when the consumer leaves early (client gone, timeout, stream closed), so its slot frees at once."""
+    when the consumer leaves early (client gone, timeout, stream closed), so its slot frees at once.
+    receive: the request's ASGI receive channel, watched for the client's disconnect."""
     deadline = time.monotonic() + timeout
     done = False
+    watcher = asyncio.ensure_future(_report_disconnect(receive, h.queue))
     try:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise APIError(408, f"request timed out after {timeout:g} s", "timeout_error", code="timeout")
             try:
-                kind, payload = await asyncio.wait_for(h.queue.get(), timeout=min(left, 0.5))
+                kind, payload = await asyncio.wait_for(h.queue.get(), timeout=left)
             except asyncio.TimeoutError:
-                if await is_disconnected():  # non-streaming handlers are not cancelled when a client leaves
-                    return
                 continue
+            if kind == "gone":
+                return
             if kind == "error":
                 raise payload
             done = kind == "done"
@@ -174,5 +212,6 @@ async def follow(h: Handle, loop: EngineLoop, is_disconnected, timeout: float):
             if done:
                 return
     finally:
+        watcher.cancel()
         if not done:
             loop.abort(h)

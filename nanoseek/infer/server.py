@@ -3,17 +3,21 @@
 Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (JSON or SSE stream),
 GET /health, GET / (web chat), GET /openapi.json and /docs. Reasoning models answer as DeepSeek's API
 does: the chain of thought in `reasoning_content`, the answer in `content`, and `usage` counts
-reasoning tokens and prompt-cache hits. With --api-key (or env NANOSEEK_API_KEY) every /v1 route wants
-`Authorization: Bearer KEY`. Bad input is a 4xx with OpenAI's error JSON, never a 500.
-The engine runs in one background thread for all requests (nanoseek/infer/engine_loop.py).
+reasoning tokens and prompt-cache hits. With --api-key (or env NANOSEEK_API_KEY) every route but /health
+and the web chat's files wants `Authorization: Bearer KEY`; without a key the server binds loopback only.
+Bad input is a 4xx with OpenAI's error JSON, never a 500, and every limit (n, max_tokens, top_logprobs,
+capacity; the prompt's length right after tokenizing) is checked before the engine sees the request.
+The engine runs in one background thread for all requests (nanoseek/infer/engine_loop.py); headers, auth,
+body size and the access log are nanoseek/infer/http_gate.py's.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
+import ipaddress
 import itertools
 import json
+import logging
 import os
 import threading
 import time
@@ -30,8 +34,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nanoseek.data.chat import (THINK_END, THINK_START, ChatTemplateError, ThinkSplitter, describe_template, opens_think,
                                 parse_completion)
 from nanoseek.infer.api_schema import APIError, ChatRequest, CompletionRequest, error_body
+from nanoseek.errors import UsageError
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.engine_loop import EngineLoop, Handle, follow
+from nanoseek.infer.http_gate import Gate
 from nanoseek.infer.sampling import SamplingParams
 
 WEB = Path(__file__).parent / "web"
@@ -43,58 +49,51 @@ class Options:
     model: str = field(default="", metadata={"help": "model directory"})
     host: str = field(default="127.0.0.1", metadata={"help": "interface to bind (0.0.0.0 exposes it to the network)"})
     port: int = field(default=8000, metadata={"help": "TCP port"})
-    api_key: str | None = field(default=None, metadata={"help": "require 'Authorization: Bearer KEY' on /v1 "
-                                                                 "(default: env NANOSEEK_API_KEY, else no auth)"})
+    api_key: str | None = field(default=None, metadata={"help": "require 'Authorization: Bearer KEY' on every route "
+                                                                 "but /health and the web chat (default: env "
+                                                                 "NANOSEEK_API_KEY, else no auth: loopback only)"})
     served_model_name: str | None = field(default=None, metadata={"help": "model id in the API (default: dir name)"})
     max_batch: int = field(default=16, metadata={"help": "max sequences decoding at once (engine cache rows)"})
     max_queue: int = field(default=64, metadata={"help": "max sequences waiting for a slot; more get 429"})
     max_len: int = field(default=0, metadata={"help": "context length, prompt + completion (0: the model's, <= 4096)"})
     request_timeout: float = field(default=600.0, metadata={"help": "seconds before a request is aborted (408)"})
     max_body_bytes: int = field(default=4 << 20, metadata={"help": "largest request body accepted (413 past it)"})
+    max_header_bytes: int = field(default=16 << 10, metadata={"help": "largest total of request headers (431 past it)"})
+    log_content: bool = field(default=False, metadata={"help": "also log request and response bodies (prompts and "
+                                                               "completions); by default only metadata is logged"})
     prefix_memory: int = field(default=256, metadata={"help": "recent sequences remembered for cache-hit counts"})
     shutdown_timeout: float = field(default=30.0, metadata={"help": "seconds in-flight requests get on shutdown"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
 
 
-class Gate:
-    """ASGI middleware run before any parsing: Bearer auth on /v1 (401) and the body-size limit (413).
-    The body (at most `limit` bytes) is buffered, then replayed to the app."""
+# pydantic names the branch of a union it tried in an error's location ("str", "list[TextPart]",
+# "function-after[...]"); the client's field path is the rest
+_UNION_BRANCHES = {"str", "int", "float", "bool", "list", "dict"}
 
-    def __init__(self, app, limit: int, api_key: str | None):
-        self.app, self.limit, self.key = app, limit, api_key
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        if self.key and scope["path"].startswith("/v1"):
-            auth = headers.get(b"authorization", b"").decode("latin-1")
-            if not (auth.startswith("Bearer ") and hmac.compare_digest(auth[7:].strip().encode(), self.key.encode())):
-                msg = "invalid or missing API key: send the header 'Authorization: Bearer KEY'"
-                return await JSONResponse(error_body(msg, code="invalid_api_key"), 401)(scope, receive, send)
-        declared = headers.get(b"content-length", b"")
-        too_big = declared.isdigit() and int(declared) > self.limit
-        chunks, size, more = [], 0, not too_big and scope["method"] in ("POST", "PUT", "PATCH")
-        while more:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
-            chunks.append(msg.get("body", b""))
-            size += len(chunks[-1])
-            too_big, more = size > self.limit, msg.get("more_body", False)
-            more = more and not too_big
-        if too_big:
-            resp = JSONResponse(error_body(f"request body exceeds {self.limit} bytes", code="request_too_large"), 413)
-            return await resp(scope, receive, send)
-        replayed = False
+def _param_name(loc) -> str | None:
+    parts = [str(x) for x in loc if isinstance(x, int) or (x != "body" and x.isidentifier() and x not in _UNION_BRANCHES)]
+    return ".".join(parts) or None
 
-        async def replay():  # the buffered body once, then the real channel (it reports disconnects)
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
-        await self.app(scope, replay, send)
+
+def api_key_of(opts: Options) -> str | None:
+    return opts.api_key or os.environ.get("NANOSEEK_API_KEY") or None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def _uvicorn_limits(opts: Options) -> dict:
+    """Headers past max_header_bytes get the Gate's 431; h11's own cap (far above it, a bound on what one
+    connection may buffer) only stops the absurd, with uvicorn's 400."""
+    return {"h11_max_incomplete_event_size": max(64 << 10, 4 * opts.max_header_bytes), "access_log": False,
+            "timeout_graceful_shutdown": opts.shutdown_timeout}
 
 
 def _sse(obj) -> str:
@@ -115,24 +114,32 @@ class Service:
         self.opts = opts
         self.name = opts.served_model_name or Path(opts.model.rstrip("/")).name or "nanoseek"
         self.max_len = opts.max_len or min(self.model.config.max_position_embeddings, 4096)
-        self.api_key = opts.api_key or os.environ.get("NANOSEEK_API_KEY") or None
+        self.api_key = api_key_of(opts)
         self.loop = EngineLoop(Engine(self.model, self.tok, max_batch=opts.max_batch, max_len=self.max_len),
                                opts.max_queue, opts.prefix_memory)
         self.created = int(time.time())
 
-    def params(self, req, n_prompt: int, max_tokens: int | None, top_logprobs: int) -> SamplingParams:
+    def check(self, req, max_tokens: int | None, sequences: int) -> None:
+        """The limits that need no tokenizing, checked before any: model, n, max_tokens, capacity."""
         if req.model != self.name:
             raise APIError(404, f"the model '{req.model}' does not exist; this server serves '{self.name}'",
                            param="model", code="model_not_found")
-        if n_prompt >= self.max_len:
-            raise APIError(400, f"this model's maximum context length is {self.max_len} tokens; the prompt has "
-                           f"{n_prompt}", param="messages", code="context_length_exceeded")
+        if req.n > self.opts.max_batch:
+            raise APIError(400, f"n={req.n} exceeds the server's max_batch={self.opts.max_batch}", param="n")
         if max_tokens is not None and max_tokens >= self.max_len:  # could never fit; smaller ones are clamped
             raise APIError(400, f"max_tokens={max_tokens} exceeds the context length of {self.max_len} tokens",
                            param="max_tokens", code="context_length_exceeded")
+        if sequences > self.opts.max_batch + self.opts.max_queue:
+            raise APIError(400, f"{sequences} sequences (prompts x n) exceed what this server holds at once "
+                           f"({self.opts.max_batch + self.opts.max_queue})", param="n")
+        self.loop.check_room(sequences)  # 429 before tokenizing; submit() checks again
+
+    def params(self, req, n_prompt: int, max_tokens: int | None, top_logprobs: int) -> SamplingParams:
+        """The engine's sampling parameters, after check(): the prompt's length is the one limit left."""
+        if n_prompt >= self.max_len:
+            raise APIError(400, f"this model's maximum context length is {self.max_len} tokens; the prompt has "
+                           f"{n_prompt}", param="messages", code="context_length_exceeded")
         room = self.max_len - n_prompt
-        if req.n > self.opts.max_batch:
-            raise APIError(400, f"n={req.n} exceeds the server's max_batch={self.opts.max_batch}", param="n")
         # a vanishing temperature overflows logits / t: it means greedy; any int is a seed (torch wants < 2**63)
         temperature = req.temperature if req.temperature >= 1e-4 else 0.0
         seed = None if req.seed is None else req.seed % 2**62
@@ -191,11 +198,12 @@ def create_app(opts: Options, model=None, tokenizer=None) -> FastAPI:
 
     app = FastAPI(title="nanoseek", summary="OpenAI-compatible API of a nanoseek model", lifespan=lifespan)
     app.state.service = svc
-    app.add_middleware(Gate, limit=opts.max_body_bytes, api_key=svc.api_key)
+    app.add_middleware(Gate, max_body=opts.max_body_bytes, max_headers=opts.max_header_bytes, api_key=svc.api_key,
+                       log_content=opts.log_content)
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
-        return JSONResponse(e.body(), e.status)
+        return JSONResponse(e.body(), e.status, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, e: RequestValidationError):  # OpenAI's 400 shape, not FastAPI's 422
@@ -203,7 +211,7 @@ def create_app(opts: Options, model=None, tokenizer=None) -> FastAPI:
         if err.get("type") == "json_invalid":
             return JSONResponse(error_body(f"the body is not valid JSON: {err.get('ctx', {}).get('error', '')}",
                                            code="invalid_json"), 400)
-        param = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or None
+        param = _param_name(err.get("loc", ()))
         return JSONResponse(error_body(f"{param or 'body'}: {err.get('msg', 'invalid value')}", param=param,
                                        code="invalid_value"), 400)
 
@@ -216,7 +224,7 @@ def create_app(opts: Options, model=None, tokenizer=None) -> FastAPI:
         return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), 500)
 
     def events(h: Handle, request: Request):
-        return follow(h, svc.loop, request.is_disconnected, opts.request_timeout)
+        return follow(h, svc.loop, request.receive, opts.request_timeout)
 
     async def collect(h: Handle, request: Request) -> list:
         async for kind, payload in events(h, request):
@@ -251,9 +259,10 @@ def create_app(opts: Options, model=None, tokenizer=None) -> FastAPI:
 
     @v1.post("/chat/completions")
     async def chat(req: ChatRequest, request: Request):
-        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        svc.check(req, req.max_completion_tokens or req.max_tokens, req.n)
+        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         try:
             prompt = svc.tok.apply_chat_template(msgs, add_generation_prompt=True)
         except ChatTemplateError as e:  # the model's template refused the conversation (e.g. a role it lacks)
@@ -315,12 +324,13 @@ def create_app(opts: Options, model=None, tokenizer=None) -> FastAPI:
         prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
         if not prompts or any(len(x) == 0 for x in prompts):
             raise APIError(400, "prompt must not be empty", param="prompt")
+        if req.stream and len(prompts) > 1:
+            raise APIError(400, "streaming takes a single prompt", param="prompt")
+        svc.check(req, req.max_tokens, len(prompts) * req.n)
         ids = [svc.tok.encode(x) if isinstance(x, str) else list(x) for x in prompts]
         V = svc.model.config.vocab_size
         if any(not 0 <= t < V for x in ids for t in x):
             raise APIError(400, f"prompt token ids must be in [0, {V})", param="prompt")
-        if req.stream and len(ids) > 1:
-            raise APIError(400, "streaming takes a single prompt", param="prompt")
         params = [svc.params(req, len(x), req.max_tokens or 16, req.logprobs or 0) for x in ids]
         handles = []
         try:
@@ -366,6 +376,8 @@ def create_app(opts: Options, model=None, tokenizer=None) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        if svc.loop.dead:  # a load balancer must see this server as down
+            return JSONResponse({"status": "engine_dead", "model": svc.name, **svc.loop.load()}, 503)
         return {"status": "closing" if svc.loop.closing else "ok", "model": svc.name, **svc.loop.load()}
 
     @app.get("/", include_in_schema=False)
@@ -388,8 +400,7 @@ class BackgroundServer:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning",
-                                                    timeout_graceful_shutdown=opts.shutdown_timeout))
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", **_uvicorn_limits(opts)))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     @property
@@ -413,8 +424,15 @@ class BackgroundServer:
 
 def run(opts: Options) -> None:
     import uvicorn
+    if not _is_loopback(opts.host) and not api_key_of(opts):
+        raise UsageError(f"refusing to serve on {opts.host!r} without an API key: anyone who can reach it could use "
+                         "it; pass --api-key KEY (or set NANOSEEK_API_KEY), or bind --host 127.0.0.1")
     if not opts.model or not Path(opts.model).is_dir():
         raise SystemExit(f"error: give a model directory: nanoseek serve MODEL_DIR (got {opts.model!r})")
+    handler = logging.StreamHandler()  # the access log: metadata only, unless --log-content
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    logging.getLogger("nanoseek.server").addHandler(handler)
+    logging.getLogger("nanoseek.server").setLevel(logging.INFO)
     app = create_app(opts)
     svc = app.state.service
     print(f"nanoseek: serving '{svc.name}' (context {svc.max_len}, batch {opts.max_batch}) on "
@@ -425,4 +443,4 @@ def run(opts: Options) -> None:
     else:
         print("nanoseek: this model has no chat template: /v1/chat/completions answers 400, /v1/completions works",
               flush=True)
-    uvicorn.run(app, host=opts.host, port=opts.port, log_level="info", timeout_graceful_shutdown=opts.shutdown_timeout)
+    uvicorn.run(app, host=opts.host, port=opts.port, log_level="info", **_uvicorn_limits(opts))
