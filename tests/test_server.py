@@ -28,10 +28,13 @@ KEY = "sk-test"
 LONG = {"ignore_eos": True}  # vLLM's extra: keep sampling past eos
 
 
-def build_model_dir(path, answer: str = ANSWER) -> str:
-    """Save a tiny MoE + tokenizer whose greedy (and low-temperature) chat answer is REASONING</think>answer."""
+def build_model_dir(path, answer: str = ANSWER, pieces: tuple[str, ...] = ()) -> str:
+    """Save a tiny MoE + tokenizer whose greedy (and low-temperature) chat answer is REASONING</think>answer.
+    pieces: substrings of the answer made single tokens, so an answer whose characters repeat (digits and
+    punctuation are tokens of their own) is still a chain without a repeated token."""
     completion = REASONING + "</think>" + answer
     tok = train_tokenizer([completion] * 20 + ["hello there, what is two plus two? say hi"] * 5, vocab_size=600)
+    tok.tk.add_tokens(list(pieces))
     cfg = get_preset("tiny").replace(
         vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
         num_hidden_layers=2, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8,

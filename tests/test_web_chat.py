@@ -1,7 +1,9 @@
 """The web chat at /: headless Chromium sends a message, sees the streamed answer and the thinking block,
 and the model's `<img onerror>` / `<script>` text renders as text (no markup injection). Saves the
 screenshot (docs/web-chat.png when NANOSEEK_UPDATE_SCREENSHOT=1). Needs Debian's Chromium (`apt-get install chromium`); skipped without it."""
+import http.server
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -99,3 +101,65 @@ def test_web_chat_on_a_model_transformers_made(tmp_path):
             assert page.locator(".msg.user").nth(1).inner_text() == "And 2 + 2?" and not errors
         finally:
             browser.close()
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    """A second origin on loopback: any request the page makes to it is a fetch the page must not make."""
+    hits: list = []
+
+    def do_GET(self):
+        self.hits.append(self.path)
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):  # quiet
+        pass
+
+
+def hostile_pieces(port: int) -> tuple[str, ...]:
+    return ("<script>boom()</script>", f" <img src=http://127.0.0.1:{port}/a.png onerror=alert(1)>",
+            " [tap](javascript:steal())", f" ![pic](//127.0.0.1:{port}/b.gif)", ' <a href="javascript:void(0)">go</a>',
+            f' <svg onload=alert(2)><image href="http://127.0.0.1:{port}/c.svg"/></svg>')
+
+
+def test_web_chat_runs_and_fetches_nothing_a_model_writes(tmp_path):
+    """A model whose answer is script tags, onerror/onload handlers, javascript: links and remote images: the
+    page shows it as text; nothing runs (no dialog, no page error, no global it defines), and no request
+    leaves for the other origin the answer points at. The server sends a strict CSP header."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    recorder = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    threading.Thread(target=recorder.serve_forever, daemon=True).start()
+    pieces = hostile_pieces(recorder.server_address[1])
+    model = build_model_dir(tmp_path / "model", answer="".join(pieces), pieces=pieces)
+    opts = Options(model=model, served_model_name="stub", max_len=256, shutdown_timeout=2)
+    try:
+        with BackgroundServer(opts) as server, playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+            try:
+                page = browser.new_page()
+                errors, requests = [], []
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.on("dialog", lambda d: (errors.append("dialog: " + d.message), d.dismiss()))
+                page.on("request", lambda r: requests.append(r.url))
+                response = page.goto(server.url + "/")
+                assert "default-src 'none'" in response.headers["content-security-policy"]
+                wait_for_model_name(page, "stub")
+                page.click("#settings summary")
+                page.fill("#temperature", "0")
+                page.click("#settings summary")
+                page.fill("#input", "hi")
+                page.press("#input", "Enter")
+                answer = page.locator(".msg.assistant .content")
+                answer.get_by_text("javascript:void(0)", exact=False).wait_for(timeout=20_000)
+                page.wait_for_selector("#send:not([hidden])")  # the stream ended
+                shown = answer.inner_text()
+                assert "<script>boom()</script>" in shown and "onerror=alert(1)" in shown and "(javascript:steal())" in shown
+                assert answer.locator("script, img, a, svg, image, iframe").count() == 0
+                assert page.evaluate("typeof window.boom + typeof window.steal") == "undefinedundefined"
+                assert not errors and not _Recorder.hits
+                assert all(u.startswith(server.url) for u in requests), requests
+            finally:
+                browser.close()
+    finally:
+        recorder.shutdown()
+        recorder.server_close()
