@@ -14,6 +14,7 @@ Run from the repository root: python -m benchmarks.serve_hardening --json serve_
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -111,8 +112,10 @@ def disconnects(server, cycles: int = 100) -> dict:
     for i in range(10):  # warm-up: first-use caches are not a leak
         cycle(bool(i % 2))
     tracemalloc.start()
+    gc.collect()  # garbage not yet collected is not held memory
     rss0, heap0 = _rss_bytes(), tracemalloc.get_traced_memory()[0]
     freed = [cycle(bool(i % 2)) for i in range(cycles)]
+    gc.collect()
     rss1, heap1 = _rss_bytes(), tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
     return {"cycles": cycles, "close_to_slot_freed": _ms(freed), "rss_mib_before": round(rss0 / 2**20, 1),

@@ -8,6 +8,7 @@ No test times anything: a StepGate holds the engine wherever "not done yet" matt
 """
 import json
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -200,7 +201,7 @@ def test_no_cors_grant_and_strict_csp(server):
 
 def test_refuses_a_network_host_without_a_key(model_dir):
     """Exit 2 with one line, before loading anything or binding; with a key it would serve."""
-    env = {k: v for k, v in __import__("os").environ.items() if k != "NANOSEEK_API_KEY"}
+    env = {k: v for k, v in os.environ.items() if k != "NANOSEEK_API_KEY"}
     r = subprocess.run([sys.executable, "-c", "import sys; from nanoseek.cli import main; sys.exit(main())",
                         "serve", model_dir, "--host", "0.0.0.0", "--port", "9"], env=env, capture_output=True,
                        text=True, timeout=120)

@@ -33,8 +33,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanoseek.data.chat import (THINK_END, THINK_START, ChatTemplateError, ThinkSplitter, describe_template, opens_think,
                                 parse_completion)
-from nanoseek.infer.api_schema import APIError, ChatRequest, CompletionRequest, error_body
 from nanoseek.errors import UsageError
+from nanoseek.infer.api_schema import APIError, ChatRequest, CompletionRequest, error_body
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.engine_loop import EngineLoop, Handle, follow
 from nanoseek.infer.http_gate import Gate
@@ -72,8 +72,9 @@ _UNION_BRANCHES = {"str", "int", "float", "bool", "list", "dict"}
 
 
 def _param_name(loc) -> str | None:
-    parts = [str(x) for x in loc if isinstance(x, int) or (x != "body" and x.isidentifier() and x not in _UNION_BRANCHES)]
-    return ".".join(parts) or None
+    names = [str(x) for x in loc
+             if isinstance(x, int) or (x != "body" and x.isidentifier() and x not in _UNION_BRANCHES)]
+    return ".".join(names) or None
 
 
 def api_key_of(opts: Options) -> str | None:
