@@ -48,7 +48,7 @@ def _server(max_batch: int, max_queue: int):
     model = Transformer(get_preset("tiny").replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
                                                    eos_token_id=tok.eos_id)).eval()
     opts = Options(served_model_name="tiny", max_batch=max_batch, max_queue=max_queue, max_len=512, shutdown_timeout=5,
-                   prefix_memory=8)
+                   prefix_cache_mb=8)
     return BackgroundServer(opts, model=model, tokenizer=tok)
 
 

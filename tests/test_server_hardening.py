@@ -36,7 +36,7 @@ def model_dir(tmp_path_factory):
 def options(model_dir, **kw) -> Options:
     base = dict(model=model_dir, served_model_name="served", api_key=KEY, max_batch=8, max_queue=8, max_len=256,
                 max_body_bytes=64 << 10, max_header_bytes=8 << 10, request_timeout=60, shutdown_timeout=5,
-                prefix_memory=4)
+                prefix_cache_mb=1)
     return Options(**{**base, **kw})
 
 

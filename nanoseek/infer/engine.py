@@ -6,6 +6,8 @@ New requests are prefilled together into the rows after them; a request with n >
 group) prefills its prompt once and copies those cache rows to its other n-1 sequences.
 A finished sequence leaves at once: the last active row moves into its hole.
 With speculative=True every decode step is an MTP draft + one [B, 2] verify (speculative.py).
+With a prefix cache (prefix_cache_bytes > 0, the server's choice) a prompt's cached head is copied into
+its row and only the rest is prefilled; prompts and finished sequences are kept for later requests.
 
 `add_request` / `abort` may be called from any thread; one thread drives `step()`.
 """
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nanoseek.infer.prefix_cache import PrefixCache
 from nanoseek.infer.sampling import SamplingParams, apply_repetition_penalty, sample
 from nanoseek.infer.speculative import mtp_forward, speculative_step
 from nanoseek.model.linear import cache_transposed, transposed_weights
@@ -39,6 +42,7 @@ class RequestOutput:
     request_id: int
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
+    cached_tokens: int = 0  # prompt tokens whose cache values came from the prefix cache (not computed)
 
     @property
     def finished(self) -> bool:
@@ -81,7 +85,8 @@ class _Seq:
 
 class Engine:
     def __init__(self, model: torch.nn.Module, tokenizer=None, max_batch: int = 64, max_len: int | None = None,
-                 dtype: torch.dtype | None = None, speculative: bool = False, compile: bool = False):
+                 dtype: torch.dtype | None = None, speculative: bool = False, compile: bool = False,
+                 prefix_cache_bytes: int = 0, prefix_block: int = 16):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -91,6 +96,8 @@ class Engine:
         # the cache then also holds the MTP block's latent (layer num_hidden_layers)
         self.speculative = bool(speculative and len(getattr(model, "mtp", ())))
         self.cache = model.make_cache(max_batch, self.max_len, dtype=dtype, mtp=self.speculative)
+        # reuse of KV across requests (server); off for batch generation (rollouts, evaluation)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes, prefix_block) if prefix_cache_bytes > 0 else None
         self._copies_current = lambda: True
         if self.device.type == "cpu":  # decode-sized matmuls run faster on [in, out] weights (model/linear.py);
             self._copies_current = cache_transposed(model)  # a snapshot: build a new engine after changing the weights
@@ -231,19 +238,28 @@ class Engine:
             return
         start = len(self.active)
         lens = [len(r.prompt_token_ids) for r, _ in batch]
-        T = max(lens)
-        # Right-padded prefill into rows start..start+len(batch)-1. Pad keys sit at positions no real
-        # query can see yet, and each is overwritten by the sequence's own token before it becomes visible.
+        hits = [self._load_prefix(r.prompt_token_ids, start + i) for i, (r, _) in enumerate(batch)]
+        for (r, _), hit in zip(batch, hits):
+            r.cached_tokens = hit
+        todo = [n - hit for n, hit in zip(lens, hits)]                          # tokens each row computes
+        T = max(todo)
+        # Right-padded prefill into rows start..start+len(batch)-1, row i from position hits[i] on. Pad keys
+        # sit at positions no real query can see yet, and each is overwritten by the sequence's own token
+        # before it becomes visible (a pad past the context is written at its last position, as harmless).
         ids = torch.full((len(batch), T), min(self.stop_ids, default=0), dtype=torch.long, device=self.device)
         for i, (r, _) in enumerate(batch):
-            ids[i, :lens[i]] = torch.tensor(r.prompt_token_ids, device=self.device)
-        pos = torch.arange(T, device=self.device).expand(len(batch), T)
+            ids[i, :todo[i]] = torch.tensor(r.prompt_token_ids[hits[i]:], device=self.device)
+        pos = (torch.tensor(hits, device=self.device).unsqueeze(1) + torch.arange(T, device=self.device))
+        pos = pos.clamp_max(self.max_len - 1)
         self.cache.rows = slice(start, start + len(batch))
         h, _ = self.model.hidden_states(ids, pos, self.cache)                  # [R, T, D]
-        h_last = h[torch.arange(len(batch)), torch.tensor(lens) - 1]              # [R, D]
+        h_last = h[torch.arange(len(batch)), torch.tensor(todo) - 1]             # [R, D]
         last = self.model.lm_head(h_last)                                          # [R, V]: no head on the prompt
         if self.speculative:  # MTP latent of the prompt pairs (h_i, t_{i+1}); the last pair waits for the sample
             mtp_forward(self, h[:, :-1], ids[:, 1:], pos[:, :-1], slice(start, start + len(batch)))
+        if self._use_prefix_cache():
+            for i, (r, _) in enumerate(batch):
+                self.prefix_cache.store(r.prompt_token_ids, self.cache, start + i)
         # Lay the groups out: prompt row i -> rows of its n sequences (copying the prompt's cache rows).
         # Prompt rows are moved from the back so no prompt row is overwritten before it is copied.
         rows_logits, seqs = [], []
@@ -370,12 +386,24 @@ class Engine:
         s.out.text = s.text
         return delta, False
 
+    def _use_prefix_cache(self) -> bool:
+        return self.prefix_cache is not None and not self.speculative  # see prefix_cache.py: MTP needs the next token
+
+    def _load_prefix(self, prompt: list[int], row: int) -> int:
+        """Copy the cached head of a prompt into a cache row; its length. The last prompt token is always
+        computed: its logits are the first token's distribution."""
+        if not self._use_prefix_cache():
+            return 0
+        return self.prefix_cache.load(self.prefix_cache.match(prompt, len(prompt) - 1), self.cache, row)
+
     def _finish(self, s: _Seq, reason: str, events: list[Event] | None) -> None:
         """Retire a sequence: its row is refilled by the last active row (keeps rows 0..B-1 dense)."""
         s.out.finish_reason = reason
         if events is not None:
             events.append(Event(s.req.request_id, s.out.index, -1, "", 0.0, True, reason))
         i = self.active.index(s)
+        if self._use_prefix_cache():  # positions 0..pos-1 hold the prompt and all but the last token
+            self.prefix_cache.store((s.req.prompt_token_ids + s.out.token_ids)[:s.pos], self.cache, i)
         last = len(self.active) - 1
         if i != last:
             moved = self.active[last]

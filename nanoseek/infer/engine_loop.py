@@ -2,8 +2,7 @@
 
 Requests from many clients therefore decode together in one batch (continuous batching), and the
 asyncio event loop never waits on the model. If that thread dies, every waiting request and every new
-one gets a 503 at once and /health fails, rather than requests hanging until their timeout. Also here:
-the prefix memory behind `prompt_cache_hit_tokens`.
+one gets a 503 at once and /health fails, rather than requests hanging until their timeout.
 """
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ import itertools
 import logging
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 
 from nanoseek.infer.api_schema import APIError
@@ -24,31 +22,11 @@ log = logging.getLogger("nanoseek.server")
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait: a slot frees as soon as any sequence ends
 
 
-class PrefixMemory:
-    """Token sequences of recent requests (prompt, and prompt + answer once finished). A new prompt's
-    longest shared prefix with them is what a prefix cache would hold: DeepSeek's cache-hit tokens.
-    The engine recomputes it for now (no KV reuse across requests), so a hit is counted, not saved."""
-
-    def __init__(self, size: int):
-        self.seqs: deque[tuple[int, ...]] = deque(maxlen=size)
-
-    def hit(self, ids: list[int]) -> int:
-        best = 0
-        for s in self.seqs:
-            n = min(len(s), len(ids))
-            best = max(best, next((k for k in range(n) if s[k] != ids[k]), n))
-        return min(best, len(ids) - 1)  # the last prompt token is always computed: it gives the first logits
-
-    def add(self, ids: list[int]) -> None:
-        self.seqs.append(tuple(ids))
-
-
 @dataclass
 class Handle:
     rid: int
     prompt: list[int]
     params: SamplingParams
-    cache_hit: int
     queue: asyncio.Queue
     loop: asyncio.AbstractEventLoop
     req: object = None  # the engine's RequestOutput (read-only here: top logprobs while streaming)
@@ -59,10 +37,9 @@ class EngineLoop:
 
     Capacity: `max_batch` sequences decode, `max_queue` more wait; past that, submit() raises 429."""
 
-    def __init__(self, engine: Engine, max_queue: int, prefix_memory: int = 256):
+    def __init__(self, engine: Engine, max_queue: int):
         self.engine, self.max_queue = engine, max_queue
         self.handles: dict[int, Handle] = {}
-        self.memory = PrefixMemory(prefix_memory)
         self.stats = {"steps": 0, "peak_running": 0, "requests": 0, "rejected": 0}
         self.closing = False
         self.died: BaseException | None = None  # what killed the engine thread, if anything did
@@ -95,9 +72,7 @@ class EngineLoop:
     def submit(self, prompt: list[int], params: SamplingParams) -> Handle:
         with self._lock:
             self.check_room(params.n)
-            h = Handle(next(self._ids), prompt, params, self.memory.hit(prompt), asyncio.Queue(),
-                       asyncio.get_running_loop())
-            self.memory.add(prompt)
+            h = Handle(next(self._ids), prompt, params, asyncio.Queue(), asyncio.get_running_loop())
             self.handles[h.rid] = h  # registered before the engine can emit anything for it
             self.stats["requests"] += 1
             try:
@@ -115,7 +90,10 @@ class EngineLoop:
             self._wake.set()
 
     def load(self) -> dict:
-        return {"running": len(self.engine.active), "waiting": len(self.engine.waiting), **self.stats}
+        pc = self.engine.prefix_cache
+        cache = {} if pc is None else {"prefix_cache": {**pc.stats, "blocks": len(pc), "bytes": pc.used,
+                                                        "capacity_bytes": pc.capacity}}
+        return {"running": len(self.engine.active), "waiting": len(self.engine.waiting), **self.stats, **cache}
 
     def stop(self) -> None:
         """Called after the HTTP server let in-flight requests finish: whatever is left gets a clean error."""
@@ -166,8 +144,6 @@ class EngineLoop:
                     if req is not None and req.finished:
                         eng.requests.pop(rid)
                         del self.handles[rid]
-                        for o in req.outputs:  # what a prefix cache would keep of it
-                            self.memory.add(req.prompt_token_ids + o.token_ids)
                         self._put(h, ("done", req))
 
     def _fail_all(self, error: APIError) -> None:

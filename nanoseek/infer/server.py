@@ -61,7 +61,9 @@ class Options:
     max_header_bytes: int = field(default=16 << 10, metadata={"help": "largest total of request headers (431 past it)"})
     log_content: bool = field(default=False, metadata={"help": "also log request and response bodies (prompts and "
                                                                "completions); by default only metadata is logged"})
-    prefix_memory: int = field(default=256, metadata={"help": "recent sequences remembered for cache-hit counts"})
+    prefix_cache_mb: float = field(default=256.0, metadata={"help": "memory for KV reused across requests that share "
+                                                                     "a prompt prefix (0: no prefix cache)"})
+    prefix_block: int = field(default=16, metadata={"help": "tokens per prefix-cache block"})
     shutdown_timeout: float = field(default=30.0, metadata={"help": "seconds in-flight requests get on shutdown"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
 
@@ -116,8 +118,9 @@ class Service:
         self.name = opts.served_model_name or Path(opts.model.rstrip("/")).name or "nanoseek"
         self.max_len = opts.max_len or min(self.model.config.max_position_embeddings, 4096)
         self.api_key = api_key_of(opts)
-        self.loop = EngineLoop(Engine(self.model, self.tok, max_batch=opts.max_batch, max_len=self.max_len),
-                               opts.max_queue, opts.prefix_memory)
+        engine = Engine(self.model, self.tok, max_batch=opts.max_batch, max_len=self.max_len,
+                        prefix_cache_bytes=int(opts.prefix_cache_mb * 2**20), prefix_block=opts.prefix_block)
+        self.loop = EngineLoop(engine, opts.max_queue)
         self.created = int(time.time())
 
     def check(self, req, max_tokens: int | None, sequences: int) -> None:
@@ -165,7 +168,7 @@ class Service:
 
     def usage(self, handles: list[Handle], outputs: list, opened: bool) -> dict:
         """opened: the prompts ended inside an opened think block."""
-        prompt, hit = sum(len(h.prompt) for h in handles), sum(h.cache_hit for h in handles)
+        prompt, hit = sum(len(h.prompt) for h in handles), sum(h.req.cached_tokens for h in handles)
         completion = sum(len(o.token_ids) for o in outputs)
         reasoning = sum(self.reasoning_tokens(o.token_ids, o.text, opened) for o in outputs)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
