@@ -5,14 +5,15 @@ field before it reaches the tokenizer or the engine. Strict as OpenAI is: no coe
 is not a number, 1 is not `true`), no NaN or Infinity. Text must be valid Unicode: a string holding an
 unpaired surrogate (JSON "\ud800") or NUL is refused, never repaired. Unknown roles and content-part
 types are refused; unknown top-level fields are ignored, as OpenAI does. Engine extras that vLLM also
-accepts (top_k, min_p, repetition_penalty, ignore_eos) ride along in the same body.
+accepts (top_k, min_p, repetition_penalty, ignore_eos, chat_template_kwargs) ride along in the same body, and
+DeepSeek's `thinking` switch beside OpenAI's `reasoning_effort` and `response_format`.
 """
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, field_validator, model_validator
 
 
 class APIError(Exception):
@@ -101,11 +102,42 @@ class _Sampling(BaseModel):
         return v
 
 
+class ThinkingSwitch(BaseModel):
+    """DeepSeek's `thinking`; budget_tokens (Anthropic's name) caps the reasoning."""
+    model_config = STRICT
+    type: Literal["enabled", "disabled"]
+    budget_tokens: Optional[int] = Field(None, ge=1)
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = STRICT
+    name: Text = Field(min_length=1, max_length=64)
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: Optional[bool] = None  # the schema is always enforced; strict=false is accepted for compatibility
+    description: Optional[Text] = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = STRICT
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JSONSchemaFormat] = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema object")
+        return self
+
+
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    thinking: Optional[ThinkingSwitch] = None
+    reasoning_effort: Optional[Literal["none", "minimal", "low", "medium", "high"]] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+    response_format: Optional[ResponseFormat] = None
 
 
 class CompletionRequest(_Sampling):

@@ -74,6 +74,7 @@ class _Seq:
     dec_upto: int = 0         # tokens [dec_from, dec_upto) are already in `text`
     u: list[float] = field(default_factory=list)  # pre-drawn uniforms from `gen` (one per sampled token)
     q: torch.Tensor | None = None  # speculative: MTP draft logits [V] for the token after `last`
+    guide: object = None           # guide.OutputGuide: which tokens may come next (None: any)
 
     def uniform(self) -> float:
         if self.gen is None:
@@ -139,6 +140,8 @@ class Engine:
             raise ValueError(f"prompt of {len(prompt)} tokens does not fit the context of {self.max_len} tokens")
         if params.n > self.max_batch:
             raise ValueError(f"n={params.n} exceeds the engine's max_batch={self.max_batch}")
+        if params.guide is not None and self.speculative:
+            raise ValueError("a guided request (thinking budget, response_format) needs an engine without speculation")
         rid = next(self._ids) if request_id is None else request_id
         req = RequestOutput(rid, list(prompt), [CompletionOutput(i) for i in range(params.n)])
         with self._lock:
@@ -270,7 +273,8 @@ class Engine:
             self.cache.copy_rows(torch.full_like(dst, start + i), dst, lens[i])
         for i, (req, params) in enumerate(batch):
             for j in range(params.n):
-                s = _Seq(req, req.outputs[j], params, self._generator(params, j), pos=lens[i])
+                s = _Seq(req, req.outputs[j], params, self._generator(params, j), pos=lens[i],
+                         guide=params.guide() if params.guide is not None else None)
                 seqs.append(s)
                 rows_logits.append(i)
         self.active.extend(seqs)
@@ -291,6 +295,8 @@ class Engine:
     def _choose(self, logits: torch.Tensor, seqs: list[_Seq]) -> torch.Tensor:
         """logits [B, V] -> the next token of each sequence [B], by its own sampling parameters."""
         logits = logits.float()
+        if any(s.guide is not None for s in seqs):
+            logits = self._apply_guides(logits, seqs)
         P = [s.params for s in seqs]
         if any(p.repetition_penalty != 1 for p in P):
             rep = torch.tensor([p.repetition_penalty for p in P], device=logits.device)
@@ -302,6 +308,15 @@ class Engine:
         u = torch.tensor([s.uniform() for s in seqs], device=logits.device)
         return sample(logits, f("temperature", torch.float32), f("top_k", torch.long), f("top_p", torch.float32),
                       f("min_p", torch.float32), u, filtered, any_greedy=any(p.temperature == 0 for p in P))
+
+    def _apply_guides(self, logits: torch.Tensor, seqs: list[_Seq]) -> torch.Tensor:
+        """Tokens a sequence's guide rules out get -inf (a copy: log-probs stay the model's own)."""
+        logits = logits.clone()
+        for i, s in enumerate(seqs):
+            allowed = s.guide.allowed() if s.guide is not None else None
+            if allowed is not None:
+                logits[i].masked_fill_(~allowed.to(logits.device), float("-inf"))
+        return logits
 
     def _record(self, logits: torch.Tensor, tok: torch.Tensor, seqs: list[_Seq], events: list[Event]) -> list:
         """Append tokens [B] (with their log-probs under `logits` [B, V]) to `seqs`; emit events.
@@ -324,6 +339,8 @@ class Engine:
         for i, (s, t) in enumerate(zip(seqs, toks)):
             s.out.token_ids.append(t)
             s.out.logprobs.append(tok_lp[i])
+            if s.guide is not None:
+                s.guide.accept(t)
             if s.params.top_logprobs:
                 k = s.params.top_logprobs
                 s.out.top_logprobs.append(dict(zip(top.indices[i, :k].tolist(), (top.values[i, :k] - lse[i]).tolist())))

@@ -6,6 +6,7 @@ its random draws, whichever other requests share the batch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -25,6 +26,7 @@ class SamplingParams:
     top_logprobs: int = 0
     n: int = 1
     ignore_eos: bool = False
+    guide: Callable[[], object] | None = None  # makes each sequence's guide.OutputGuide (None: unconstrained)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -3,8 +3,10 @@
 Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (JSON or SSE stream),
 GET /health, GET / (web chat), GET /openapi.json and /docs. Reasoning models answer as DeepSeek's API
 does: the chain of thought in `reasoning_content`, the answer in `content`, and `usage` counts
-reasoning tokens and prompt-cache hits. With --api-key (or env NANOSEEK_API_KEY) every route but /health
-and the web chat's files wants `Authorization: Bearer KEY`; without a key the server binds loopback only.
+reasoning tokens and prompt-cache hits (KV really reused: nanoseek/infer/prefix_cache.py). Per request,
+thinking on / off and its budget (thinking.py) and a JSON answer (structured_output.py, guide.py).
+With --api-key (or env NANOSEEK_API_KEY) every route but /health and the web chat's files wants
+`Authorization: Bearer KEY`; without a key the server binds loopback only.
 Bad input is a 4xx with OpenAI's error JSON, never a 500, and every limit (n, max_tokens, top_logprobs,
 capacity; the prompt's length right after tokenizing) is checked before the engine sees the request.
 The engine runs in one background thread for all requests (nanoseek/infer/engine_loop.py); headers, auth,
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import itertools
 import json
@@ -31,14 +34,16 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanoseek.data.chat import (THINK_END, THINK_START, ChatTemplateError, ThinkSplitter, describe_template, opens_think,
-                                parse_completion)
+from nanoseek.data.chat import THINK_END, THINK_START, ChatTemplateError, describe_template, opens_think
 from nanoseek.errors import UsageError
 from nanoseek.infer.api_schema import APIError, ChatRequest, CompletionRequest, error_body
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.engine_loop import EngineLoop, Handle, follow
+from nanoseek.infer.guide import OutputGuide
 from nanoseek.infer.http_gate import Gate
 from nanoseek.infer.sampling import SamplingParams
+from nanoseek.infer.structured_output import JSONGrammars
+from nanoseek.infer.thinking import Thinking, reasoning_and_answer, render_prompt, splitter, thinking_of
 
 WEB = Path(__file__).parent / "web"
 POSITIONAL = (("model", "model directory (HF layout, with the tokenizer)"),)
@@ -121,6 +126,7 @@ class Service:
         engine = Engine(self.model, self.tok, max_batch=opts.max_batch, max_len=self.max_len,
                         prefix_cache_bytes=int(opts.prefix_cache_mb * 2**20), prefix_block=opts.prefix_block)
         self.loop = EngineLoop(engine, opts.max_queue)
+        self.grammars = JSONGrammars(self.tok, self.model.config.vocab_size, engine.stop_ids)
         self.created = int(time.time())
 
     def check(self, req, max_tokens: int | None, sequences: int) -> None:
@@ -152,6 +158,15 @@ class Service:
                               stop=list(req.stop or []), seed=seed, top_logprobs=top_logprobs, n=req.n,
                               ignore_eos=req.ignore_eos)
 
+    def guide(self, opened: bool, budget: int | None, response_format):
+        """The factory of each sequence's OutputGuide, or None when the request constrains nothing."""
+        grammar = self.grammars.grammar(response_format)
+        if grammar is None and (budget is None or not opened):
+            return None
+        answer = None if grammar is None else functools.partial(self.grammars.matcher, grammar)
+        V, stops = self.model.config.vocab_size, self.loop.engine.stop_ids
+        return functools.partial(OutputGuide, V, stops, self.tok, opened, budget if opened else None, answer)
+
     def reasoning_tokens(self, ids: list[int], text: str, opened: bool) -> int:
         """The tokens up to and including the one that completes `</think>`; all of them when the block never
         closed, none when the model did not think. `</think>` may be one token or several."""
@@ -166,11 +181,11 @@ class Service:
             lo, hi = (lo, mid) if THINK_END in self.tok.decode(ids[:mid]) else (mid + 1, hi)
         return lo
 
-    def usage(self, handles: list[Handle], outputs: list, opened: bool) -> dict:
-        """opened: the prompts ended inside an opened think block."""
+    def usage(self, handles: list[Handle], outputs: list, opened: bool, thought: bool = True) -> dict:
+        """opened: the prompts ended inside an opened think block; thought: thinking was on."""
         prompt, hit = sum(len(h.prompt) for h in handles), sum(h.req.cached_tokens for h in handles)
         completion = sum(len(o.token_ids) for o in outputs)
-        reasoning = sum(self.reasoning_tokens(o.token_ids, o.text, opened) for o in outputs)
+        reasoning = sum(self.reasoning_tokens(o.token_ids, o.text, opened) for o in outputs) if thought else 0
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "prompt_cache_hit_tokens": hit, "prompt_cache_miss_tokens": prompt - hit,
                 "prompt_tokens_details": {"cached_tokens": hit},
@@ -266,30 +281,32 @@ def create_app(opts: Options, model=None, tokenizer=None) -> FastAPI:
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         svc.check(req, req.max_completion_tokens or req.max_tokens, req.n)
-        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        thinking = thinking_of(req)
         try:
-            prompt = svc.tok.apply_chat_template(msgs, add_generation_prompt=True)
+            prompt = render_prompt(svc.tok, req, thinking)
         except ChatTemplateError as e:  # the model's template refused the conversation (e.g. a role it lacks)
             raise APIError(400, str(e), param="messages", code="invalid_messages") from e
         opened, ids = opens_think(prompt), svc.tok.encode(prompt)
         params = svc.params(req, len(ids), req.max_completion_tokens or req.max_tokens, req.top_logprobs or 0)
+        params.guide = svc.guide(opened, thinking.budget, req.response_format)
         h = svc.loop.submit(ids, params)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": svc.name,
                 "system_fingerprint": None}
         if req.stream:
-            return sse(stream_chat(h, req, meta, request, opened))
+            return sse(stream_chat(h, req, meta, request, opened, thinking))
         choices, outputs = [], await collect(h, request)
         for o in outputs:
-            p = parse_completion(o.text, opened_think=opened)
+            reasoning, answer = reasoning_and_answer(o.text, thinking, opened)
             choices.append({"index": o.index, "finish_reason": o.finish_reason,
-                            "message": {"role": "assistant", "content": p.answer,
-                                        "reasoning_content": p.reasoning},
+                            "message": {"role": "assistant", "content": answer, "reasoning_content": reasoning},
                             "logprobs": svc.chat_logprobs(o.token_ids, o.logprobs, o.top_logprobs)
                             if req.logprobs else None})
-        return {**meta, "object": "chat.completion", "choices": choices, "usage": svc.usage([h], outputs, opened)}
+        return {**meta, "object": "chat.completion", "choices": choices,
+                "usage": svc.usage([h], outputs, opened, thinking.enabled)}
 
-    async def stream_chat(h: Handle, req: ChatRequest, meta: dict, request: Request, opened: bool):
-        split = [ThinkSplitter(opened) for _ in range(req.n)]
+    async def stream_chat(h: Handle, req: ChatRequest, meta: dict, request: Request, opened: bool,
+                          thinking: Thinking):
+        split = [splitter(thinking, opened) for _ in range(req.n)]
         unsent = [[] for _ in range(req.n)]  # token events not yet covered by a chunk's logprobs
         sent = [0] * req.n
 
@@ -302,7 +319,7 @@ def create_app(opts: Options, model=None, tokenizer=None) -> FastAPI:
             if kind == "done":
                 if req.stream_options and req.stream_options.include_usage:
                     yield _sse({**meta, "object": "chat.completion.chunk", "choices": [],
-                                "usage": svc.usage([h], payload.outputs, opened)})
+                                "usage": svc.usage([h], payload.outputs, opened, thinking.enabled)})
                 return
             for ev in payload:
                 i = ev.index
