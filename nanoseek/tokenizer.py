@@ -15,9 +15,14 @@ nanoseek's own tokenizer (`train_tokenizer`) is one such layout. Why its choices
   * digits split one per token (as DeepSeek-V3 and LLaMA do): with merged digit chunks "1234"
     and "123" are unrelated symbols and a tiny model cannot learn column arithmetic;
   * specials at the lowest ids in a fixed order, so ids do not move when the vocab size does:
-    bos=0, eos=1, pad=2, then <｜User｜>, <｜Assistant｜>, <think>, </think>, <answer>, </answer>.
-    The think/answer tags are single tokens but not "special" (as in DeepSeek's tokenizer), so
-    decode(skip_special_tokens=True) keeps them and the reward parser still sees them.
+    bos=0, eos=1, pad=2, then <｜User｜>, <｜Assistant｜>, <think>, </think>, <answer>, </answer>, then
+    DeepSeek-V3's nine tool-call markers (nanoseek/data/tool_calls.py), appended last so the earlier ids
+    stay where older tokenizers have them. The think/answer tags are single tokens but not "special" (as
+    in DeepSeek's tokenizer), so decode(skip_special_tokens=True) keeps them and the reward parser still
+    sees them. The tool markers are special, control tokens like <｜User｜>: a grammar that spells JSON
+    text (llguidance) can then never put one inside a string of a call's arguments, where the parser would
+    take it for the end of the call. A tokenizer trained before the markers existed loads and chats as
+    before: its template writes them as plain text, which it encodes byte by byte.
 
 Nothing downstream needs particular ids: the reasoning/answer split works on text, so `<think>` may be one
 token, several, or absent from the vocabulary.
@@ -33,10 +38,12 @@ from typing import Iterable
 
 from nanoseek.data.chat import (ASSISTANT, BOS, CHAT_TEMPLATE, EOS, PAD, THINK_END, THINK_START, USER,
                                 ChatTemplateError, opens_think, render_chat)
+from nanoseek.data.tool_calls import TOOL_MARKERS
 from nanoseek.errors import UsageError
 
 SPECIAL_TOKENS = [BOS, EOS, PAD, USER, ASSISTANT]      # control tokens: dropped by skip_special_tokens
 TAG_TOKENS = [THINK_START, THINK_END, "<answer>", "</answer>"]  # single tokens, kept in decoded text
+FIXED_TOKENS = SPECIAL_TOKENS + TAG_TOKENS + TOOL_MARKERS  # the lowest ids, in this order
 MODEL_MAX_LENGTH = 512
 NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # the files a tokenizer directory may hold; save() copies those a loaded directory had
@@ -258,7 +265,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, out_dir: str |
     vocab_size is an upper bound: training stops early when no pair occurs min_frequency
     times (the synthetic task corpus saturates near 600 tokens; add real text for more)."""
     from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
-    n_fixed = len(SPECIAL_TOKENS) + len(TAG_TOKENS) + 256
+    n_fixed = len(FIXED_TOKENS) + 256
     if vocab_size < n_fixed:
         raise ValueError(f"vocab_size must be at least {n_fixed} (specials + 256 bytes)")
     tk = HFTokenizer(models.BPE())
@@ -270,7 +277,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, out_dir: str |
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
         # the trainer puts these first, in this order: that fixes their ids
-        special_tokens=[AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS + TAG_TOKENS],
+        special_tokens=[AddedToken(t, special=True, normalized=False) for t in FIXED_TOKENS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen or not
     )
     tk.train_from_iterator(texts, trainer=trainer)

@@ -28,10 +28,11 @@ KEY = "sk-test"
 LONG = {"ignore_eos": True}  # vLLM's extra: keep sampling past eos
 
 
-def build_model_dir(path, answer: str = ANSWER, pieces: tuple[str, ...] = ()) -> str:
+def build_model_dir(path, answer: str = ANSWER, pieces: tuple[str, ...] = (), context: int = 256) -> str:
     """Save a tiny MoE + tokenizer whose greedy (and low-temperature) chat answer is REASONING</think>answer.
     pieces: substrings of the answer made single tokens, so an answer whose characters repeat (digits and
-    punctuation are tokens of their own) is still a chain without a repeated token."""
+    punctuation are tokens of their own) is still a chain without a repeated token. context: the model's
+    max_position_embeddings."""
     completion = REASONING + "</think>" + answer
     tok = train_tokenizer([completion] * 20 + ["hello there, what is two plus two? say hi"] * 5, vocab_size=600)
     tok.tk.add_tokens(list(pieces))
@@ -39,7 +40,7 @@ def build_model_dir(path, answer: str = ANSWER, pieces: tuple[str, ...] = ()) ->
         vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
         num_hidden_layers=2, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8,
         qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4, n_group=2, topk_group=1, num_experts_per_tok=2,
-        max_position_embeddings=256, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+        max_position_embeddings=context, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
     torch.manual_seed(0)
     model = Transformer(cfg).eval()
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True))

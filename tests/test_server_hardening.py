@@ -83,7 +83,7 @@ BAD_INPUTS = [
     (CHAT, json.dumps(msg(name="x")).replace('"x"', '"\\ud83d"'), 400, "messages.0.name"),
     (CHAT, json.dumps({**OK, "stop": ["x"]}).replace('"x"', '"\\ud800"'), 400, "stop"),
     (CHAT, b'{"model": "served", "messages": [{"role": "user", "content": "\xff\xfe"}]}', 400, None),
-    (CHAT, {**OK, "messages": [{"role": "tool", "content": "hi"}]}, 400, "messages.0.role"),
+    (CHAT, {**OK, "messages": [{"role": "function", "content": "hi"}]}, 400, "messages.0.role"),
     (CHAT, {**OK, "messages": [{"role": "function", "content": "hi"}]}, 400, "messages.0.role"),
     (CHAT, msg(content=[{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]), 400, "messages.0.content"),
     (CHAT, msg(content=[{"type": "input_audio", "input_audio": {}}]), 400, "messages.0.content"),

@@ -8,7 +8,19 @@ A conversation renders as
     <bos>{system}<｜User｜>{q1}<｜Assistant｜>{a1}<eos><｜User｜>{q2}<｜Assistant｜><think>\n{r2}\n</think>\n\n{a2}<eos>
 
 Only the last assistant turn keeps its reasoning: R1 drops earlier chains of thought from the
-history, so a multi-turn context does not fill up with old thinking. The generation prompt
+history, so a multi-turn context does not fill up with old thinking. Tool turns (DeepSeek-V3's markers,
+nanoseek/data/tool_calls.py) render as (line breaks for reading only)
+
+    <bos>[## Tools\n{function as JSON}\n...\n]...<｜User｜>{q}<｜Assistant｜><think>\n{r}\n</think>\n\n{content}
+    <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>{name}\n```json\n{arguments}\n```
+    <｜tool▁call▁end｜><｜tool▁calls▁end｜><eos><｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>{result}
+    <｜tool▁output▁end｜><｜tool▁outputs▁end｜><｜Assistant｜><think>\n...
+
+Every assistant turn after the last user message (the calls and the answer that follow one question) keeps
+its reasoning, as DeepSeek's API wants it within a tool-calling turn: the model goes on with the chain of
+thought that chose the call, and the rendering of an unfinished tool turn stays a prefix of the finished one.
+Unlike DeepSeek-V3's own template, the turn after the tools' outputs opens with `<｜Assistant｜>` like every
+other, so the generation prompt is the same everywhere. The generation prompt
 ends with `<｜Assistant｜><think>\n`, i.e. the template itself opens the think block, and the
 model's completion is `{reasoning}\n</think>\n\n{answer}<eos>`. Rendering a conversation
 without its last assistant turn plus the generation prompt therefore gives an exact prefix
@@ -47,6 +59,12 @@ THINK_END = "</think>"
 # options (transformers uses trim_blocks + lstrip_blocks) cannot change the output.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{%- set ns = namespace(last_user=-1) %}"
+    "{%- for message in messages %}{%- if message['role'] == 'user' %}{%- set ns.last_user = loop.index0 %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if tools %}{{ '## Tools\\n' }}"
+    "{%- for tool in tools %}{{ (tool['function'] or tool) | tojson }}{{ '\\n' }}{%- endfor %}{{ '\\n' }}"
+    "{%- endif %}"
     "{%- for message in messages %}"
     "{%- if message['role'] == 'system' %}{{ message['content'] }}"
     "{%- elif message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}"
@@ -55,11 +73,22 @@ CHAT_TEMPLATE = (
     # a model output pasted back into history may still hold its thinking: keep the answer
     "{%- if '</think>' in content %}{%- set content = content.split('</think>')[-1].lstrip() %}{%- endif %}"
     "{{ '<｜Assistant｜>' }}"
-    "{%- if loop.last %}"
+    # the last turn keeps its reasoning, and so does every turn of the tool calls answering the last question
+    "{%- if loop.last or loop.index0 > ns.last_user %}"
     "{{ '<think>\\n' + (message.get('reasoning_content') or '').strip() + '\\n</think>\\n\\n' }}"
     "{%- endif %}"
-    "{{ content + eos_token }}"
-    "{%- else %}{{ raise_exception('unknown role ' + message['role'] + ': expected system, user or assistant') }}"
+    "{{ content }}"
+    "{%- if message['tool_calls'] %}{{ '<｜tool▁calls▁begin｜>' }}"
+    "{%- for call in message['tool_calls'] %}{{ '\\n' if not loop.first }}"
+    "{{ '<｜tool▁call▁begin｜>function<｜tool▁sep｜>' + call['function']['name'] + '\\n```json\\n' }}"
+    "{{ call['function']['arguments'] + '\\n```<｜tool▁call▁end｜>' }}"
+    "{%- endfor %}{{ '<｜tool▁calls▁end｜>' }}{%- endif %}"
+    "{{ eos_token }}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{%- if loop.first or loop.previtem['role'] != 'tool' %}{{ '<｜tool▁outputs▁begin｜>' }}{%- endif %}"
+    "{{ '<｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>' }}"
+    "{%- if loop.last or loop.nextitem['role'] != 'tool' %}{{ '<｜tool▁outputs▁end｜>' }}{%- endif %}"
+    "{%- else %}{{ raise_exception('unknown role ' + message['role'] + ': expected system, user, assistant or tool') }}"
     "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{%- endif %}"

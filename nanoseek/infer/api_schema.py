@@ -6,14 +6,17 @@ is not a number, 1 is not `true`), no NaN or Infinity. Text must be valid Unicod
 unpaired surrogate (JSON "\ud800") or NUL is refused, never repaired. Unknown roles and content-part
 types are refused; unknown top-level fields are ignored, as OpenAI does. Engine extras that vLLM also
 accepts (top_k, min_p, repetition_penalty, ignore_eos, chat_template_kwargs) ride along in the same body, and
-DeepSeek's `thinking` switch beside OpenAI's `reasoning_effort` and `response_format`.
+DeepSeek's `thinking` switch beside OpenAI's `reasoning_effort`, `response_format`, `tools` and `tool_choice`.
+A rule that ties two fields (a tool message's `tool_call_id`, a `tool_choice` naming a tool) is checked on the
+field it is about, so the 400 names that field.
 """
 from __future__ import annotations
 
 import re
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictStr, ValidationInfo, field_validator,
+                      model_validator)
 
 
 class APIError(Exception):
@@ -56,17 +59,72 @@ class TextPart(BaseModel):
     text: Text
 
 
+class CalledFunction(BaseModel):
+    model_config = STRICT
+    name: Text
+    arguments: Text  # JSON text, as the model wrote it
+
+
+class ToolCallIn(BaseModel):
+    """A call in an assistant message of the history (what a response's tool_calls held)."""
+    model_config = STRICT
+    id: Text
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class Message(BaseModel):
     model_config = STRICT
-    role: Literal["system", "user", "assistant", "developer"]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Optional[Union[Text, list[TextPart]]] = None  # a string or OpenAI's list of text parts
     reasoning_content: Optional[Text] = None
     name: Optional[Text] = None
+    tool_calls: Optional[list[ToolCallIn]] = None
+    tool_call_id: Optional[Text] = Field(None, validate_default=True)
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _calls_from_the_assistant(cls, v, info: ValidationInfo):
+        if v is not None and info.data.get("role") != "assistant":
+            raise ValueError("only an assistant message holds tool_calls")
+        return v
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _tool_result_names_its_call(cls, v, info: ValidationInfo):
+        if v is None and info.data.get("role") == "tool":
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        return v
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
         return self.content or ""
+
+
+class FunctionSpec(BaseModel):
+    model_config = STRICT
+    name: Text = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule
+    description: Optional[Text] = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: Optional[bool] = None  # the schema is always enforced where a call is forced
+
+
+class Tool(BaseModel):
+    model_config = STRICT
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class FunctionName(BaseModel):
+    model_config = STRICT
+    name: Text
+
+
+class NamedToolChoice(BaseModel):
+    model_config = STRICT
+    type: Literal["function"]
+    function: FunctionName
 
 
 class StreamOptions(BaseModel):
@@ -138,6 +196,29 @@ class ChatRequest(_Sampling):
     reasoning_effort: Optional[Literal["none", "minimal", "low", "medium", "high"]] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
     response_format: Optional[ResponseFormat] = None
+    tools: Optional[list[Tool]] = Field(None, max_length=128)
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
+    parallel_tool_calls: bool = True
+
+    @field_validator("tools")
+    @classmethod
+    def _names_unique(cls, v):
+        names = [t.function.name for t in v or []]
+        if len(set(names)) < len(names):
+            raise ValueError("two tools share a name")
+        return v
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_among_tools(cls, v, info: ValidationInfo):
+        if "tools" not in info.data:  # the tools were invalid: that error is the one to see
+            return v
+        names = [t.function.name for t in info.data["tools"] or []]
+        if v not in (None, "none", "auto") and not names:
+            raise ValueError("a required or named tool_choice needs tools")
+        if isinstance(v, NamedToolChoice) and v.function.name not in names:
+            raise ValueError(f"no tool named {v.function.name!r} in tools ({', '.join(names)})")
+        return v
 
 
 class CompletionRequest(_Sampling):

@@ -4,7 +4,8 @@ Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (JSON
 GET /health, GET / (web chat), GET /openapi.json and /docs. Reasoning models answer as DeepSeek's API
 does: the chain of thought in `reasoning_content`, the answer in `content`, and `usage` counts
 reasoning tokens and prompt-cache hits (KV really reused: nanoseek/infer/prefix_cache.py). Per request,
-thinking on / off and its budget (thinking.py) and a JSON answer (structured_output.py, guide.py).
+thinking on / off and its budget (thinking.py), a JSON answer (structured_output.py, guide.py) and tool calls
+(tools.py).
 With --api-key (or env NANOSEEK_API_KEY) every route but /health and the web chat's files wants
 `Authorization: Bearer KEY`; without a key the server binds loopback only.
 Bad input is a 4xx with OpenAI's error JSON, never a 500, and every limit (n, max_tokens, top_logprobs,
@@ -44,6 +45,7 @@ from nanoseek.infer.http_gate import Gate
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.infer.structured_output import JSONGrammars
 from nanoseek.infer.thinking import Thinking, reasoning_and_answer, render_prompt, splitter, thinking_of
+from nanoseek.infer.tools import ToolUse, call_grammar, tool_stream, tool_use_of, with_tool_calls
 
 WEB = Path(__file__).parent / "web"
 POSITIONAL = (("model", "model directory (HF layout, with the tokenizer)"),)
@@ -158,9 +160,10 @@ class Service:
                               stop=list(req.stop or []), seed=seed, top_logprobs=top_logprobs, n=req.n,
                               ignore_eos=req.ignore_eos)
 
-    def guide(self, opened: bool, budget: int | None, response_format):
+    def guide(self, opened: bool, budget: int | None, response_format, tools: ToolUse):
         """The factory of each sequence's OutputGuide, or None when the request constrains nothing."""
-        grammar = self.grammars.grammar(response_format)
+        grammar = (self.grammars.lark_grammar(call_grammar(tools, self.tok), "tool_choice", "tool_choice")
+                   if tools.forced else self.grammars.grammar(response_format))
         if grammar is None and (budget is None or not opened):
             return None
         answer = None if grammar is None else functools.partial(self.grammars.matcher, grammar)
@@ -281,32 +284,35 @@ def create_app(opts: Options, model=None, tokenizer=None) -> FastAPI:
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         svc.check(req, req.max_completion_tokens or req.max_tokens, req.n)
-        thinking = thinking_of(req)
+        thinking, tools = thinking_of(req), tool_use_of(req, svc.grammars)
         try:
-            prompt = render_prompt(svc.tok, req, thinking)
+            prompt = render_prompt(svc.tok, req, thinking, tools.offered)
         except ChatTemplateError as e:  # the model's template refused the conversation (e.g. a role it lacks)
             raise APIError(400, str(e), param="messages", code="invalid_messages") from e
         opened, ids = opens_think(prompt), svc.tok.encode(prompt)
         params = svc.params(req, len(ids), req.max_completion_tokens or req.max_tokens, req.top_logprobs or 0)
-        params.guide = svc.guide(opened, thinking.budget, req.response_format)
+        params.guide = svc.guide(opened, thinking.budget, req.response_format, tools)
         h = svc.loop.submit(ids, params)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": svc.name,
                 "system_fingerprint": None}
         if req.stream:
-            return sse(stream_chat(h, req, meta, request, opened, thinking))
+            return sse(stream_chat(h, req, meta, request, opened, thinking, tools))
         choices, outputs = [], await collect(h, request)
         for o in outputs:
             reasoning, answer = reasoning_and_answer(o.text, thinking, opened)
-            choices.append({"index": o.index, "finish_reason": o.finish_reason,
-                            "message": {"role": "assistant", "content": answer, "reasoning_content": reasoning},
+            message, finish = {"role": "assistant", "content": answer, "reasoning_content": reasoning}, o.finish_reason
+            if tools.parse:
+                message, finish = with_tool_calls(message, finish)
+            choices.append({"index": o.index, "finish_reason": finish, "message": message,
                             "logprobs": svc.chat_logprobs(o.token_ids, o.logprobs, o.top_logprobs)
                             if req.logprobs else None})
         return {**meta, "object": "chat.completion", "choices": choices,
                 "usage": svc.usage([h], outputs, opened, thinking.enabled)}
 
     async def stream_chat(h: Handle, req: ChatRequest, meta: dict, request: Request, opened: bool,
-                          thinking: Thinking):
+                          thinking: Thinking, tools: ToolUse):
         split = [splitter(thinking, opened) for _ in range(req.n)]
+        calls = [tool_stream(tools) for _ in range(req.n)]
         unsent = [[] for _ in range(req.n)]  # token events not yet covered by a chunk's logprobs
         sent = [0] * req.n
 
@@ -325,8 +331,10 @@ def create_app(opts: Options, model=None, tokenizer=None) -> FastAPI:
                 i = ev.index
                 if ev.token_id >= 0:
                     unsent[i].append(ev)
-                reasoning, content = split[i].feed(ev.text, final=ev.finished)
-                delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
+                reasoning, answer = split[i].feed(ev.text, final=ev.finished)
+                content, tool_calls = calls[i].feed(answer, final=ev.finished)
+                delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", content),
+                                           ("tool_calls", tool_calls)) if v}
                 if delta:
                     lp = None
                     if req.logprobs:
@@ -337,7 +345,7 @@ def create_app(opts: Options, model=None, tokenizer=None) -> FastAPI:
                     unsent[i] = []
                     yield chunk(i, delta, logprobs=lp)
                 if ev.finished:
-                    yield chunk(i, {}, finish=ev.finish_reason)
+                    yield chunk(i, {}, finish=calls[i].finish_reason(ev.finish_reason))
 
     @v1.post("/completions")
     async def completions(req: CompletionRequest, request: Request):

@@ -16,7 +16,7 @@ import torch
 
 from nanoseek.infer.api_schema import APIError
 
-_COMPACT = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
+COMPACT = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
 
 
 class JSONMatcher:
@@ -49,15 +49,27 @@ class JSONGrammars:
         """The grammar of a request's response_format (None for plain text); 400 for a schema it cannot take."""
         if response_format is None or response_format.type == "text":
             return None
-        self._load()
         schema = {"type": "object"} if response_format.type == "json_object" else response_format.json_schema.schema_
+        return self.schema_grammar(schema, "response_format.json_schema.schema", "response_format")
+
+    def schema_grammar(self, schema: dict, where: str, param: str) -> str:
+        """The grammar of one JSON schema; a 400 naming `where` (and `param`) when llguidance refuses it."""
+        self._load()
         try:
-            grammar = self._ll.LLMatcher.grammar_from_json_schema(schema, defaults=_COMPACT)
+            grammar = self._ll.LLMatcher.grammar_from_json_schema(schema, defaults=COMPACT)
         except (ValueError, TypeError, RuntimeError) as e:
-            raise APIError(400, f"response_format.json_schema.schema: {e}", param="response_format") from e
+            raise APIError(400, f"{where}: {e}", param=param) from e
+        return self._checked(grammar, where, param)
+
+    def lark_grammar(self, lark: str, where: str, param: str) -> str:
+        """A grammar written in llguidance's Lark (which may embed JSON schemas as `%json {...}`)."""
+        self._load()
+        return self._checked(self._ll.LLMatcher.grammar_from_lark(lark), where, param)
+
+    def _checked(self, grammar: str, where: str, param: str) -> str:
         bad, errors = self._ll.LLMatcher.validate_grammar_with_warnings(grammar, self._lltok)
         if bad:
-            raise APIError(400, f"response_format.json_schema.schema: {'; '.join(errors)}", param="response_format")
+            raise APIError(400, f"{where}: {'; '.join(errors)}", param=param)
         return grammar
 
     def matcher(self, grammar: str) -> JSONMatcher:

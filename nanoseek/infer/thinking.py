@@ -11,7 +11,7 @@ reasoning reaches it, the engine writes `</think>` and the model goes on with it
 
 Earlier turns' `reasoning_content` is accepted and dropped: it never reaches the template, as DeepSeek's API
 documents (it ignores the field in the input), so a client that sends its history back unchanged pays no
-prompt tokens for old reasoning.
+prompt tokens for old reasoning. Within the tool-calling turn in progress it is kept (nanoseek/infer/tools.py).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from nanoseek.data.chat import THINK_END, ThinkSplitter, opens_think, parse_completion
 from nanoseek.infer.api_schema import APIError
+from nanoseek.infer.tools import history
 
 EFFORT_BUDGET = {"minimal": 64, "low": 256, "medium": 1024, "high": None}
 # variables the server itself hands the template: chat_template_kwargs may not replace them
@@ -50,16 +51,17 @@ def thinking_of(req) -> Thinking:
     return Thinking(enabled, budget if enabled else None)
 
 
-def render_prompt(tok, req, thinking: Thinking) -> str:
-    """The generation prompt of a chat request: roles and text only (reasoning_content is dropped), the
-    client's template switches, and thinking on / off as the template understands it."""
+def render_prompt(tok, req, thinking: Thinking, tools: list[dict] | None = None) -> str:
+    """The generation prompt of a chat request: its history (tools.history), the tools offered, the client's
+    template switches, and thinking on / off as the template understands it."""
     extra = dict(req.chat_template_kwargs or {})
     bad = sorted(k for k in extra if k in _RESERVED or k.endswith("_token") or not k.isidentifier())
     if bad:
         raise APIError(400, f"chat_template_kwargs may not set {', '.join(bad)}", param="chat_template_kwargs")
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
     extra.update(thinking=thinking.enabled, enable_thinking=thinking.enabled)
-    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, **extra)
+    if tools is not None:
+        extra["tools"] = tools
+    prompt = tok.apply_chat_template(history(req.messages), add_generation_prompt=True, **extra)
     if not thinking.enabled and opens_think(prompt):
         prompt = prompt + "\n" + THINK_END + "\n\n"
     return prompt
