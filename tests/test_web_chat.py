@@ -2,6 +2,7 @@
 and the model's `<img onerror>` / `<script>` text renders as text (no markup injection). Saves the
 screenshot (docs/web-chat.png when NANOSEEK_UPDATE_SCREENSHOT=1). Needs Debian's Chromium (`apt-get install chromium`); skipped without it."""
 import http.server
+import json
 import os
 import threading
 from pathlib import Path
@@ -69,6 +70,45 @@ def test_web_chat_streams_thinking_and_escapes_html(tmp_path):
             page.locator(".msg.assistant .thinking summary").first.click()  # show the reasoning in the screenshot
             shot = DOCS_SHOT if os.environ.get("NANOSEEK_UPDATE_SCREENSHOT") else tmp_path / "web-chat.png"
             page.screenshot(path=str(shot))
+        finally:
+            browser.close()
+
+
+def test_web_chat_shows_tool_calls_and_sends_the_results_back(tmp_path):
+    """With the calculator tool on, a model that calls it: the page shows the call as it streams, computes it
+    and sends the result back with the turn's reasoning, and stops after its limit of rounds (this model calls
+    again every time). The call's text is shown as text."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    from test_server_tools import ARGS, tool_model_dir
+    opts = Options(model=tool_model_dir(tmp_path / "model"), served_model_name="tools", max_len=1024,
+                   shutdown_timeout=2)
+    with BackgroundServer(opts) as server, playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            errors, bodies = [], []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("request", lambda r: r.method == "POST" and bodies.append(json.loads(r.post_data)))
+            page.goto(server.url + "/")
+            wait_for_model_name(page, "tools")
+            page.click("#settings summary")
+            page.fill("#temperature", "0")
+            page.check("#tools")
+            page.click("#settings summary")
+            page.fill("#input", "What is 1 + 2?")
+            page.press("#input", "Enter")
+            page.locator(".tool-note").wait_for(timeout=30_000)
+            page.wait_for_selector("#send:not([hidden])")
+            calls = page.locator(".msg.assistant .tool-call")
+            assert calls.count() == 3 and not errors
+            assert calls.first.locator(".call").inner_text() == f"calculator({ARGS})"
+            assert calls.first.locator(".result").inner_text() == "→ 3"
+            assert page.locator(".msg.assistant .reasoning").first.text_content() == REASONING
+            assert all(b["tools"][0]["function"]["name"] == "calculator" for b in bodies) and len(bodies) == 3
+            assistant, result = bodies[1]["messages"][1:]
+            assert assistant["tool_calls"][0]["function"] == {"name": "calculator", "arguments": ARGS}
+            assert assistant["reasoning_content"] == REASONING  # within the tool turn it goes back
+            assert result == {"role": "tool", "tool_call_id": assistant["tool_calls"][0]["id"], "content": "3"}
         finally:
             browser.close()
 

@@ -1,13 +1,55 @@
 // nanoseek web chat: streams /v1/chat/completions (SSE) and shows the reasoning in a collapsible block.
 // Model output is never inserted as HTML: it is escaped first, then a tiny markdown subset adds fixed tags.
+// With the calculator tool on, the model may call it: the page shows each call, computes it (a small
+// arithmetic parser, never eval) and sends the result back, for a few rounds per question.
 "use strict";
 const $ = (id) => document.getElementById(id);
 const chat = { messages: [], model: null, maxLen: Infinity, controller: null };
+const MAX_TOOL_ROUNDS = 3;  // calls answered per question before the page stops asking
+const CALCULATOR = { type: "function", function: { name: "calculator", description: "Evaluate an arithmetic expression",
+  parameters: { type: "object", properties: { expression: { type: "string" } }, required: ["expression"] } } };
 
 for (const id of ["temperature", "max-tokens", "api-key"]) {  // settings survive a reload
   const saved = localStorage.getItem("nanoseek." + id);
   if (saved !== null) $(id).value = saved;
   $(id).addEventListener("change", () => localStorage.setItem("nanoseek." + id, $(id).value));
+}
+$("tools").checked = localStorage.getItem("nanoseek.tools") === "on";
+$("tools").addEventListener("change", () => localStorage.setItem("nanoseek.tools", $("tools").checked ? "on" : "off"));
+
+function calculate(expression) {  // + - * / ^, parentheses, unary minus; a string result or an error message
+  const tokens = expression.match(/\d+(?:\.\d+)?|[-+*/^()]|\S/g) || [];
+  let i = 0;
+  const peek = () => tokens[i], next = () => tokens[i++];
+  const atom = () => {
+    const t = next();
+    if (t === "(") { const v = sum(); if (next() !== ")") throw new Error("missing )"); return v; }
+    if (t !== undefined && /^\d/.test(t)) return Number(t);
+    throw new Error("unexpected " + (t ?? "end"));
+  };
+  const power = () => { const b = atom(); return peek() === "^" ? (next(), b ** unary()) : b; };
+  const unary = () => (peek() === "-" ? (next(), -unary()) : power());  // -2^2 is -(2^2)
+  const product = () => {
+    let v = unary();
+    while (peek() === "*" || peek() === "/") v = next() === "*" ? v * unary() : v / unary();
+    return v;
+  };
+  const sum = () => {
+    let v = product();
+    while (peek() === "+" || peek() === "-") v = next() === "+" ? v + product() : v - product();
+    return v;
+  };
+  try {
+    const v = sum();
+    if (i < tokens.length) throw new Error("unexpected " + tokens[i]);
+    return String(v);
+  } catch (e) { return "error: " + e.message; }
+}
+
+function runTool(call) {
+  if (call.function.name !== "calculator") return "error: no tool named " + call.function.name;
+  try { return calculate(String(JSON.parse(call.function.arguments).expression ?? "")); }
+  catch { return "error: the arguments are not JSON"; }
 }
 
 function headers() {
@@ -75,7 +117,8 @@ function assistantView() {
   div.innerHTML = '<details class="thinking" open hidden><summary>Thinking…</summary><div class="reasoning"></div></details>' +
     '<div class="content"></div><div class="meta"><button type="button" class="copy">Copy</button><span class="stats"></span></div>';
   const view = { div, thinking: div.querySelector(".thinking"), reasoning: div.querySelector(".reasoning"),
-    content: div.querySelector(".content"), stats: div.querySelector(".stats"), reasoningText: "", text: "" };
+    content: div.querySelector(".content"), stats: div.querySelector(".stats"), reasoningText: "", text: "",
+    calls: [], callViews: [] };
   div.querySelector(".copy").addEventListener("click", async (e) => {
     try { await navigator.clipboard.writeText(view.text); e.target.textContent = "Copied"; }
     catch { e.target.textContent = "Copy failed"; }
@@ -109,53 +152,101 @@ function setBusy(busy) {
   $("stop").hidden = !busy;
 }
 
-async function send(text) {
-  chat.messages.push({ role: "user", content: text });
-  addMessage("user", text);
-  const view = assistantView();
-  const started = performance.now();
-  let usage = null, firstAnswer = null;
-  chat.controller = new AbortController();
-  setBusy(true);
-  try {
-    const body = { model: chat.model, messages: chat.messages, stream: true, stream_options: { include_usage: true },
-      temperature: Number($("temperature").value),
-      max_tokens: Math.min(Number($("max-tokens").value), chat.maxLen - 1) };  // the server clamps to the room left
-    const r = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body),
-      signal: chat.controller.signal });
-    if (!r.ok) throw new Error((await r.json().catch(() => ({}))).error?.message || r.statusText);
-    for await (const ev of sseEvents(r)) {
-      if (ev.error) throw new Error(ev.error.message);
-      if (ev.usage) usage = ev.usage;
-      const delta = ev.choices?.[0]?.delta || {};
-      if (delta.reasoning_content) {
-        view.thinking.hidden = false;
-        view.reasoningText += delta.reasoning_content;
-        view.reasoning.textContent = view.reasoningText;  // plain text: never parsed as HTML
-      }
-      if (delta.content) {
-        if (firstAnswer === null) firstAnswer = performance.now();
-        view.text += delta.content;
-        view.content.innerHTML = renderMarkdown(view.text);  // escaped by renderMarkdown
-      }
-      view.div.scrollIntoView({ block: "end" });
+function showCall(view, delta) {  // a streamed tool-call delta: the first names the call, the rest add arguments
+  if (delta.id) {
+    view.calls[delta.index] = { id: delta.id, type: "function", function: { name: delta.function.name, arguments: "" } };
+    const box = document.createElement("div");
+    box.className = "tool-call";
+    box.innerHTML = '<span class="call"></span><div class="result"></div>';
+    view.content.before(box);
+    view.callViews[delta.index] = box;
+  }
+  const call = view.calls[delta.index];
+  call.function.arguments += delta.function?.arguments || "";
+  view.callViews[delta.index].querySelector(".call").textContent = `${call.function.name}(${call.function.arguments})`;
+}
+
+async function reply(view, started) {  // one streamed answer into `view`; its finish reason
+  let usage = null, firstAnswer = null, finish = null;
+  const body = { model: chat.model, messages: chat.messages, stream: true, stream_options: { include_usage: true },
+    temperature: Number($("temperature").value),
+    max_tokens: Math.min(Number($("max-tokens").value), chat.maxLen - 1) };  // the server clamps to the room left
+  if ($("tools").checked) body.tools = [CALCULATOR];
+  const r = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body),
+    signal: chat.controller.signal });
+  if (!r.ok) throw new Error((await r.json().catch(() => ({}))).error?.message || r.statusText);
+  for await (const ev of sseEvents(r)) {
+    if (ev.error) throw new Error(ev.error.message);
+    if (ev.usage) usage = ev.usage;
+    const choice = ev.choices?.[0], delta = choice?.delta || {};
+    finish = choice?.finish_reason || finish;
+    if (delta.reasoning_content) {
+      view.thinking.hidden = false;
+      view.reasoningText += delta.reasoning_content;
+      view.reasoning.textContent = view.reasoningText;  // plain text: never parsed as HTML
     }
-  } catch (e) {
-    if (e.name !== "AbortError") { view.div.classList.add("error"); view.content.textContent = "Error: " + e.message; }
-    else view.stats.textContent = "stopped";
-  } finally {
-    setBusy(false);
-    chat.controller = null;
+    if (delta.content) {
+      if (firstAnswer === null) firstAnswer = performance.now();
+      view.text += delta.content;
+      view.content.innerHTML = renderMarkdown(view.text);  // escaped by renderMarkdown
+    }
+    for (const d of delta.tool_calls || []) {
+      if (firstAnswer === null) firstAnswer = performance.now();
+      showCall(view, d);
+    }
+    view.div.scrollIntoView({ block: "end" });
   }
   const secs = ((firstAnswer || performance.now()) - started) / 1000;
   view.thinking.querySelector("summary").textContent = `Thought for ${secs.toFixed(1)} s`;
-  if (view.text) view.thinking.open = false;
+  if (view.text || view.calls.length) view.thinking.open = false;
   if (usage) {
     const rate = usage.completion_tokens / ((performance.now() - started) / 1000);
     view.stats.textContent = `${usage.completion_tokens} tokens (${usage.completion_tokens_details?.reasoning_tokens ?? 0} ` +
       `thinking) · ${rate.toFixed(0)} tok/s · cache hit ${usage.prompt_cache_hit_tokens ?? 0}/${usage.prompt_tokens}`;
   }
-  chat.messages.push({ role: "assistant", content: view.text });  // earlier reasoning is not sent back, as in R1
+  return finish;
+}
+
+async function send(text) {
+  chat.messages.push({ role: "user", content: text });
+  addMessage("user", text);
+  chat.controller = new AbortController();
+  setBusy(true);
+  try {
+    for (let round = 0; ; round++) {
+      const view = assistantView();
+      let finish;
+      try { finish = await reply(view, performance.now()); }
+      catch (e) {
+        if (e.name !== "AbortError") { view.div.classList.add("error"); view.content.textContent = "Error: " + e.message; }
+        else view.stats.textContent = "stopped";
+        chat.messages.push({ role: "assistant", content: view.text });
+        return;
+      }
+      if (finish !== "tool_calls" || !view.calls.length) {
+        chat.messages.push({ role: "assistant", content: view.text });  // earlier reasoning is not sent back, as in R1
+        return;
+      }
+      // within a tool-calling turn the reasoning goes back with the calls (the server's rule, as DeepSeek's API)
+      chat.messages.push({ role: "assistant", content: view.text || null, reasoning_content: view.reasoningText,
+        tool_calls: view.calls });
+      view.calls.forEach((call, k) => {
+        const result = runTool(call);
+        view.callViews[k].querySelector(".result").textContent = "→ " + result;
+        chat.messages.push({ role: "tool", tool_call_id: call.id, content: result });
+      });
+      if (round + 1 >= MAX_TOOL_ROUNDS) {
+        const note = document.createElement("div");
+        note.className = "tool-note";
+        note.textContent = `stopped after ${MAX_TOOL_ROUNDS} rounds of tool calls`;
+        view.div.appendChild(note);
+        return;
+      }
+    }
+  } finally {
+    setBusy(false);
+    chat.controller = null;
+  }
 }
 
 $("composer").addEventListener("submit", (e) => {
