@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -97,6 +98,31 @@ def test_two_ranks_step_like_one_process(model_dir, one_process, tmp_path, mode)
     assert diff < 1e-5
     print(f"\n{mode}: loss rel diff {max(abs(a['loss'] - b['loss']) / abs(b['loss']) for a, b in zip(got, ref)):.1e}, "
           f"max weight diff {diff:.1e} (update moved weights by up to {moved:.1e})")
+
+
+def test_zero_variance_filter_under_two_ranks(model_dir, tmp_path):
+    """One process drops the groups whose rewards are all equal; two ranks must run the same micro-batches,
+    so they mask those rows out instead: the same update. The masked rows still pass through the experts,
+    so the MoE balance terms (sequence-wise loss, routing-bias load) see them: both are off here."""
+    d = tmp_path / "no_balance_loss"
+    shutil.copytree(model_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "aux_loss_alpha": 0.0}))
+    model_dir = d
+    extra = ["--filter-zero-var", "--bias-gamma", "0", "--prompts-per-step", "8", "--seed", "2"]  # step 1: 1 group of 8 differs
+    _grpo(model_dir, tmp_path / "one", extra)
+    _grpo(model_dir, tmp_path / "two", ["--parallel", "ddp", *extra], ranks=2)
+    ref, got = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    assert any(0 < r["zero_var_groups"] < 1 for r in ref), "the test needs both equal and informative groups"
+    for a, b in zip(got, ref):
+        assert a["trained_seqs"] == b["trained_seqs"] < 16
+        for k in ("reward", "zero_var_groups"):
+            assert a[k] == pytest.approx(b[k], abs=1e-9), k
+        assert ("loss" in a) == ("loss" in b) == (b["trained_seqs"] > 0)  # no update when every group is equal
+        for k in ("loss", "mtp_loss", "entropy") if "loss" in b else ():
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-7), k
+    wa, wb = _weights(tmp_path / "two" / "final"), _weights(tmp_path / "one" / "final")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
 
 
 def test_two_rank_checkpoint_resumes_in_one_process(model_dir, one_process, tmp_path):

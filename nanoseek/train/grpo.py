@@ -73,7 +73,9 @@ class Options:
     loss_agg: str = field(default="token", metadata={"help": "token (DAPO) | sequence (GRPO) | dr_grpo"})
     mu: int = field(default=1, metadata={"help": "optimizer steps per rollout batch"})
     micro_batch: int = field(default=32, metadata={"help": "sequences per forward/backward"})
-    filter_zero_var: bool = field(default=False, metadata={"help": "drop groups whose rewards are all equal"})
+    filter_zero_var: bool = field(default=False, metadata={
+        "help": "train only on groups whose rewards differ (DAPO's dynamic sampling without the resampling): the "
+                "loss is normalized by the informative tokens alone, so a step of mostly equal groups still counts"})
     nan_policy: str = field(default="skip", metadata={"help": "non-finite loss: skip (counted) or error"})
     accuracy_weight: float = field(default=1.0, metadata={"help": "reward weight of correctness"})
     format_weight: float = field(default=0.2, metadata={"help": "reward weight of the think/answer format"})
@@ -214,10 +216,13 @@ class GRPO:
         row = {"step": step + 1, **self._reward_stats(all_rewards, all_r, all_comps, all_zero_var),
                "adv_abs": all_adv.abs().mean().item(), **per_task_accuracy(all_tasks, all_rewards),
                "lr": self.optimizer.param_groups[0]["lr"]}
-        keep = [i for i in range(len(comps)) if not (o.filter_zero_var and zero_var[i // G])]
-        row["trained_seqs"] = len(keep)
+        equal = [bool(o.filter_zero_var and zero_var[i // G]) for i in range(len(comps))]
+        row["trained_seqs"] = len(all_comps) - o.group_size * int(all_zero_var.sum()) if o.filter_zero_var else len(all_comps)
         t1 = time.perf_counter()
-        if keep:
+        if self.world > 1 and row["trained_seqs"]:  # the same micro-batches on every rank: mask equal groups, not drop
+            row.update(self.update([prompts[i // G] for i in range(len(comps))], comps, adv, masked=equal))
+        elif not all(equal):
+            keep = [i for i, e in enumerate(equal) if not e]
             row.update(self.update([prompts[i // G] for i in keep], [comps[i] for i in keep], adv[keep]))
         t_train = time.perf_counter() - t1
         n_roll = sum(map(len, all_comps))
@@ -257,22 +262,25 @@ class GRPO:
         net.train(was)
         return out
 
-    def update(self, prompts, comps, adv) -> dict:
+    def update(self, prompts, comps, adv, masked: list[bool] | None = None) -> dict:
+        """masked: rows that count nowhere (loss, normalizer, MTP, stats); only the MoE balance terms see them."""
         o, model = self.o, self.model
         ids, mask = self._batch(prompts, comps)
+        if masked is not None:
+            mask[torch.tensor(masked, device=mask.device)] = 0.0
         adv = adv.to(self.dev)
         ref_logp = self._frozen_logprobs(self.ref, ids, mask) if self.ref is not None else None
         # mu = 1: the old policy *is* the current one, ratio = 1 exactly (old = current.detach())
         old_logp = self._frozen_logprobs(model, ids, mask) if o.mu > 1 else None
         on_policy = old_logp is None and ref_logp is None  # ratio == 1, no KL term (a reference exists iff beta > 0)
-        norm = normalizer(mask, o.loss_agg, o.max_new_tokens)
-        n_tok = mask.sum().clamp_min(1.0)
         W = self.world
+        n_tok, rows = mask.sum(), (mask.sum(-1) > 0).sum()
         if W > 1:
             # normalize by the global batch and scale by W: the wrappers average the ranks' gradients,
             # so the update equals one process's on all the rollouts
-            n_tok = all_reduce_sum(mask.sum()).clamp_min(1.0)
-            norm = n_tok if o.loss_agg == "token" else norm * W
+            n_tok, rows = all_reduce_sum(n_tok), all_reduce_sum(rows)
+        norm = normalizer(mask, o.loss_agg, o.max_new_tokens, n_tok, rows)
+        n_tok = n_tok.clamp_min(1.0)
         model.train()
         sums = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0, "mtp_loss": 0.0}
         grad_norm = 0.0
@@ -420,9 +428,6 @@ def grpo(o: Options) -> Path:
     if sharded and o.rollout != "engine":
         raise SystemExit("grpo: under torchrun the rollouts use the built-in engine (--rollout engine); "
                          "--rollout vllm is single-process for now")
-    if sharded and o.filter_zero_var:
-        raise SystemExit("grpo: --filter-zero-var is single-process only: under torchrun every rank must train "
-                         "equally many sequences (their advantages are 0 anyway)")
     resolve_all(o.tasks, o.prompt_field, o.answer_field)  # a bad task or data file fails before the run folder exists
     tok = load_tokenizer(o.model)
     template = describe_template(tok, o.mode)  # a template that cannot ask the questions fails here, folder-less

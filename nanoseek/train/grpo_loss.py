@@ -46,15 +46,19 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1.0
 
 
-def normalizer(mask: torch.Tensor, aggregation: str, max_new_tokens: int) -> torch.Tensor:
+def normalizer(mask: torch.Tensor, aggregation: str, max_new_tokens: int, tokens: torch.Tensor | None = None,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
     """The denominator(s) of the batch: a scalar for token / dr_grpo, per-sequence lengths times
-    the number of sequences for 'sequence'. Compute on the *full* batch mask [B, T]."""
+    the number of sequences for 'sequence'. Compute on the *full* batch mask [B, T]; rows whose mask
+    is all 0 do not count. tokens / rows: the global counts when the batch is split over ranks."""
+    tokens = mask.sum() if tokens is None else tokens
+    rows = (mask.sum(-1) > 0).sum() if rows is None else rows
     if aggregation == "token":
-        return mask.sum().clamp_min(1.0)
+        return tokens.clamp_min(1.0)
     if aggregation == "sequence":
-        return mask.sum(-1).clamp_min(1.0) * mask.shape[0]  # [B]: mean over tokens, then over sequences
+        return mask.sum(-1).clamp_min(1.0) * rows.clamp_min(1)  # [B]: mean over tokens, then over sequences
     if aggregation == "dr_grpo":
-        return torch.tensor(float(mask.shape[0] * max_new_tokens))
+        return (rows.clamp_min(1) * max_new_tokens).float()
     raise ValueError(f"loss aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
 
 
