@@ -98,6 +98,29 @@ def test_logprobs_are_the_models(model):
         assert abs(ref[len(PROMPTS[1]) - 1 + i, t].item() - lp) < 1e-4
 
 
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (5, 1.0), (0, 0.6)])
+def test_processed_logprobs_are_the_sampling_distributions(model, top_k, top_p):
+    """logprobs_mode="processed": log q(token) with q = softmax(top-k/top-p(logits / T)), the distribution
+    drawn from; the tokens are those of the raw mode (same seed): only what is reported differs."""
+    T, n = 0.7, 12
+    params = dict(temperature=T, top_k=top_k, top_p=top_p, max_tokens=n, seed=5, ignore_eos=True, n=2)
+    eng = Engine(model, max_batch=4, max_len=64)
+    raw, proc = (eng.generate([PROMPTS[1]], SamplingParams(**params, logprobs_mode=m))[0].outputs
+                 for m in ("raw", "processed"))
+    for r, o in zip(raw, proc):
+        assert r.token_ids == o.token_ids
+        ids = PROMPTS[1] + o.token_ids
+        with torch.no_grad():
+            x = model(torch.tensor([ids]))[0, len(PROMPTS[1]) - 1:-1] / T
+        keep = x.sort(-1, descending=True)
+        probs = keep.values.softmax(-1)
+        drop = (torch.arange(x.shape[-1]) >= (top_k or x.shape[-1])) | ((probs.cumsum(-1) - probs) >= top_p)
+        drop[:, 0] = False
+        x = x.scatter(-1, keep.indices, keep.values.masked_fill(drop, float("-inf")))
+        ref = x.log_softmax(-1).gather(1, torch.tensor(o.token_ids).unsqueeze(1)).squeeze(1)
+        torch.testing.assert_close(torch.tensor(o.logprobs), ref, atol=1e-4, rtol=0)
+
+
 def test_seed_determinism_and_prefix_sharing(model):
     eng = Engine(model, max_batch=8, max_len=64)
     sp = SamplingParams(temperature=1.0, n=3, seed=11, max_tokens=6, ignore_eos=True)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nanoseek.infer.prefix_cache import PrefixCache
-from nanoseek.infer.sampling import SamplingParams, apply_repetition_penalty, sample
+from nanoseek.infer.sampling import SamplingParams, apply_repetition_penalty, sample, sampling_logprobs
 from nanoseek.infer.speculative import mtp_forward, speculative_step
 from nanoseek.model.linear import cache_transposed, transposed_weights
 
@@ -303,11 +303,9 @@ class Engine:
             logits = apply_repetition_penalty(logits.clone(), [s.req.prompt_token_ids + s.out.token_ids for s in seqs], rep)
         if all(p.temperature == 0 for p in P):
             return logits.argmax(-1)
-        f = lambda name, dt: torch.tensor([getattr(p, name) for p in P], dtype=dt, device=logits.device)  # noqa: E731
-        filtered = any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in P)
         u = torch.tensor([s.uniform() for s in seqs], device=logits.device)
-        return sample(logits, f("temperature", torch.float32), f("top_k", torch.long), f("top_p", torch.float32),
-                      f("min_p", torch.float32), u, filtered, any_greedy=any(p.temperature == 0 for p in P))
+        return sample(logits, *_sampling_tensors(P, logits.device), u, _filtered(P),
+                      any_greedy=any(p.temperature == 0 for p in P))
 
     def _apply_guides(self, logits: torch.Tensor, seqs: list[_Seq]) -> torch.Tensor:
         """Tokens a sequence's guide rules out get -inf (a copy: log-probs stay the model's own)."""
@@ -322,9 +320,14 @@ class Engine:
         """Append tokens [B] (with their log-probs under `logits` [B, V]) to `seqs`; emit events.
         Returns the (seq, reason) pairs that finished; the caller retires them once the step is done."""
         raw = logits.float()
-        # log-probs of the model's own distribution (what GRPO's ratio and the API's logprobs need)
+        # log-probs of the model's own distribution (what the API's logprobs report)
         lse = raw.logsumexp(-1)                                                  # [B]
         tok_lp = raw.gather(1, tok.unsqueeze(1)).squeeze(1) - lse
+        processed = [s.params.logprobs_mode == "processed" for s in seqs]
+        if any(processed):  # of the distribution sampled from (what an RL trainer compares with), only when asked
+            P = [s.params for s in seqs]
+            q_lp = sampling_logprobs(raw, tok, *_sampling_tensors(P, raw.device), _filtered(P))
+            tok_lp = torch.where(torch.tensor(processed, device=raw.device), q_lp, tok_lp)
         kmax = max(s.params.top_logprobs for s in seqs)
         top = raw.topk(kmax, -1) if kmax else None
         # the one host sync per step: token ids for stop checks; a NaN/inf in the logits shows up in lse
@@ -427,3 +430,14 @@ class Engine:
             self.cache.copy_rows(torch.tensor([last]), torch.tensor([i]), moved.pos)
             self.active[i] = moved
         self.active.pop()
+
+
+def _sampling_tensors(P: list[SamplingParams], device) -> tuple[torch.Tensor, ...]:
+    """Per-row temperature, top_k, top_p, min_p of a batch of sampling parameters."""
+    f = lambda name, dt: torch.tensor([getattr(p, name) for p in P], dtype=dt, device=device)  # noqa: E731
+    return f("temperature", torch.float32), f("top_k", torch.long), f("top_p", torch.float32), f("min_p", torch.float32)
+
+
+def _filtered(P: list[SamplingParams]) -> bool:
+    """Does any row truncate its distribution (top-k / top-p / min-p)?"""
+    return any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in P)

@@ -10,6 +10,8 @@ from typing import Callable
 
 import torch
 
+LOGPROBS_MODES = ("raw", "processed")
+
 
 @dataclass
 class SamplingParams:
@@ -22,7 +24,11 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
-    logprobs: bool = True          # log-prob of each sampled token (raw model distribution)
+    logprobs: bool = True          # log-prob of each sampled token (under logprobs_mode's distribution)
+    # "raw": the model's own distribution (softmax of the logits, temperature 1: what the API reports);
+    # "processed": the distribution the token was drawn from (logits / temperature, top-k / top-p / min-p
+    # truncation applied), what an RL trainer compares its own log-probs with (vLLM's names alike)
+    logprobs_mode: str = "raw"
     top_logprobs: int = 0
     n: int = 1
     ignore_eos: bool = False
@@ -35,7 +41,8 @@ class SamplingParams:
                   (self.top_k >= 0, "top_k must be >= 0"), (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
                   (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
                   (self.max_tokens >= 1, "max_tokens must be >= 1"), (self.n >= 1, "n must be >= 1"),
-                  (0 <= self.top_logprobs <= 20, "top_logprobs must be in [0, 20]")]
+                  (0 <= self.top_logprobs <= 20, "top_logprobs must be in [0, 20]"),
+                  (self.logprobs_mode in LOGPROBS_MODES, f"logprobs_mode must be one of {LOGPROBS_MODES}")]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
@@ -65,6 +72,18 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     drop[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def sampling_logprobs(logits: torch.Tensor, tok: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                      top_p: torch.Tensor, min_p: torch.Tensor, filtered: bool = True) -> torch.Tensor:
+    """log q(tok) [B] under the distribution `sample` draws from: softmax(filter(logits / temperature)).
+    Rows with temperature 0 (greedy) get the raw log-prob (their distribution is a point mass)."""
+    greedy = temperature == 0
+    x = logits / torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(-1)
+    if filtered:
+        x = filter_logits(x, top_k, top_p, min_p)
+    x = torch.where(greedy.unsqueeze(-1), logits, x)
+    return x.gather(1, tok.unsqueeze(1)).squeeze(1) - x.logsumexp(-1)
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
