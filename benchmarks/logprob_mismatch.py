@@ -46,6 +46,7 @@ from nanoseek.model.transformer import Transformer
 from nanoseek.tokenizer import load_tokenizer, train_tokenizer
 from nanoseek.train.grpo import Options as GRPOOptions, make_prompt
 from nanoseek.train.grpo_loss import policy_logprobs
+from nanoseek.train.mismatch import EngineRouting, TrainerRouting
 
 
 @dataclass(frozen=True)
@@ -91,80 +92,12 @@ def _trunk_moe_layers(model) -> list[MoE]:
     return [b.mlp for b in model.layers if isinstance(b.mlp, MoE)]
 
 
-# ------------------------------------------------------------------------------------ routing hooks
-
-class EngineRouting:
-    """The top-k experts the engine picks for every token it runs, by (sequence, position).
-
-    Read-only forward hooks: one on the embedding tells a prefill ([R, T] ids: the next R prompts in
-    submission order, the order a fresh engine admits them) from a decode step ([B, 1]: row i is
-    engine.active[i] at its position .pos); one per MoE gate stores the expert ids it returned. A fresh
-    engine numbers its requests 0, 1, ... in submission order, so a request id is its prompt's index."""
-
-    def __init__(self, model, engine: Engine, prompts: list[list[int]], n: int, total_len: int):
-        gates = [m.gate for m in _trunk_moe_layers(model)]
-        self.experts = torch.full((len(gates), len(prompts) * n, total_len, gates[0].top_k if gates else 0), -1)
-        self.engine, self.prompt_lens, self.n = engine, [len(p) for p in prompts], n
-        self.admitted = 0
-        self.rows = self.seqs = self.pos = None  # token row of the current forward -> (sequence, position)
-        self.handles = [model.embed_tokens.register_forward_pre_hook(self._on_input)]
-        self.handles += [g.register_forward_hook(self._on_gate(i)) for i, g in enumerate(gates)]
-
-    def _on_input(self, module, args) -> None:
-        R, T = args[0].shape
-        if T > 1:  # prefill: prompt r's token p is row r*T + p; all n samples of a prompt share it
-            rows, seqs, pos = [], [], []
-            for r in range(R):
-                a = self.admitted + r
-                for j in range(self.n):
-                    rows += range(r * T, r * T + self.prompt_lens[a])
-                    seqs += [a * self.n + j] * self.prompt_lens[a]
-                    pos += range(self.prompt_lens[a])
-            self.admitted += R
-        else:
-            active = self.engine.active
-            rows = range(len(active))
-            seqs = [s.req.request_id * self.n + s.out.index for s in active]
-            pos = [s.pos for s in active]
-        self.rows, self.seqs, self.pos = (torch.tensor(list(x)) for x in (rows, seqs, pos))
-
-    def _on_gate(self, layer: int):
-        def hook(module, args, out) -> None:
-            self.experts[layer, self.seqs, self.pos] = out[1][self.rows].cpu()
-        return hook
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-class TrainerRouting:
-    """The top-k experts of every token of the trainer's forward: [layers, B, T, k] after `stacked`."""
-
-    def __init__(self, model):
-        gates = [m.gate for m in _trunk_moe_layers(model)]
-        self.calls: list[list[torch.Tensor]] = [[] for _ in gates]
-        self.handles = [g.register_forward_hook(self._on_gate(i)) for i, g in enumerate(gates)]
-
-    def _on_gate(self, layer: int):
-        def hook(module, args, out) -> None:
-            self.calls[layer].append(out[1].detach().cpu())
-        return hook
-
-    def stacked(self, B: int, T: int) -> torch.Tensor:
-        return torch.stack([torch.cat(c).view(B, T, -1) for c in self.calls]) if self.calls else torch.empty(0)
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
 # ------------------------------------------------------------------------------------ the two sides
 
 def engine_samples(model, prompts: list[list[int]], n: int, max_new_tokens: int, stop_ids: list[int] | None,
                    seed: int, setup: EngineSetup, routing: bool):
     """Completions [N*n] (prompt-major), their per-token log-probs, and the engine's routing (or None).
-    The engine is built and called as `rollout.engine_rollout` does (which returns no log-probs)."""
+    The engine is built and called as `rollout.engine_rollout` does, at T = 1 (raw = sampled distribution)."""
     was_training = model.training
     max_len = max(map(len, prompts)) + max_new_tokens
     engine = Engine(model, max_batch=min(len(prompts) * n, 512), max_len=max_len, compile=setup.compile)

