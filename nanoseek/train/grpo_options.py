@@ -47,7 +47,8 @@ class Options:
                 "clipped per sequence, a mean over sequences; its paper clips at --eps-low 3e-4 --eps-high 4e-4) | "
                 "cispo (clipped stop-gradient importance weight on every token). With mu = 1 all three have the "
                 "plain policy gradient (ratio 1): they differ with mu > 1"})
-    loss_agg: str = field(default="token", metadata={"help": "token (DAPO) | sequence (GRPO) | dr_grpo (gspo: always sequence)"})
+    loss_agg: str = field(default="token", metadata={
+        "help": "token (DAPO) | sequence (GRPO) | dr_grpo (gspo: always sequence)"})
     tis_cap: float = field(default=0.0, metadata={
         "help": "truncated importance sampling: weight each token by min(pi_trainer / pi_engine, CAP) against the "
                 "rollout engine's log-probs (0 = off; 2 is usual)"})
@@ -58,7 +59,8 @@ class Options:
         "help": "with --top-k / --top-p rollouts: the trainer's log-probs under the same truncation (DeepSeek-V3.2's "
                 "Keep Sampling Mask; full-vocabulary logits per micro-batch)"})
     log_mismatch: bool = field(default=True, metadata={
-        "help": "log mismatch_kl and mismatch_max_dlogp (engine vs trainer log-probs of the trained tokens; no extra forward)"})
+        "help": "log mismatch_kl and mismatch_max_dlogp (engine vs trainer log-probs of the trained tokens; "
+                "no extra forward)"})
     log_router_flips: bool = field(default=False, metadata={
         "help": "log router_flip_rate (+ per layer): the engine's expert choices recorded by hooks during rollouts "
                 "(slower rollouts; not with --compile or vllm)"})
