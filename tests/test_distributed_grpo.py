@@ -125,6 +125,32 @@ def test_zero_variance_filter_under_two_ranks(model_dir, tmp_path):
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
 
 
+def test_dynamic_sampling_and_mismatch_under_two_ranks(model_dir, tmp_path):
+    """DAPO's refills under torchrun: every rank rolls out its share of each refill round, and the groups
+    one process would drop (equal rewards, or past the first prompts-per-step informative ones) are masked:
+    the same rounds, batch and update. The mismatch metrics are global sums (fp32: ~0, no router flips)."""
+    d = tmp_path / "no_balance_loss"
+    shutil.copytree(model_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "aux_loss_alpha": 0.0}))
+    extra = ["--dynamic-sampling", "2", "--bias-gamma", "0", "--prompts-per-step", "8", "--seed", "2", "--log-router-flips"]
+    _grpo(d, tmp_path / "one", extra)
+    _grpo(d, tmp_path / "two", ["--parallel", "ddp", *extra], ranks=2)
+    ref, got = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    assert any(r["dynamic_rounds"] > 0 for r in ref), "the test needs a refill"
+    assert any("router_flip_rate" in r for r in got), "the test needs an update"
+    for a, b in zip(got, ref):
+        for k in ("trained_seqs", "dynamic_rounds", "dynamic_extra_rollouts", "router_flip_rate"):
+            assert a.get(k) == b.get(k), k  # a step with no informative group has no update (and no flips)
+        assert a["reward"] == pytest.approx(b["reward"], abs=1e-9)
+        assert ("loss" in a) == ("loss" in b) == (b["trained_seqs"] > 0)
+        if "loss" in b:
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-7)
+            assert a["mismatch_kl"] < 1e-9 and b["mismatch_kl"] < 1e-9
+    wa, wb = _weights(tmp_path / "two" / "final"), _weights(tmp_path / "one" / "final")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+
+
 def test_two_rank_checkpoint_resumes_in_one_process(model_dir, one_process, tmp_path):
     _grpo(model_dir, tmp_path, ["--parallel", "fsdp", "--steps", "1"], ranks=2)
     assert (tmp_path / "checkpoints" / "step_000001" / ".metadata").exists()  # a sharded (DCP) checkpoint
