@@ -18,6 +18,7 @@ import torch
 
 from nanoseek.config import get_preset
 from nanoseek.infer.engine import Engine
+from nanoseek.kernels import speedup
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.model.transformer import Transformer
 
@@ -75,6 +76,7 @@ def main(argv=None) -> None:
     model = Transformer(cfg).to(a.device)
     res: dict[str, dict[int, float]] = {"train_batch": {}, "train_seq": {}, "decode_batch": {}, "decode_context": {}}
     model.train()
+    speedup(model, for_="train")  # as nanoseek's trainer does (the engine adds its decode kernels)
     for b in BATCHES_TRAIN:
         res["train_batch"][b] = train_tokens_per_s(model, b, 256, a.device, a.reps)
         print(f"train  batch {b:>4} x 256     {res['train_batch'][b]:>9,.0f} tokens/s", flush=True)

@@ -21,6 +21,7 @@ def _child(side: str, path: str, batch: int, seq: int, device: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from nanoseek.kernels import speedup
     from nanoseek.model.hf import from_pretrained
 
     page_mb = os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -43,6 +44,7 @@ def _child(side: str, path: str, batch: int, seq: int, device: str) -> None:
             from nanoseek.hardware import retain_freed_memory
             retain_freed_memory()  # as nanoseek's trainer does
         model = from_pretrained(path).to(device).train()
+        speedup(model, for_="train")  # as nanoseek's trainer does
         loss_fn = lambda: model.loss(x[:, :-1], x[:, 1:])["loss"]  # noqa: E731
     else:
         model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").to(device).train()

@@ -9,6 +9,7 @@ import torch
 
 from benchmarks.common import Row, time_each, time_pair
 from nanoseek.config import get_preset
+from nanoseek.kernels import speedup
 from nanoseek.model.transformer import Transformer
 
 
@@ -41,6 +42,7 @@ def run(preset: str = "tiny", batch: int = 8, seq: int = 256, reps: int = 5, dev
     together = _fits_twice(ours, device)
     load_hf = lambda: AutoModelForCausalLM.from_pretrained(d.name, attn_implementation="sdpa").to(device).train()  # noqa: E731
     ours = ours.to(device).train()
+    speedup(ours, for_="train")  # as nanoseek's trainer does
     hf = load_hf() if together else None
     x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
     cuda = device.startswith("cuda")

@@ -24,7 +24,7 @@ import torch
 from nanoseek.infer.prefix_cache import PrefixCache
 from nanoseek.infer.sampling import SamplingParams, apply_repetition_penalty, sample, sampling_logprobs
 from nanoseek.infer.speculative import mtp_forward, speculative_step
-from nanoseek.model.linear import cache_transposed, transposed_weights
+from nanoseek.kernels import speedup, transposed_weights
 
 
 @dataclass
@@ -99,9 +99,9 @@ class Engine:
         self.cache = model.make_cache(max_batch, self.max_len, dtype=dtype, mtp=self.speculative)
         # reuse of KV across requests (server); off for batch generation (rollouts, evaluation)
         self.prefix_cache = PrefixCache(prefix_cache_bytes, prefix_block) if prefix_cache_bytes > 0 else None
-        self._copies_current = lambda: True
-        if self.device.type == "cpu":  # decode-sized matmuls run faster on [in, out] weights (model/linear.py);
-            self._copies_current = cache_transposed(model)  # a snapshot: build a new engine after changing the weights
+        # the decode kernels (nanoseek.kernels); on CPU their weight copies are a snapshot:
+        # build a new engine after changing the weights
+        self._copies_current = speedup(model, for_="decode")
         self._layers = model.config.num_hidden_layers
         # compile: plain decode steps run through torch.compile (inductor), traced with a symbolic
         # batch and key length, so a shrinking batch or a later engine on the same model reuses the

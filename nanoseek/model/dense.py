@@ -12,7 +12,6 @@ from torch import nn
 from nanoseek.config import DenseConfig
 from nanoseek.model.cache import KVCache
 from nanoseek.model.head_loss import masked_head_ce
-from nanoseek.model.linear import Linear
 from nanoseek.model.moe import MLP
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import RotaryEmbedding
@@ -24,10 +23,10 @@ class GQA(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=True)
-        self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
-        self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
-        self.o_proj = Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x, rotary, cos, sin, positions, mask=None, cache=None, absorb=None):
         B, T, _ = x.shape
@@ -66,7 +65,7 @@ class DenseTransformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DenseBlock(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, None, cfg.max_position_embeddings, False)

@@ -16,9 +16,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nanoseek.model.expert_ffn import compute_dtype
-
 CHUNK_ROWS = 1024  # tiny preset: 16 MiB of fp32 logits per chunk
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on x run in here: autocast's inside an autocast region, else x's own.
+    The hand-written functions cast their inputs to it (autocast skips their out= matmuls)."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
 def _add_weight_grad(dw: torch.Tensor, dlogits: torch.Tensor, rows: torch.Tensor) -> None:

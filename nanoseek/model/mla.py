@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.linear import Linear, engine_copies
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import RotaryEmbedding
 
@@ -34,15 +33,15 @@ class MLA(nn.Module):
         self.q_lora_rank = cfg.q_lora_rank
         qk_dim = self.n_heads * cfg.qk_head_dim
         if cfg.q_lora_rank is None:
-            self.q_proj = Linear(cfg.hidden_size, qk_dim, bias=False)
+            self.q_proj = nn.Linear(cfg.hidden_size, qk_dim, bias=False)
         else:
-            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-            self.q_b_proj = Linear(cfg.q_lora_rank, qk_dim, bias=False)
-        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, cfg.kv_lora_rank + self.rope, bias=cfg.attention_bias)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, cfg.kv_lora_rank + self.rope, bias=cfg.attention_bias)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
-        self.kv_b_proj = Linear(cfg.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
-        self.o_proj = Linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=cfg.attention_bias)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=cfg.attention_bias)
         self.scale = cfg.softmax_scale()
 
     def _queries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,37 +78,37 @@ class MLA(nn.Module):
         pad = q.shape[-1] - self.v_dim
         if mask is None and pad > 0:
             # Flash SDPA kernels want one head dim for q, k and v: zero-pad v (its extra
-            # output columns are zero and dropped). ~2x faster fwd+bwd on CPU than the math path.
+            # output columns are zero and dropped) rather than fall back to the math path.
             out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad)), is_causal=True, scale=self.scale)
             return out[..., : self.v_dim]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
 
-    def decode_copies(self) -> tuple[torch.Tensor, ...]:
-        """W_UK [H, nope, C] and W_UV^T [H, C, v] as contiguous per-head blocks: the absorbed path's
-        two projections become one plain bmm each."""
-        w = self.kv_b_proj.weight.detach().view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
-        return w[:, : self.nope].contiguous(), w[:, self.nope:].transpose(1, 2).contiguous()
+    def _absorb_query(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """W_UK folded into the query: q_nope [B, H, T, nope] -> q_lat [B, H, T, C], so that
+        q_lat · c_kv = q_nope · k_nope without expanding any key."""
+        w_uk = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)[:, : self.nope]
+        return torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)
+
+    def _absorb_output(self, o_lat: torch.Tensor) -> torch.Tensor:
+        """W_UV applied after attention: o_lat [B, T*H, C] (rows (t, h)) -> per-head values [B, H, T, v]."""
+        B, H, C = o_lat.shape[0], self.n_heads, self.kv_lora_rank
+        w_uv = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, C)[:, self.nope:]
+        return torch.einsum("bhtc,hvc->bhtv", o_lat.view(B, -1, H, C).transpose(1, 2), w_uv)
 
     def _attend_latent(self, q_nope, q_pe, kv, mask):
         B, H, T, _ = q_nope.shape
         S, C = kv.shape[1], self.kv_lora_rank
-        copies = engine_copies(self)
-        if copies is not None:  # bmm over heads: q rows [H, B*T, nope] @ W_UK [H, nope, C]
-            q_lat = torch.bmm(q_nope.transpose(0, 1).reshape(H, B * T, self.nope), copies[0])
-            q_lat = q_lat.view(H, B, T, C).transpose(0, 1)               # [B, H, T, C]
-        else:
-            w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, C)
-            q_lat = torch.einsum("bhtd,hdc->bhtc", q_nope, w[:, : self.nope])  # W_UK folded into q
+        q_lat = self._absorb_query(q_nope)                                # [B, H, T, C]
         # One latent key/value "head" serves all H query heads, so the heads become query rows of a
         # single-head attention (as FlashMLA does): no K/V copy per head. SDPA's enable_gqa path
-        # instead repeats K/V H times, ~10x slower at decode on CPU.
+        # instead repeats K/V H times.
         q = torch.cat([q_lat, q_pe], dim=-1).transpose(1, 2).reshape(B, T * H, -1)  # rows (t, h): [B, T*H, C+rope]
         v = kv[..., :C]                                                   # [B, S, C]: a view, no copy
         if mask is None:  # plain causal, queries at the last T of S positions
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T).view(1, 1, T, S)
         if T <= 8:
-            # Decode (and speculative verification): two bmm and a softmax over [B, T*H, S] are
-            # ~2x faster on CPU than SDPA's kernel for so few query rows.
+            # Decode (and speculative verification): for so few query rows two bmm and a softmax
+            # over [B, T*H, S] beat SDPA's kernel on CPU.
             scores = torch.bmm(q, kv.transpose(1, 2)).mul_(self.scale)
             scores.view(B, T, H, S).masked_fill_(~mask.transpose(1, 2), float("-inf"))  # mask [B, T, 1, S]
             o_lat = torch.bmm(scores.softmax(-1, dtype=torch.float32).to(v.dtype), v)
@@ -117,8 +116,4 @@ class MLA(nn.Module):
             mask = mask.unsqueeze(3).expand(-1, -1, -1, H, -1).reshape(mask.shape[0], 1, T * H, S)
             o_lat = F.scaled_dot_product_attention(q.unsqueeze(1), kv.unsqueeze(1), v.unsqueeze(1),
                                                    attn_mask=mask, scale=self.scale).squeeze(1)
-        if copies is not None:  # W_UV after attention, bmm over heads: [H, B*T, C] @ [H, C, v]
-            o = torch.bmm(o_lat.view(B * T, H, C).transpose(0, 1), copies[1])
-            return o.view(H, B, T, self.v_dim).transpose(0, 1)          # [B, H, T, v]
-        o_lat = o_lat.view(B, T, H, -1).transpose(1, 2)                   # [B, H, T, C]
-        return torch.einsum("bhtc,hvc->bhtv", o_lat, w[:, self.nope:])    # W_UV after attention: [B, H, T, v]
+        return self._absorb_output(o_lat)                                 # [B, H, T, v]

@@ -16,8 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.expert_ffn import expert_ffn
-from nanoseek.model.linear import Linear, engine_copies
 
 
 class MLP(nn.Module):
@@ -25,14 +23,11 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.gate_proj = Linear(dim, hidden, bias=False)
-        self.up_proj = Linear(dim, hidden, bias=False)
-        self.down_proj = Linear(hidden, dim, bias=False)
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():  # training: the hand-written backward keeps 2 activations, not 5
-            w = [m.weight.unsqueeze(0) for m in (self.gate_proj, self.up_proj, self.down_proj)]
-            return expert_ffn(x.reshape(-1, x.shape[-1]), None, [x.numel() // x.shape[-1]], *w).view_as(x)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -66,38 +61,8 @@ class Gate(nn.Module):
         return weights * self.scaling, idx, scores
 
 
-_GROUPED_MM = {"ok": hasattr(torch, "_grouped_mm")}
-DENSE_DECODE_MAX_BYTES = 1 << 30  # the engine's all-experts copies double the experts' memory
-# Above this many tokens a decode step's experts run grouped (padded). Tiny preset, 2-core CPU,
-# limit 64 vs 32, greedy decode: batch 48 eager 1.21x, batch 64 eager 0.99x, compiled 1.08-1.20x.
-DENSE_DECODE_MAX_TOKENS = 64
-
-
-@torch.library.custom_op("nanoseek::padded_experts", mutates_args=())
-def padded_experts(xs: torch.Tensor, expert: torch.Tensor, counts: torch.Tensor, gate: torch.Tensor,
-                   up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """xs [M, D] sorted by expert (expert [M] their ids, counts [E]) -> each row's FFN output [M, D].
-
-    All experts in three batched matmuls over zero-padded blocks of up to max-count tokens: for
-    few tokens per expert (decoding) the padding costs less than E small matmul calls. Tokens
-    are the blocks' columns (W [out, in] @ X^T): the weights' stored layout, which CPU batched
-    matmul runs ~2x faster than transposed weights. A custom op because the block size depends
-    on the routing: torch.compile sees one call with a static [M, D] result, not a graph break."""
-    E, cap = counts.shape[0], int(counts.max())
-    slot = torch.arange(len(xs), device=xs.device) - (counts.cumsum(0) - counts)[expert]  # column in its block
-    xt = xs.new_zeros(E, xs.shape[-1], cap)
-    xt[expert, :, slot] = xs                                              # [E, D, cap]
-    h = F.silu(torch.bmm(gate, xt)) * torch.bmm(up, xt)                   # [E, I, cap]
-    return torch.bmm(down, h)[expert, :, slot]                            # [M, D]
-
-
-@padded_experts.register_fake
-def _(xs, expert, counts, gate, up, down):
-    return torch.empty_like(xs)
-
-
 class Experts(nn.Module):
-    """n routed SwiGLU experts stored stacked ([E, out, in]) so tokens run grouped by expert."""
+    """n routed SwiGLU experts, stored stacked ([E, out, in]) as HF checkpoints keep them per expert."""
 
     def __init__(self, n: int, dim: int, hidden: int):
         super().__init__()
@@ -105,59 +70,19 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(n, hidden, dim))
         self.down_proj = nn.Parameter(torch.empty(n, dim, hidden))
 
-    def _grouped_ffn(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """All experts in three grouped GEMMs, no host sync (GPU)."""
-        offs = counts.cumsum(0).to(torch.int32)
-        try:
-            mm = lambda a, w: torch._grouped_mm(a, w.transpose(-2, -1).to(a.dtype), offs=offs)  # noqa: E731
-            return mm(F.silu(mm(xs, self.gate_proj)) * mm(xs, self.up_proj), self.down_proj)
-        except (RuntimeError, AttributeError, TypeError):  # unsupported GPU/dtype: loop from now on
-            _GROUPED_MM["ok"] = False
-            return expert_ffn(xs, None, counts.tolist(), self.gate_proj, self.up_proj, self.down_proj)
-
-    def decode_copies(self) -> tuple[torch.Tensor, ...] | None:
-        """All experts side by side for `_dense_ffn`: [g | u] of every expert as one [D, E*2I]
-        matrix, the down projections as one [E*I, D]. None (no dense decoding) when the copies
-        would cost more than DENSE_DECODE_MAX_BYTES."""
-        E, I, D = self.gate_proj.shape
-        if 3 * E * I * D * self.gate_proj.element_size() > DENSE_DECODE_MAX_BYTES:
-            return None
-        gu = torch.stack([self.gate_proj, self.up_proj], 1).detach()     # [E, 2, I, D]
-        return gu.reshape(E * 2 * I, D).t().contiguous(), self.down_proj.detach().transpose(1, 2).reshape(E * I, D)
-
-    def _dense_ffn(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, copies) -> torch.Tensor:
-        """Every expert on every token, unchosen ones weighted 0: two plain matmuls, no sorting or
-        scatter. For a decode step whose few tokens touch most experts anyway, the extra FLOPs cost
-        less than grouping (tiny preset, 16 tokens: 0.62 ms vs 1.07 ms per layer)."""
-        gu_t, down_t = copies
-        N, (E, I, _) = x.shape[0], self.gate_proj.shape
-        gu = (x @ gu_t).view(N, E, 2, I)
-        w = x.new_zeros(N, E).scatter_(1, idx, weights.to(x.dtype))      # [N, E], 0 = not chosen
-        h = F.silu(gu[:, :, 0]).mul_(gu[:, :, 1]).mul_(w.unsqueeze(-1))  # [N, E, I]
-        return h.view(N, E * I) @ down_t
-
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N, D], idx/weights [N, k] -> y [N, D], tokens per expert [E]."""
-        N, k = idx.shape
-        flat = idx.reshape(-1)
-        # (not bincount, whose output shape depends on the ids: torch.compile would break the graph)
-        counts = torch.zeros(self.gate_proj.shape[0], dtype=torch.long, device=x.device)
-        counts.scatter_add_(0, flat, torch.ones_like(flat))
-        copies = engine_copies(self) if N <= DENSE_DECODE_MAX_TOKENS and N * k >= len(counts) else None
-        if copies is not None:  # a decode step whose tokens touch most experts
-            return self._dense_ffn(x, idx, weights, copies), counts
-        order = flat.argsort(stable=True)                                 # token slots sorted by expert
-        src, row_w = order // k, weights.reshape(-1)[order].to(x.dtype)  # each slot's token and routing weight
-        grouped = x.is_cuda and _GROUPED_MM["ok"]
-        # decoding (<= 64 rows per expert on average): zero-padded batched matmuls measured faster on
-        # CPU; a compiled decode always takes them, as the per-expert loop below would break the graph
-        padded = not torch.is_grad_enabled() and (torch.compiler.is_compiling() or 1 < N and N * k <= 64 * len(counts))
-        if not (grouped or padded):  # GEMMs per expert (on CPU faster than torch._grouped_mm)
-            return expert_ffn(x, src, counts.tolist(), self.gate_proj, self.up_proj, self.down_proj, row_w), counts
-        xs = x.index_select(0, src)                                      # [N*k, D], grouped by expert
-        ys = (self._grouped_ffn(xs, counts) if grouped
-              else padded_experts(xs, flat[order], counts, self.gate_proj, self.up_proj, self.down_proj))
-        y = torch.zeros_like(x).index_add_(0, src, ys * row_w.unsqueeze(-1))
+        """x [N, D], idx/weights [N, k] -> y [N, D] = sum_k g_k FFN_{idx_k}(x), tokens per expert [E].
+
+        One expert at a time over the tokens that chose it, as DeepSeek's reference inference
+        does; `nanoseek.kernels` replaces this loop by grouped GEMMs."""
+        counts = torch.bincount(idx.flatten(), minlength=self.gate_proj.shape[0])
+        weights = weights.to(x.dtype)
+        y = torch.zeros_like(x)
+        for e in range(self.gate_proj.shape[0]):
+            token, slot = torch.where(idx == e)                            # who chose e, as which of its k
+            xe = x[token]                                                  # [n_e, D]
+            h = F.silu(F.linear(xe, self.gate_proj[e])) * F.linear(xe, self.up_proj[e])  # [n_e, I]
+            y.index_add_(0, token, F.linear(h, self.down_proj[e]) * weights[token, slot, None])
         return y, counts
 
 

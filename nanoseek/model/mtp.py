@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.linear import Linear
 from nanoseek.model.norm import RMSNorm
 
 
@@ -25,7 +24,7 @@ class MTPModule(nn.Module):
         super().__init__()
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.block = block
         self.head_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

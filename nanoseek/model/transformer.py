@@ -7,7 +7,6 @@ from torch import nn
 from nanoseek.config import ModelConfig
 from nanoseek.model.cache import KVCache
 from nanoseek.model.head_loss import head_logprobs, masked_head_ce
-from nanoseek.model.linear import Linear
 from nanoseek.model.mla import MLA
 from nanoseek.model.moe import MLP, MoE, balance_losses
 from nanoseek.model.mtp import MTPModule
@@ -53,7 +52,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         n = cfg.num_hidden_layers

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nanoseek.model.expert_ffn import expert_ffn
+from nanoseek.kernels.expert_ffn import expert_ffn
 from nanoseek.model.moe import Experts, MoE
 
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.errors import UsageError
+from nanoseek.kernels import speedup
 from nanoseek.train.trainer import TrainOptions, Trainer, resolve_device, seed_everything
 
 METHODS = ("sft", "logits")
@@ -201,6 +202,7 @@ def distill(opts: Options) -> Path:
     out = start_run(opts, "distill")  # after the checks: a refused run leaves no folder behind
     device = resolve_device(opts.device)
     teacher = from_pretrained(opts.teacher).to(device).eval().requires_grad_(False)
+    speedup(teacher, for_="train")  # its no-grad forward takes the batched expert kernels
     traces = teacher_traces(opts, out)
     train_ex, val_ex = _split(encode_records(tok, given if given is not None else read_chat_jsonl(traces)), opts.val_frac)
     data = pack_examples(train_ex, opts.seq_len, tok.pad_id)

@@ -31,6 +31,7 @@ import torch
 
 from nanoseek.data.chat import describe_template, prompt_opens_think, question_prompt
 from nanoseek.data.sources import heldout_samples, resolve_all, train_samples
+from nanoseek.kernels import speedup
 from nanoseek.model.moe import balance_losses, moe_layers, update_balancing_bias
 from nanoseek.parallel.parallelize import all_reduce_sum
 from nanoseek.train import distributed
@@ -76,6 +77,9 @@ class GRPO:
         self.model, self.tok, self.o = model, tok, o
         self.rank, self.world = distributed.rank(), distributed.world()
         self.rollout_model = plain if plain is not None else model
+        speedup(model, for_="train")  # the engine adds its decode kernels to the rollout model
+        if plain is not None:
+            speedup(plain, for_="train")
         self.dev = next(model.parameters()).device
         if self.dev.type == "cpu":
             retain_freed_memory()  # large update tensors are reused, not page-faulted in again each step

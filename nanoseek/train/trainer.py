@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from nanoseek.kernels import speedup
 from nanoseek.model.moe import moe_layers, update_balancing_bias
 from nanoseek.parallel.parallelize import all_reduce_sum
 from nanoseek.train import distributed
@@ -186,6 +187,7 @@ class Trainer:
             # order: losses of two identical runs differed in the 7th digit (a dense model did not)
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.model = model.to(self.device).train()
+        speedup(self.model, for_="train")  # before the dtype probe times steps and before wrapping
         self.step, self.tokens, self.elapsed = 0, 0, 0.0  # (the step_fn of the dtype probe reads self.step)
         self.dtype_choice = self._choose_dtype()  # may time a few steps: before wrapping, on the final device
         self.amp_dtype = self.dtype_choice.autocast

@@ -1,9 +1,9 @@
-"""Decode-layout weight copies for CPU inference, and nn.Linear using them.
+"""Decode-layout weight copies for CPU inference, and the modules that use them.
 
-On CPU, MKL runs x @ W^T (nn.Linear's layout) 2-5x slower than x @ W_t with W_t contiguous
-when x has the few rows of a decode step (measured: 16 x 256 @ 256 x 4096, the tiny preset's
-head, 1.04 ms vs 0.30 ms). The routed experts likewise decode fastest from all experts laid
-side by side (moe.py). A module offers such copies through `decode_copies()`; the engine makes
+On CPU, MKL runs x @ W^T (nn.Linear's layout) several times slower than x @ W_t with W_t
+contiguous when x has the few rows of a decode step. Absorbed MLA likewise decodes fastest with
+W_UK and W_UV^T as contiguous per-head blocks, and the routed experts from all experts laid side
+by side (experts.py). A module offers such copies through `decode_copies()`; the engine makes
 them when it is created (`cache_transposed`) and runs its forwards inside `transposed_weights()`;
 every other forward uses the live weights. Copies whose parameters have since changed in place
 through autograd-visible ops (version counter) or been replaced are ignored too; fused
@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoseek.model.mla import MLA
+
 _scope = threading.local()  # the server's engine runs in its own thread
 
 
@@ -30,7 +32,7 @@ def _slots(module: nn.Module) -> list[tuple[nn.Module, str]]:
 
 def _stamp(slots: list[tuple[nn.Module, str]]) -> tuple:
     """Version and storage of the parameters now in those slots: an in-place change, a load or a
-    replaced parameter changes it. Per call a few µs, not a walk over the module tree."""
+    replaced parameter changes it. Cheap enough per call: no walk over the module tree."""
     return tuple((p._version, p.data_ptr()) for p in (m._parameters[name] for m, name in slots))
 
 
@@ -47,16 +49,43 @@ def engine_copies(module: nn.Module) -> tuple[torch.Tensor, ...] | None:
     return cached[0] if cached[2] == _stamp(cached[1]) else None
 
 
-class Linear(nn.Linear):
+class DecodeLinear(nn.Linear):
+    """nn.Linear that, in the engine's scope, multiplies by a contiguous [in, out] copy."""
+
     def decode_copies(self) -> tuple[torch.Tensor, ...]:
         return (self.weight.detach().t().contiguous(),)                  # [in, out]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         copies = engine_copies(self)
-        if copies is not None:
-            y = x @ copies[0]
-            return y + self.bias if self.bias is not None else y
-        return F.linear(x, self.weight, self.bias)
+        if copies is None:
+            return F.linear(x, self.weight, self.bias)
+        y = x @ copies[0]
+        return y + self.bias if self.bias is not None else y
+
+
+class DecodeMLA(MLA):
+    """MLA whose absorbed path, in the engine's scope, runs W_UK and W_UV as one bmm over heads."""
+
+    def decode_copies(self) -> tuple[torch.Tensor, ...]:
+        """W_UK [H, nope, C] and W_UV^T [H, C, v] as contiguous per-head blocks."""
+        w = self.kv_b_proj.weight.detach().view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        return w[:, : self.nope].contiguous(), w[:, self.nope:].transpose(1, 2).contiguous()
+
+    def _absorb_query(self, q_nope: torch.Tensor) -> torch.Tensor:
+        copies = engine_copies(self)
+        if copies is None:
+            return super()._absorb_query(q_nope)
+        B, H, T, _ = q_nope.shape                                         # q rows [H, B*T, nope] @ W_UK [H, nope, C]
+        q_lat = torch.bmm(q_nope.transpose(0, 1).reshape(H, B * T, self.nope), copies[0])
+        return q_lat.view(H, B, T, -1).transpose(0, 1)                    # [B, H, T, C]
+
+    def _absorb_output(self, o_lat: torch.Tensor) -> torch.Tensor:
+        copies = engine_copies(self)
+        if copies is None:
+            return super()._absorb_output(o_lat)
+        B, H, C = o_lat.shape[0], self.n_heads, self.kv_lora_rank       # [H, B*T, C] @ W_UV^T [H, C, v]
+        o = torch.bmm(o_lat.view(-1, H, C).transpose(0, 1), copies[1])
+        return o.view(H, B, -1, self.v_dim).transpose(0, 1)              # [B, H, T, v]
 
 
 def cache_transposed(model: nn.Module) -> Callable[[], bool]:

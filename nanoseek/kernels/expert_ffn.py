@@ -1,4 +1,4 @@
-"""Routed experts' SwiGLU with a hand-written backward, gather and scatter included.
+"""SwiGLU experts with a hand-written backward, gather and scatter included; the dense MLP as one expert.
 
     xs = x[src]                                                          rows grouped by expert
     ys[rows of e] = (silu(xs_e G_e^T) * (xs_e U_e^T) * w) D_e^T          three GEMMs per expert
@@ -7,20 +7,17 @@
 Autograd through this would keep the gathered rows, both up-projections, silu's output, their
 product and the expert outputs: ~7 activations per routed slot. This keeps only the two
 up-projections (x itself is kept by the router anyway) and recomputes the gather, silu and the
-products in backward (copies and elementwise work, cheap next to the GEMMs). On the tiny preset
-that is ~5x less expert activation memory, most of the saving in `benchmarks/train_memory.py`.
+products in backward (copies and elementwise work, cheap next to the GEMMs): the largest saving
+of activation memory in `benchmarks/train_memory.py`. The dense MLP (dense layers, shared experts,
+the dense student) is the same function with one expert and every row in order (`FastMLP`).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype matmuls on x run in here: autocast's inside an autocast region, else x's own.
-    The hand-written functions cast their inputs to it (autocast skips their out= matmuls)."""
-    kind = x.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+from nanoseek.model.head_loss import compute_dtype
+from nanoseek.model.moe import MLP
 
 
 def _blocks(sizes: list[int]) -> list[tuple[int, int, int]]:
@@ -35,8 +32,8 @@ def _blocks(sizes: list[int]) -> list[tuple[int, int, int]]:
 
 def _weight_grad(w: torch.Tensor, blocks: list[tuple[int, int, int]]) -> torch.Tensor:
     """Gradient buffer for stacked expert weights [E, ...]: each expert with rows is written whole
-    by one mm, so only the idle ones are zeroed (zeroing all of it is a full extra pass over the
-    experts' weights: 0.1 s a layer on the `small` preset)."""
+    by one mm, so only the idle ones are zeroed (zeroing all of it would be a full extra pass over
+    the experts' weights)."""
     d = torch.empty_like(w)
     idle = sorted(set(range(w.shape[0])) - {e for e, _, _ in blocks})
     if idle:
@@ -108,3 +105,13 @@ def expert_ffn(x: torch.Tensor, src: torch.Tensor | None, sizes: list[int], w_ga
     dt = compute_dtype(x)
     w_gate, w_up, w_down = (w.to(dt) for w in (w_gate, w_up, w_down))
     return _ExpertFFN.apply(x.to(dt), src, None if row_w is None else row_w.to(dt), w_gate, w_up, w_down, sizes)
+
+
+class FastMLP(MLP):
+    """`MLP` whose training forward keeps 2 activations instead of autograd's 5 (module docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return super().forward(x)
+        w = [m.weight.unsqueeze(0) for m in (self.gate_proj, self.up_proj, self.down_proj)]  # [1, out, in]
+        return expert_ffn(x.reshape(-1, x.shape[-1]), None, [x.numel() // x.shape[-1]], *w).view_as(x)
