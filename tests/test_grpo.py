@@ -156,7 +156,13 @@ def test_reward_rises_on_easy_task():
 def test_moe_bias_updates_and_mu_clipping():
     model = tiny(16).train()
     bias0 = [m.gate.e_score_correction_bias.clone() for m in moe_layers(model)]
-    o = Options(steps=2, prompts_per_step=4, group_size=4, max_new_tokens=3, lr=3e-2, mu=3, micro_batch=8, beta=0.1)
+    other = tiny(16).train()
+    before = [m.gate.e_score_correction_bias.clone() for m in moe_layers(other)]
+    SuccessorGRPO(other, DigitTok(), Options(steps=1, prompts_per_step=4, group_size=4, max_new_tokens=3, lr=3e-2),
+                  reward_fn=successor_rewards).step(0)  # by default RL leaves the routing bias where pretraining left it
+    assert all(torch.equal(b, m.gate.e_score_correction_bias) for b, m in zip(before, moe_layers(other)))
+    o = Options(steps=2, prompts_per_step=4, group_size=4, max_new_tokens=3, lr=3e-2, mu=3, micro_batch=8, beta=0.1,
+                bias_gamma=1e-3)
     run = SuccessorGRPO(model, DigitTok(), o, reward_fn=successor_rewards)
     assert run.ref is not None
     rows = [run.step(s) for s in range(2)]
