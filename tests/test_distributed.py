@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from nanoseek.config import ModelConfig
+from nanoseek.kernels import speedup
 from nanoseek.model.moe import moe_layers, update_balancing_bias
 from nanoseek.model.transformer import Transformer
 
@@ -42,6 +43,7 @@ def tiny_config() -> ModelConfig:
 def build():
     torch.manual_seed(0)
     model = Transformer(tiny_config())
+    speedup(model, for_="train")  # as the trainer does: the ranks and the single process run the same kernels
     return model
 
 

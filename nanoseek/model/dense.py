@@ -12,6 +12,7 @@ from torch import nn
 from nanoseek.config import DenseConfig
 from nanoseek.model.cache import KVCache
 from nanoseek.model.head_loss import masked_head_ce
+from nanoseek.model.hf_save import save_pretrained
 from nanoseek.model.moe import MLP
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import RotaryEmbedding
@@ -95,5 +96,4 @@ class DenseTransformer(nn.Module):
         return KVCache(cfg.num_hidden_layers, batch, max_len, (shape, shape), dtype or p.dtype, p.device)
 
     def save_pretrained(self, path, **kw) -> None:
-        from nanoseek.model.hf import save_pretrained
         save_pretrained(self, path, **kw)

@@ -7,6 +7,7 @@ from torch import nn
 from nanoseek.config import ModelConfig
 from nanoseek.model.cache import KVCache
 from nanoseek.model.head_loss import head_logprobs, masked_head_ce
+from nanoseek.model.hf_save import save_pretrained
 from nanoseek.model.mla import MLA
 from nanoseek.model.moe import MLP, MoE, balance_losses
 from nanoseek.model.mtp import MTPModule
@@ -194,6 +195,5 @@ class Transformer(nn.Module):
         return KVCache(layers, batch, max_len, ((cfg.kv_lora_rank + cfg.qk_rope_head_dim,),), dtype or p.dtype, p.device)
 
     def save_pretrained(self, path, **kw) -> None:
-        from nanoseek.model.hf import save_pretrained
         save_pretrained(self, path, **kw)
 

@@ -123,7 +123,7 @@ class VLLMRollout:
     @torch.no_grad()
     def sync(self, model) -> None:
         """Copy the policy's current weights into vLLM's, in place: engine and KV cache stay."""
-        from nanoseek.model.hf import to_hf_state_dict
+        from nanoseek.model.hf_save import to_hf_state_dict
         t0 = time.perf_counter()
         n = model.config.num_hidden_layers
         # MTP layers (index >= n) are not part of vLLM's main model: do not send them.
