@@ -79,9 +79,9 @@ class Options:
     length_weight: float = field(default=0.0, metadata={"help": "DAPO overlong penalty weight (0 = off)"})
     mtp_weight: float = field(default=0.1, metadata={"help": "keep MTP fitted: its CE on the rollouts (trunk detached)"})
     bias_gamma: float = field(default=0.0, metadata={
-        "help": "MoE routing-bias update speed (0 = frozen, as V3 ends pretraining with it; RL batches are few "
-                "tokens, padded, and each prompt repeated G times, so their load drifts the bias: held-out "
-                "accuracy was 3.8 +- 3.1 points higher frozen than at 0.001)"})
+        "help": "MoE routing-bias update speed (0 = frozen, as V3 ends pretraining with it: RL batches are few "
+                "tokens, padded, and repeat each prompt G times, so their load would drift the bias; the README's "
+                "speedrun section has the runs)"})
     eval_every: int = field(default=0, metadata={"help": "held-out greedy accuracy every N steps (0 = start/end)"})
     eval_n: int = field(default=64, metadata={"help": "held-out (test split) prompts per evaluation (0 = none)"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
