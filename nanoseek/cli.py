@@ -16,12 +16,13 @@ import json
 import os
 import sys
 import typing
-from pathlib import Path
 from typing import Any
 
 from nanoseek.errors import UsageError
+from nanoseek.options import read_config_file
 
-# subcommand -> (module, one-line description)
+# subcommand -> (module, one-line description). The command line's one place of lazy imports: a command's
+# module is imported when it runs (`_main`), so `nanoseek --help` starts without importing torch.
 COMMANDS: dict[str, tuple[str, str]] = {
     "speedrun": ("nanoseek.speedrun", "the whole R1 recipe end to end, with a report"),
     "pretrain": ("nanoseek.train.pretrain", "pretrain the MoE model (next-token + MTP loss)"),
@@ -96,24 +97,6 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: se
                             metavar=f.metadata.get("metavar", f.name.upper()), help=help_)
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.exists():
-        raise SystemExit(f"error: config file {p} does not exist")
-    text = p.read_text()
-    try:
-        if p.suffix in (".yaml", ".yml"):
-            import yaml
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
-    except Exception as e:  # noqa: BLE001 - report any parse error the same way
-        raise SystemExit(f"error: cannot parse config file {p}: {e}")
-    if not isinstance(data, dict):
-        raise SystemExit(f"error: config file {p} must hold a mapping of option: value")
-    return data
-
-
 def build_options(cls: type, namespace: argparse.Namespace, config_path: str | None = None):
     """Defaults < config file < command-line flags."""
     values: dict[str, Any] = {}
@@ -129,18 +112,6 @@ def build_options(cls: type, namespace: argparse.Namespace, config_path: str | N
         return cls(**values)
     except (TypeError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-
-
-def options_to_dict(opts: Any) -> dict[str, Any]:
-    return dataclasses.asdict(opts)
-
-
-def save_options(opts: Any, path: str | Path) -> Path:
-    import yaml
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(yaml.safe_dump(options_to_dict(opts), sort_keys=False))
-    return p
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -221,6 +192,7 @@ def _main(argv: list[str]) -> int:
         return 2
     opts = parse_command(name, module, argv[1:], desc)
     module.run(opts)
+    # imported here for the same reason as the commands: it imports torch
     from nanoseek.parallel.parallelize import destroy_distributed
     destroy_distributed()  # a no-op unless the stage joined torchrun's process group
     return 0

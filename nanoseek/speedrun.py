@@ -171,7 +171,7 @@ def speedrun(o: Options) -> Path:
     train_tasks = with_split(o.tasks, "train")
     torch.manual_seed(o.seed)
     run = Run(o)
-    from nanoseek.cli import save_options
+    from nanoseek.options import save_options
     save_options(o, run.root / "config.yaml")
     print(f"[speedrun] run folder {run.root.resolve()} (rerun the same command to resume)")
     common = dict(seed=o.seed, device=o.device)
@@ -250,7 +250,7 @@ def train(command: str, fn, opts, nproc: int, final: Path | None = None) -> dict
     (the same code, fed the same options through a config file); returns {"model": final dir}."""
     if nproc <= 1:
         return {"model": str(fn(opts))}
-    from nanoseek.cli import save_options
+    from nanoseek.options import save_options
     opts.parallel = "fsdp"
     cfg = save_options(opts, Path(opts.out) / "launch.yaml")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",

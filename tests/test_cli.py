@@ -90,7 +90,8 @@ def test_model_directory_as_positional_or_flag():
 
 def test_grpo_options_round_trip_through_a_config_file(tmp_path):
     """The speedrun launches GRPO under torchrun as `nanoseek grpo --config launch.yaml`."""
-    from nanoseek.cli import parse_command, save_options
+    from nanoseek.cli import parse_command
+    from nanoseek.options import save_options
     from nanoseek.train import grpo
     o = grpo.Options(model="runs/sft/final", steps=3, tasks=["add", "sub"], lr=5e-5, parallel="fsdp")
     back = parse_command("grpo", grpo, ["--config", str(save_options(o, tmp_path / "launch.yaml"))])

@@ -38,7 +38,7 @@ def run_dir(out: str, stage: str) -> Path:
 def start_run(opts, stage: str) -> Path:
     """Every stage starts alike: the run folder, its config.yaml (the resolved options), the seed.
     Under torchrun the ranks join the process group first and share rank 0's run folder."""
-    from nanoseek.cli import save_options
+    from nanoseek.options import save_options
 
     if distributed.wanted(opts):
         distributed.join(opts, resolve_device(opts.device))
