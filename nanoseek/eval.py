@@ -28,7 +28,8 @@ import torch
 
 from nanoseek.data.chat import describe_template, opens_think, parse_completion, question_prompt
 from nanoseek.data.sources import column_option, eval_samples, resolve_all
-from nanoseek.data.tasks import Sample, list_tasks
+from nanoseek.data.task_registry import Sample
+from nanoseek.data.tasks import list_tasks
 from nanoseek.data.verify import checker_of, reasoning_steps
 from nanoseek.rewards import compute_reward
 from nanoseek.tokenizer import load_tokenizer

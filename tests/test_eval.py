@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from nanoseek.data.chat import EOS
-from nanoseek.data.tasks import Sample
+from nanoseek.data.task_registry import Sample
 from nanoseek.eval import (METRICS, Completion, Options, build_prompt, cons_at_k, evaluate, pass_at_k, run,
                            score_question, to_markdown)
 

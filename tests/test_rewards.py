@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from nanoseek.data.chat import EOS
-from nanoseek.data.tasks import Sample
+from nanoseek.data.task_registry import Sample
 from nanoseek.rewards import (RewardConfig, compute_reward, compute_rewards, is_repetitive, language_reward,
                               length_penalty, script_of)
 from nanoseek.data.chat import parse_completion

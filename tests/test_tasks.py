@@ -3,7 +3,9 @@ import json
 
 import pytest
 
-from nanoseek.data.tasks import SPLITS, Sample, get_task, list_tasks, load_user_data, mix, split_of
+from nanoseek.data.sources import load_records
+from nanoseek.data.task_registry import SPLITS, Sample, split_of
+from nanoseek.data.tasks import get_task, list_tasks, mix
 from nanoseek.data.verify import check_answer
 
 OWN = ["add", "sub", "mul", "sort", "max", "compare", "countdown", "lineq", "word"]
@@ -106,20 +108,20 @@ def test_load_user_data(tmp_path):
     rows = [{"prompt": "What is 1/2 + 1/4?", "answer": "\\frac{3}{4}"}, {"question": "2+2?", "ground_truth": 4},
             {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
     p.write_text("\n".join(json.dumps(r) for r in rows))
-    data = load_user_data(p)
+    data = load_records(p)
     assert isinstance(data[0], Sample) and data[1].answer == "4" and data[2]["messages"][1]["content"] == "hello"
     assert check_answer(data[1], "4").correct and not check_answer(data[1], "5").correct
     pq = pytest.importorskip("pyarrow.parquet")
     import pyarrow as pa
     uniform = [{"prompt": s.prompt, "answer": s.answer} for s in data[:2]]
     pq.write_table(pa.Table.from_pylist(uniform), tmp_path / "d.parquet")
-    assert [s.prompt for s in load_user_data(tmp_path / "d.parquet")] == [data[0].prompt, data[1].prompt]
+    assert [s.prompt for s in load_records(tmp_path / "d.parquet")] == [data[0].prompt, data[1].prompt]
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_list(uniform).save_to_disk(str(tmp_path / "ds"))
-    assert [s.answer for s in load_user_data(tmp_path / "ds")] == ["\\frac{3}{4}", "4"]
+    assert [s.answer for s in load_records(tmp_path / "ds")] == ["\\frac{3}{4}", "4"]
     (tmp_path / "bad.jsonl").write_text(json.dumps({"foo": 1}))
     with pytest.raises(ValueError):
-        load_user_data(tmp_path / "bad.jsonl")
+        load_records(tmp_path / "bad.jsonl")
 
 
 def test_core_does_not_import_optional_libraries():

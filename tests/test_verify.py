@@ -5,7 +5,8 @@ import time
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from nanoseek.data.tasks import Sample, get_task
+from nanoseek.data.task_registry import Sample
+from nanoseek.data.tasks import get_task
 from nanoseek.data.verify import MAX_ANSWER_CHARS, check_answer, reasoning_steps, throughput
 
 

@@ -11,7 +11,8 @@ kept short because the tiny model's context is 256-512 tokens.
 """
 from __future__ import annotations
 
-from nanoseek.data.tasks import Sample, get_task, mix
+from nanoseek.data.task_registry import Sample
+from nanoseek.data.tasks import get_task, mix
 from nanoseek.errors import UsageError
 
 _PLACES = ["ones", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands", "millions"]

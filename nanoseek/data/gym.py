@@ -18,7 +18,7 @@ import random
 import re
 from functools import lru_cache
 
-from nanoseek.data.tasks import Sample, Task, register
+from nanoseek.data.task_registry import Sample, Task, register
 from nanoseek.errors import UsageError
 
 # dataset -> difficulty -> config overrides (difficulty 1 = shortest prompts)

@@ -38,7 +38,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nanoseek.data.tasks import SPLITS, Sample, get_task, list_tasks, mix, split_of
+from nanoseek.data.gym import gym_datasets
+from nanoseek.data.task_registry import SPLITS, Sample, split_of
+from nanoseek.data.tasks import get_task, list_tasks, mix
 from nanoseek.data.verify import last_boxed
 from nanoseek.errors import UsageError
 
@@ -355,7 +357,6 @@ def _unknown_task(spec: str) -> UsageError:
     own = list_tasks(own_only=True)
     close = difflib.get_close_matches(spec, own, n=3, cutoff=0.6)
     try:
-        from nanoseek.data.gym import gym_datasets
         gym = gym_datasets()
     except ImportError:  # reasoning-gym not installed: no gym suggestions
         gym = []

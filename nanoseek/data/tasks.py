@@ -5,10 +5,8 @@ how verify.check_answer grades an answer, and meta carries whatever the checker 
 cold-start solution writer need (operands, numbers, ...), so a Sample saved as JSON can be
 graded later without the generator.
 
-Splits: a problem belongs to exactly one split, decided by a hash of its prompt (10 % test,
-10 % validation, 80 % train). Generation draws from a split-specific seed and keeps only
-problems of the requested split, so no test prompt can ever appear in train, even for tasks
-whose problem space is small (1-digit addition has only 100 problems).
+Sample, Task, the splits and the registry are in task_registry.py (gym.py builds on them too); this
+module adds our own generators and looks tasks up by name.
 
 Our own tasks are sized for a tiny model trained for minutes on a CPU: difficulty 1 prompts
 are ~10 tokens and the answers a few digits. reasoning-gym tasks are wrapped in gym.py (built on
@@ -16,92 +14,19 @@ first use by get_task("gym:<dataset>")); user files and the `--tasks` syntax are
 """
 from __future__ import annotations
 
-import hashlib
 import random
-from dataclasses import asdict, dataclass, field
 from fractions import Fraction
-from pathlib import Path
-from typing import Callable
 
-SPLITS = ("train", "validation", "test")
-
-
-@dataclass
-class Sample:
-    task: str
-    prompt: str
-    answer: str
-    difficulty: int = 1
-    meta: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Sample":
-        return cls(task=d["task"], prompt=d["prompt"], answer=str(d["answer"]),
-                   difficulty=int(d.get("difficulty", 1)), meta=dict(d.get("meta") or {}))
-
-
-def split_of(prompt: str) -> str:
-    """The split a problem belongs to: a stable hash of its text (not Python's salted hash)."""
-    h = int.from_bytes(hashlib.blake2b(prompt.encode(), digest_size=8).digest(), "little") % 100
-    return "test" if h < 10 else "validation" if h < 20 else "train"
-
-
-@dataclass
-class Task:
-    """A generator `make(rng, difficulty) -> Sample` plus its difficulty range."""
-    name: str
-    make: Callable[[random.Random, int], Sample]
-    min_difficulty: int = 1
-    max_difficulty: int = 1
-    description: str = ""
-
-    def generate(self, n: int, split: str = "train", difficulty: int | None = None, seed: int = 0,
-                 max_difficulty: int | None = None) -> list[Sample]:
-        """n samples of `split`; difficulty None draws each sample's level uniformly from the range (capped at
-        max_difficulty when given), an int is clipped into it. Same arguments, same samples."""
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        cap = self.clip(max_difficulty) if max_difficulty else self.max_difficulty
-        capped = max_difficulty and difficulty is None
-        stream = f"{self.name}/{split}/{difficulty}/{seed}" + (f"/up-to-{cap}" if capped else "")
-        rng = random.Random(stream)  # per-split seed stream
-        out, seen, tries = [], set(), 0
-        while len(out) < n:
-            tries += 1
-            if tries > 2000 * n + 10000:
-                raise RuntimeError(f"{self.name}: could not draw {n} {split} samples at difficulty {difficulty}")
-            d = self.clip(difficulty) if difficulty is not None else rng.randint(self.min_difficulty, cap)
-            s = self.make(rng, d)
-            if split_of(s.prompt) != split:
-                continue
-            if s.prompt in seen and tries < 50 * n + 100:  # prefer distinct problems while there are any
-                continue
-            seen.add(s.prompt)
-            out.append(s)
-        return out
-
-    def clip(self, difficulty: int) -> int:
-        return max(self.min_difficulty, min(self.max_difficulty, int(difficulty)))
-
-
-_REGISTRY: dict[str, Task] = {}
-
-
-def register(task: Task) -> Task:
-    _REGISTRY[task.name] = task
-    return task
+from nanoseek.data.gym import LEVELS, gym_task
+from nanoseek.data.task_registry import REGISTRY, Sample, Task, register
 
 
 def get_task(name: str) -> Task:
     """A registered task, or `gym:<dataset>` for any reasoning-gym dataset. KeyError if unknown
     (sources.resolve turns a user's `--tasks` entry into a one-line UsageError instead)."""
-    if name in _REGISTRY:
-        return _REGISTRY[name]
+    if name in REGISTRY:
+        return REGISTRY[name]
     if name.startswith("gym:"):
-        from nanoseek.data.gym import gym_task  # gym.py builds on this module: imported on use
         return gym_task(name[len("gym:"):])
     raise KeyError(f"unknown task {name!r}; known: {', '.join(list_tasks())}")
 
@@ -109,8 +34,7 @@ def get_task(name: str) -> Task:
 def list_tasks(own_only: bool = False) -> list[str]:
     """Our own tasks, then (unless own_only) the reasoning-gym tasks with difficulty levels; any other
     reasoning-gym dataset works too as gym:<name>."""
-    from nanoseek.data.gym import LEVELS
-    own = [n for n in _REGISTRY if not n.startswith("gym:")]
+    own = [n for n in REGISTRY if not n.startswith("gym:")]
     return own if own_only else own + [f"gym:{n}" for n in LEVELS]
 
 
@@ -254,12 +178,3 @@ register(Task("countdown", _countdown, 1, 4, "reach a target with difficulty+1 n
 register(Task("lineq", _lineq, 1, 4, "solve a*x + b = c for integer x"))
 register(Task("word", _word, 1, 3, "word problems with one or two arithmetic steps"))
 
-
-# --------------------------------------------------------------------------------------------
-# user data: read by sources.py (JSONL / JSON / Parquet / CSV / datasets folders)
-
-def load_user_data(path: str | Path, task: str | None = None) -> list:
-    """Records of a data file: prompt + answer rows as Samples (graded as their answers suggest),
-    `messages` rows unchanged as chat records (SFT). See sources.load_records."""
-    from nanoseek.data.sources import load_records  # sources.py builds on this module
-    return load_records(path, task=task)

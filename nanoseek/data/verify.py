@@ -17,12 +17,15 @@ hang or raise on garbage model output, and must not be fooled by listing several
 from __future__ import annotations
 
 import ast
+import logging
 import re
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
+
+from nanoseek.data.gym import score as gym_score
 
 MAX_ANSWER_CHARS = 300   # longer "answers" are not answers; also bounds every parser below
 _INT = re.compile(r"[-−]?\d+")
@@ -191,8 +194,7 @@ def check_math(reference: str, text: str) -> Check:
 
 def _check_math_one(ref: str, text: str) -> Check:
     try:
-        import logging
-        from math_verify import parse, verify
+        from math_verify import parse, verify  # optional (the tasks extra): exact match without it
         logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled": we bound input instead
     except ImportError:
         ok = _normalize(text) == _normalize(ref)
@@ -233,8 +235,7 @@ def check_answer(sample, text) -> Check:
         if kind == "countdown":
             return check_countdown(sample.meta["numbers"], sample.meta["target"], text)
         if kind == "gym":
-            from nanoseek.data.gym import score
-            s = score(sample.meta, text.strip())
+            s = gym_score(sample.meta, text.strip())
             return Check(s >= 1.0, "reasoning-gym score 1" if s >= 1.0 else f"reasoning-gym score {s:.2f}")
         if kind == "string":
             ok = _normalize(text) == _normalize(sample.answer)
