@@ -74,7 +74,7 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- parallelize
-def _blocks(model: nn.Module) -> list[nn.Module]:
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The units FSDP shards one by one: transformer blocks, plus each MTP module's block.
 
     Only the MTP *block*: the MTP module's head_norm is called outside its forward
@@ -92,7 +92,7 @@ def compile_blocks(model: nn.Module, backend: str | Callable = "inductor") -> nn
     instead (dynamo's suppress_errors, with a warning), so training never stops for it."""
     import torch._dynamo
     torch._dynamo.config.suppress_errors = True
-    for block in _blocks(model):
+    for block in transformer_blocks(model):
         block.compile(backend=backend)
     return model
 
@@ -150,7 +150,7 @@ def parallelize(model: nn.Module, mode: str = "none", ep: int = 1, device: torch
             # the same numerics (averaged gradients), with ZeRO-2 memory instead of full replicas.
             fully_shard(model, reshard_after_forward=False, **kw)
     else:
-        for block in _blocks(model):
+        for block in transformer_blocks(model):
             fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
         # The root keeps embedding, final norm, head and MTP projections; they are used right
         # after the last block, so resharding the root after forward would only add an all-gather.
