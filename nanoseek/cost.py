@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from nanoseek.config import STUDENT_PRESETS, DenseConfig, ModelConfig, get_preset, get_student_preset, load_config
-from nanoseek.hardware import gpu_peak_flops
+from nanoseek.hardware import describe_device, device_peak_flops, gpu_peak_flops
 
 Config = ModelConfig | DenseConfig
 
@@ -302,7 +302,6 @@ def summarize_run(cfg: Config, tokens: int, wall_s: float, seq_len: int, peak_fl
     """
     import torch
 
-    from nanoseek.hardware import describe_device, device_peak_flops
     on_gpu = torch.cuda.is_available()
     peak = peak_flops if peak_flops else device_peak_flops()
     price = price_per_hour if price_per_hour is not None else (2.0 if on_gpu else 0.10)

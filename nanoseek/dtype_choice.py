@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 
 from nanoseek import hardware
+from nanoseek.model.moe import moe_layers
 
 CACHE_VERSION = 1
 BF16_MARGIN = 1.1  # bf16 autocast is chosen only when it measures at least this much faster than fp32
@@ -110,8 +111,6 @@ def probe_speeds(model: torch.nn.Module, loss_fn: Callable[[dict], torch.Tensor]
     global RNG state is restored (dropout-free models draw nothing, but a step_fn might), gradients
     are put back as they were, and so are the buffers (the MoE layers count routed tokens in `load`,
     which the first routing-bias update reads) and each MoE layer's last `aux_loss`."""
-    from nanoseek.model.moe import moe_layers
-
     g = torch.Generator().manual_seed(0)
 
     def new_batch() -> dict[str, torch.Tensor]:

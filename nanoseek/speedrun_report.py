@@ -6,6 +6,7 @@ import platform
 from pathlib import Path
 
 from nanoseek.eval import PASS_KS
+from nanoseek.hardware import describe_device
 
 
 def _metrics(path: Path) -> list[dict]:
@@ -204,8 +205,6 @@ def task_table(results: dict, above: dict, difficulty: int) -> list[str]:
 
 def render_report(root: Path, o, results: dict, stages: dict, tokens_fn,
                   above: dict | None = None) -> tuple[str, list[Path]]:
-    from nanoseek.hardware import describe_device
-
     total = sum(s["wall_s"] for s in stages.values())
     top_k = max((j for j in PASS_KS if j <= o.eval_k), default=None)  # the widest pass@k the samples allow
     lines = ["# nanoseek speedrun report", "",

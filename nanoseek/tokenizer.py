@@ -38,6 +38,7 @@ from typing import Iterable
 
 from nanoseek.data.chat import (ASSISTANT, BOS, CHAT_TEMPLATE, EOS, PAD, THINK_END, THINK_START, USER,
                                 ChatTemplateError, opens_think, render_chat)
+from nanoseek.data.corpus import iter_documents
 from nanoseek.data.tool_calls import TOOL_MARKERS
 from nanoseek.errors import UsageError
 
@@ -305,7 +306,6 @@ class Options:
 
 
 def run(opts: Options) -> Tokenizer:
-    from nanoseek.data.corpus import iter_documents
     t0 = time.time()
     docs = list(iter_documents(opts.n_docs, seed=opts.seed, files=opts.text_files))
     print(f"training a byte-level BPE tokenizer (vocab {opts.vocab_size}) on {len(docs)} documents "

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import List
 
 from nanoseek.data.coldstart import SOLVERS, coldstart_record, worked_solution
+from nanoseek.data.gym import LEVELS, gym_datasets
 from nanoseek.data.sources import column_option, resolve_all
 from nanoseek.data.tasks import get_task, list_tasks
 from nanoseek.data.verify import check_answer, checker_of, throughput
@@ -45,14 +46,12 @@ def _indent(text: str, pad: str = "      ") -> str:
 
 
 def list_sources() -> None:
-    from nanoseek.data.gym import LEVELS
     print("built-in tasks (difficulty range):")
     for name in list_tasks(own_only=True):
         t = get_task(name)
         print(f"  {name:10s} {t.min_difficulty}..{t.max_difficulty}  {t.description}")
     print(f"reasoning-gym with difficulty levels: {', '.join('gym:' + n for n in LEVELS)}")
     try:
-        from nanoseek.data.gym import gym_datasets
         names = gym_datasets()
         print(f"any reasoning-gym dataset as gym:NAME (its default config), {len(names)}: {', '.join(names)}")
     except ImportError:
