@@ -1,4 +1,5 @@
-"""Export a model to HF layout (DeepseekV3ForCausalLM / Qwen2ForCausalLM), optionally in another dtype.
+"""Export a model to HF layout (DeepseekV3ForCausalLM / Qwen2ForCausalLM), optionally in another dtype
+or with FP8 weights (`--fp8`: DeepSeek-V3's release layout, kernels/fp8_export.py).
 
 The result loads in transformers' AutoModelForCausalLM without trust_remote_code and in vLLM
 (MoE exports carry DeepSeek's routing fields and the MTP layers). `--verify` loads it back in
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.kernels.fp8_export import save_fp8_pretrained
+
 POSITIONAL = (("model", "source model directory (HF layout, ours or transformers')"),)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -21,6 +24,9 @@ class Options:
     model: str = field(default="", metadata={"help": "source model directory"})
     out: str = field(default="", metadata={"help": "output directory (default: <model>-export)"})
     dtype: str = field(default="fp32", metadata={"help": "weight dtype: fp32, bf16 or fp16"})
+    fp8: bool = field(default=False, metadata={
+        "help": "store every Linear but the head, and the routed experts, as e4m3 with a weight_scale_inv per "
+                "128x128 block (DeepSeek-V3's FP8 release layout; --dtype sets the rest)"})
     mtp: bool = field(default=True, metadata={"help": "keep the MTP layers (needed for speculative decoding)"})
     verify: bool = field(default=False, metadata={"help": "load the export in transformers and compare logits"})
 
@@ -38,11 +44,15 @@ def export(opts: Options) -> Path:
     if (src / "tokenizer.json").exists():
         from nanoseek.tokenizer import load_tokenizer
         tok = load_tokenizer(src)
-    model.save_pretrained(out, tokenizer=tok, dtype=DTYPES[opts.dtype])
+    if opts.fp8:
+        save_fp8_pretrained(model, out, tokenizer=tok, dtype=DTYPES[opts.dtype])
+    else:
+        model.save_pretrained(out, tokenizer=tok, dtype=DTYPES[opts.dtype])
     for extra in ("generation_config.json",):
         if (src / extra).exists():
             shutil.copy(src / extra, out / extra)
-    print(f"wrote {out} ({opts.dtype}, MTP {'kept' if opts.mtp and len(model.mtp) else 'dropped'})")
+    weights = f"fp8 e4m3 + 128x128 scales, the rest {opts.dtype}" if opts.fp8 else opts.dtype
+    print(f"wrote {out} ({weights}, MTP {'kept' if opts.mtp and len(model.mtp) else 'dropped'})")
     if opts.verify:
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging

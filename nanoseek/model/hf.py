@@ -18,6 +18,7 @@ from torch import nn
 
 from nanoseek.config import CheckpointError, DenseConfig, ModelConfig, load_config
 from nanoseek.errors import MissingPathError
+from nanoseek.kernels.fp8 import dequantize_blocks
 from nanoseek.model.dense import DenseTransformer
 from nanoseek.model.hf_save import hf_name
 from nanoseek.model.transformer import Transformer
@@ -45,6 +46,15 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
             raise CheckpointError(f"cannot read {f}: the file is corrupt or truncated ({e})") from e
     return out
+
+
+def dequantize_fp8(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DeepSeek-V3's FP8 release layout -> plain weights, in place: each e4m3 `X.weight` with its
+    `X.weight_scale_inv` (one scale per 128×128 block, multiplied back) becomes an fp32 `X.weight`."""
+    for key in [k for k in sd if k.endswith(".weight_scale_inv")]:
+        name = key.removesuffix("_scale_inv")
+        sd[name] = dequantize_blocks(sd[name], sd.pop(key))
+    return sd
 
 
 def from_hf_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
@@ -98,7 +108,7 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
         why = "is not a model directory" if path.exists() else "does not exist"
         raise MissingPathError(f"{path} {why}: give a directory in HF layout (config.json + model.safetensors)")
     cfg = load_config(path)
-    sd = _read_safetensors(path)
+    sd = dequantize_fp8(_read_safetensors(path))
     if isinstance(cfg, ModelConfig):
         # Keep only the MTP depth actually stored (transformers' own saves drop MTP weights).
         n = cfg.num_hidden_layers

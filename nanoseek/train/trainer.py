@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from nanoseek.kernels import speedup
+from nanoseek.kernels.fp8 import apply_fp8
 from nanoseek.model.moe import moe_layers, update_balancing_bias
 from nanoseek.parallel.parallelize import all_reduce_sum
 from nanoseek.train import distributed
@@ -58,6 +59,9 @@ class TrainOptions:
     beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
     grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm (0 = off)"})
     dtype: str = field(default="auto", metadata={"help": "auto | fp32 | bf16 (autocast, fp32 master weights)"})
+    precision: str = field(default="default", metadata={
+        "help": "default | fp8: fp8 runs every Linear but the head, and the routed experts, on e4m3 GEMMs with "
+                "DeepSeek-V3's 1x128 / 128x128 scales (forward and backward; --dtype still sets the rest)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     seed: int = field(default=0, metadata={"help": "seed for init, data order and sampling"})
     deterministic: bool = field(default=True, metadata={
@@ -186,13 +190,18 @@ class Trainer:
             # with >1 thread the MoE layer's scatter/gather-add kernels otherwise accumulate in a varying
             # order: losses of two identical runs differed in the 7th digit (a dense model did not)
             torch.use_deterministic_algorithms(True, warn_only=True)
+        if opts.precision not in ("default", "fp8"):
+            raise ValueError(f"precision must be 'default' or 'fp8', got {opts.precision!r}")
         self.model = model.to(self.device).train()
         speedup(self.model, for_="train")  # before the dtype probe times steps and before wrapping
+        # after speedup, whose fast MLP reads its weights past the Linears that apply_fp8 swaps
+        precision = apply_fp8(self.model) if opts.precision == "fp8" else "default"
         self.step, self.tokens, self.elapsed = 0, 0, 0.0  # (the step_fn of the dtype probe reads self.step)
         self.dtype_choice = self._choose_dtype()  # may time a few steps: before wrapping, on the final device
         self.amp_dtype = self.dtype_choice.autocast
         if self.rank == 0:
             print(self.dtype_choice.describe())
+            print(f"precision: {precision}")
         if opts.compile:
             from nanoseek.parallel.parallelize import compile_blocks
             compile_blocks(self.model)
