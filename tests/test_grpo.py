@@ -259,3 +259,22 @@ def test_run_outputs_and_exact_resume(model_dir, tmp_path, one_thread):
     assert _rows(a) == _rows(b)
     wa, wb = from_pretrained(a / "final").state_dict(), from_pretrained(b / "final").state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_on_policy_update_hands_the_head_its_exact_gradient(monkeypatch):
+    """On policy GRPO backpropagates its loss and promises the chunked head the gradient that loss
+    brings (`gradient_at_ratio_one`): every backward of the head finds it bit for bit, so none
+    recomputes the logits."""
+    from nanoseek.kernels import chunked_head
+    found = []
+    backward = chunked_head._HeadLogProbs.backward
+
+    def recording(ctx, grad, ent_grad):
+        hint = ctx.saved_tensors[4]
+        found.append(hint is not None and torch.equal(grad, hint))
+        return backward(ctx, grad, ent_grad)
+
+    monkeypatch.setattr(chunked_head._HeadLogProbs, "backward", staticmethod(recording))
+    o = Options(steps=1, prompts_per_step=4, group_size=4, max_new_tokens=3, micro_batch=8, mtp_weight=0.1)
+    SuccessorGRPO(tiny(16).train(), DigitTok(), o, reward_fn=successor_rewards).step(0)
+    assert found and all(found)

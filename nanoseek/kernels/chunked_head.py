@@ -1,5 +1,5 @@
-"""What the output head's logits are needed for in training, computed in row chunks: the masked
-next-token cross-entropy (pretraining, SFT, distillation) and the per-token log-probs (GRPO).
+"""`ChunkedLMHead`, the drop-in for `model.head.LMHead`: its cross-entropy (pretraining, SFT,
+distillation) and per-token log-probs (GRPO) computed in row chunks, with hand-written backwards.
 
 The plain way builds the logits [N, V]; autograd keeps log-softmax's fp32 output (another [N, V])
 and backward allocates two more. On the tiny preset these are the largest tensors of a training
@@ -8,22 +8,24 @@ step. Here at most one chunk of logits exists at a time:
   to its gradients for the hidden rows and the head weight; backward only scales them.
 - log-probs: the loss that uses them is not known yet, so forward keeps one log-sum-exp per row
   and backward recomputes each chunk's logits (one more head matmul instead of three [N, V] tensors),
-  unless the caller knows the gradient in advance (on-policy GRPO): then forward forms them as the
-  CE does.
+  unless the caller knows the gradient in advance (`known_logprob_gradient`, on-policy GRPO): then
+  forward forms them as the CE does.
+The head runs on the rows a mask sets only: SFT's prompts and GRPO's prompts and padding cost no
+head matmul (on the tiny preset the head is ~45 % of a step's matmul FLOPs).
 """
 from __future__ import annotations
+
+import contextlib
+import threading
 
 import torch
 import torch.nn.functional as F
 
+from nanoseek.kernels.compute_dtype import compute_dtype
+from nanoseek.model.head import LMHead
+
 CHUNK_ROWS = 1024  # tiny preset: 16 MiB of fp32 logits per chunk
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype matmuls on x run in here: autocast's inside an autocast region, else x's own.
-    The hand-written functions cast their inputs to it (autocast skips their out= matmuls)."""
-    kind = x.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+_hint = threading.local()  # the server's engine runs in its own thread
 
 
 def _add_weight_grad(dw: torch.Tensor, dlogits: torch.Tensor, rows: torch.Tensor) -> None:
@@ -63,9 +65,7 @@ class _HeadCE(torch.autograd.Function):
 
 
 def _kept_rows(mask: torch.Tensor) -> torch.Tensor | None:
-    """The indices of the rows whose mask [N] is set, or None when all are. The head then runs on
-    the rows a loss reads only: SFT's prompts and GRPO's prompts and padding cost no head matmul
-    (on the tiny preset the head is ~45 % of a step's matmul FLOPs)."""
+    """The indices of the rows whose mask [N] is set, or None when all are."""
     keep = mask.nonzero().squeeze(1)
     return None if len(keep) == len(mask) else keep
 
@@ -173,3 +173,29 @@ def head_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
         spread = lambda x: x.new_zeros(shape.numel()).index_put((keep,), x)  # noqa: E731
         logp, ent = spread(logp), spread(ent) if entropy else ent
     return logp.view(shape), ent.view(shape) if entropy else None
+
+
+@contextlib.contextmanager
+def known_logprob_gradient(grad: torch.Tensor | None):
+    """In this block (this thread), the chunked head's log-probs [B, T] are told the gradient the
+    caller's loss will send back to them (None: not known). Backward then returns the gradients
+    formed in the forward if exactly that gradient arrives, and recomputes them otherwise; the
+    reference head has no use for it."""
+    before = getattr(_hint, "grad", None)
+    _hint.grad = grad
+    try:
+        yield
+    finally:
+        _hint.grad = before
+
+
+class ChunkedLMHead(LMHead):
+    def cross_entropy(self, h: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return masked_head_ce(h, self.weight, targets, mask)
+
+    def log_probs(self, h: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, entropy: bool = False,
+                  mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        hint = getattr(_hint, "grad", None)
+        if hint is not None and hint.shape != targets.shape:
+            raise ValueError(f"known_logprob_gradient: gradient {tuple(hint.shape)} for log-probs {tuple(targets.shape)}")
+        return head_logprobs(h, self.weight, targets, temperature, entropy, mask, hint)

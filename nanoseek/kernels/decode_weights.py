@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoseek.model.mla import MLA
+from nanoseek.kernels.chunked_head import ChunkedLMHead
+from nanoseek.kernels.mla import FastMLA
 
 _scope = threading.local()  # the server's engine runs in its own thread
 
@@ -63,8 +64,12 @@ class DecodeLinear(nn.Linear):
         return y + self.bias if self.bias is not None else y
 
 
-class DecodeMLA(MLA):
-    """MLA whose absorbed path, in the engine's scope, runs W_UK and W_UV as one bmm over heads."""
+class DecodeLMHead(ChunkedLMHead, DecodeLinear):
+    """The output head: the chunked training losses, and in the engine's scope the [in, out] copy."""
+
+
+class DecodeMLA(FastMLA):
+    """FastMLA whose absorbed path, in the engine's scope, runs W_UK and W_UV as one bmm over heads."""
 
     def decode_copies(self) -> tuple[torch.Tensor, ...]:
         """W_UK [H, nope, C] and W_UV^T [H, C, v] as contiguous per-head blocks."""
@@ -83,9 +88,9 @@ class DecodeMLA(MLA):
         copies = engine_copies(self)
         if copies is None:
             return super()._absorb_output(o_lat)
-        B, H, C = o_lat.shape[0], self.n_heads, self.kv_lora_rank       # [H, B*T, C] @ W_UV^T [H, C, v]
-        o = torch.bmm(o_lat.view(-1, H, C).transpose(0, 1), copies[1])
-        return o.view(H, B, -1, self.v_dim).transpose(0, 1)              # [B, H, T, v]
+        B, H, T, C = o_lat.shape                                          # [H, B*T, C] @ W_UV^T [H, C, v]
+        o = torch.bmm(o_lat.transpose(1, 2).reshape(B * T, H, C).transpose(0, 1), copies[1])
+        return o.view(H, B, T, self.v_dim).transpose(0, 1)                # [B, H, T, v]
 
 
 def cache_transposed(model: nn.Module) -> Callable[[], bool]:

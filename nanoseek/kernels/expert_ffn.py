@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nanoseek.model.head_loss import compute_dtype
+from nanoseek.kernels.compute_dtype import compute_dtype
 from nanoseek.model.moe import MLP
 
 

@@ -5,11 +5,18 @@ forward contract, so a swapped model saves, loads, trains and shards exactly lik
 (FSDP wraps the blocks around these modules, expert parallelism replaces `Experts` whole).
 Swapping the class in place keeps every parameter object, so optimizers and hooks are unaffected.
 
-    module         for_="train"   for_="decode"   what it buys
-    Experts        FastExperts    FastExperts     grouped / padded / all-experts GEMMs instead of a loop
-    MLP            FastMLP        FastMLP         training keeps 2 activations instead of 5
-    nn.Linear      -              DecodeLinear    CPU decode on [in, out] weight copies
-    MLA            -              DecodeMLA       CPU absorbed decode as one bmm over heads
+    module         for_="train"    for_="decode"   what it buys
+    Experts        FastExperts     FastExperts     grouped / padded / all-experts GEMMs instead of a loop
+    MLP            FastMLP         FastMLP         training keeps 2 activations instead of 5
+    RMSNorm        FastRMSNorm     FastRMSNorm     training keeps x and 1/rms only; one fused op without grad
+    LMHead         ChunkedLMHead   DecodeLMHead    CE / log-probs in row chunks, no [N, V] logits kept;
+                                                   decode: CPU head on an [in, out] weight copy
+    MLA            FastMLA         DecodeMLA       flash-friendly SDPA, heads as query rows of the latent;
+                                                   decode: CPU absorption as one bmm over heads
+    nn.Linear      -               DecodeLinear    CPU decode on [in, out] weight copies
+
+A model swapped for training and then for decoding (GRPO's policy is its own rollout model) keeps
+the training kernels: each decode kernel extends the training one.
 
 NANOSEEK_KERNELS=0 in the environment turns all of it off: the model runs as model/ defines it.
 """
@@ -20,14 +27,20 @@ from collections.abc import Callable
 
 from torch import nn
 
-from nanoseek.kernels.decode_weights import DecodeLinear, DecodeMLA, cache_transposed
+from nanoseek.kernels.chunked_head import ChunkedLMHead
+from nanoseek.kernels.decode_weights import DecodeLinear, DecodeLMHead, DecodeMLA, cache_transposed
 from nanoseek.kernels.expert_ffn import FastMLP
 from nanoseek.kernels.experts import FastExperts
+from nanoseek.kernels.mla import FastMLA
+from nanoseek.kernels.rms_norm import FastRMSNorm
+from nanoseek.model.head import LMHead
 from nanoseek.model.mla import MLA
 from nanoseek.model.moe import MLP, Experts
+from nanoseek.model.norm import RMSNorm
 
-_TRAIN = {Experts: FastExperts, MLP: FastMLP}
-_DECODE = {**_TRAIN, nn.Linear: DecodeLinear, MLA: DecodeMLA}
+_TRAIN = {Experts: FastExperts, MLP: FastMLP, RMSNorm: FastRMSNorm, LMHead: ChunkedLMHead, MLA: FastMLA}
+_DECODE = {**_TRAIN, nn.Linear: DecodeLinear, LMHead: DecodeLMHead, ChunkedLMHead: DecodeLMHead,
+           MLA: DecodeMLA, FastMLA: DecodeMLA}
 
 
 def enabled() -> bool:

@@ -1,4 +1,4 @@
-"""Multi-head Latent Attention (DeepSeek-V2/V3).
+"""Multi-head Latent Attention (DeepSeek-V2/V3; V3 §2.1.1, eq. 1-11).
 
 Queries go through a low-rank latent (q_lora_rank); keys and values through a shared latent
 c_kv (kv_lora_rank) plus one rotary key k_pe shared by all heads (qk_rope_head_dim):
@@ -7,8 +7,8 @@ c_kv (kv_lora_rank) plus one rotary key k_pe shared by all heads (qk_rope_head_d
     [c_kv | k_pe] = W_DKV x,  c_kv = RMSNorm(c_kv)  [k_nope | v] = W_UKV c_kv       per head
     score = q_nope·k_nope + rope(q_pe)·rope(k_pe)
 
-Training path: expand per-head K/V and run SDPA. Absorbed path (decode): fold W_UK into the
-query and W_UV into the output, so attention runs on the latent and the cache holds only
+Expanded form (training, `_attend_expanded`): per-head K/V from the latent, then SDPA. Absorbed
+form (decode, `_attend_latent`): fold W_UK into the query and W_UV into the output, so attention runs on the latent and the cache holds only
 c_kv + k_pe — (kv_lora_rank + qk_rope_head_dim) values per token per layer, stored side by
 side in one row, which is at once the key (c_kv | k_pe) and, in its first columns, the value.
 """
@@ -70,17 +70,16 @@ class MLA(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim))
 
     def _attend_expanded(self, q_nope, q_pe, c_kv, k_pe, mask):
+        """Per-head keys [k_nope | k_pe] and values expanded from the latent (eq. 2-5), attended (eq. 10)."""
         B, S, _ = c_kv.shape
         kv = self.kv_b_proj(c_kv).view(B, S, self.n_heads, self.nope + self.v_dim).transpose(1, 2)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)              # [B, H, S, nope], [B, H, S, v]
         q = torch.cat([q_nope, q_pe], dim=-1)                             # [B, H, T, nope+rope]
         k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(-1, self.n_heads, -1, -1)], dim=-1)
-        pad = q.shape[-1] - self.v_dim
-        if mask is None and pad > 0:
-            # Flash SDPA kernels want one head dim for q, k and v: zero-pad v (its extra
-            # output columns are zero and dropped) rather than fall back to the math path.
-            out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad)), is_causal=True, scale=self.scale)
-            return out[..., : self.v_dim]
+        return self._softmax_attention(q, k, v, mask)                     # [B, H, T, v]
+
+    def _softmax_attention(self, q, k, v, mask):
+        """softmax(q k^T * scale, masked) v; mask None: causal."""
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
 
     def _absorb_query(self, q_nope: torch.Tensor) -> torch.Tensor:
@@ -90,30 +89,18 @@ class MLA(nn.Module):
         return torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)
 
     def _absorb_output(self, o_lat: torch.Tensor) -> torch.Tensor:
-        """W_UV applied after attention: o_lat [B, T*H, C] (rows (t, h)) -> per-head values [B, H, T, v]."""
-        B, H, C = o_lat.shape[0], self.n_heads, self.kv_lora_rank
-        w_uv = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, C)[:, self.nope:]
-        return torch.einsum("bhtc,hvc->bhtv", o_lat.view(B, -1, H, C).transpose(1, 2), w_uv)
+        """W_UV applied after attention: o_lat [B, H, T, C] -> per-head values [B, H, T, v]."""
+        w_uv = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)[:, self.nope:]
+        return torch.einsum("bhtc,hvc->bhtv", o_lat, w_uv)
 
     def _attend_latent(self, q_nope, q_pe, kv, mask):
-        B, H, T, _ = q_nope.shape
-        S, C = kv.shape[1], self.kv_lora_rank
+        """Decode form: attention on the cached latent kv [B, S, C+rope], W_UK and W_UV absorbed."""
+        T, S, C = q_nope.shape[2], kv.shape[1], self.kv_lora_rank
+        c_kv, k_pe = kv[..., :C], kv[..., C:]                             # [B, S, C], [B, S, rope]
         q_lat = self._absorb_query(q_nope)                                # [B, H, T, C]
-        # One latent key/value "head" serves all H query heads, so the heads become query rows of a
-        # single-head attention (as FlashMLA does): no K/V copy per head. SDPA's enable_gqa path
-        # instead repeats K/V H times.
-        q = torch.cat([q_lat, q_pe], dim=-1).transpose(1, 2).reshape(B, T * H, -1)  # rows (t, h): [B, T*H, C+rope]
-        v = kv[..., :C]                                                   # [B, S, C]: a view, no copy
+        scores = torch.einsum("bhtc,bsc->bhts", q_lat, c_kv) + torch.einsum("bhtr,bsr->bhts", q_pe, k_pe)
         if mask is None:  # plain causal, queries at the last T of S positions
-            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T).view(1, 1, T, S)
-        if T <= 8:
-            # Decode (and speculative verification): for so few query rows two bmm and a softmax
-            # over [B, T*H, S] beat SDPA's kernel on CPU.
-            scores = torch.bmm(q, kv.transpose(1, 2)).mul_(self.scale)
-            scores.view(B, T, H, S).masked_fill_(~mask.transpose(1, 2), float("-inf"))  # mask [B, T, 1, S]
-            o_lat = torch.bmm(scores.softmax(-1, dtype=torch.float32).to(v.dtype), v)
-        else:  # prefill: SDPA never materializes the [T*H, S] scores
-            mask = mask.unsqueeze(3).expand(-1, -1, -1, H, -1).reshape(mask.shape[0], 1, T * H, S)
-            o_lat = F.scaled_dot_product_attention(q.unsqueeze(1), kv.unsqueeze(1), v.unsqueeze(1),
-                                                   attn_mask=mask, scale=self.scale).squeeze(1)
-        return self._absorb_output(o_lat)                                 # [B, H, T, v]
+            mask = torch.ones(T, S, dtype=torch.bool, device=kv.device).tril(S - T)
+        scores = (scores * self.scale).masked_fill(~mask, float("-inf"))
+        attn = scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32))  # [B, H, T, S]
+        return self._absorb_output(torch.einsum("bhts,bsc->bhtc", attn.to(c_kv.dtype), c_kv))  # [B, H, T, v]

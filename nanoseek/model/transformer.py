@@ -1,12 +1,16 @@
-"""DeepSeek-V3 transformer: embedding, N blocks (MLA + dense FFN or DeepSeekMoE), norm, head, MTP."""
+"""The decoder both models share (embedding, pre-norm blocks, final norm, output head; the forward,
+the training loss, GRPO's log-probs), and DeepSeek-V3 on it: blocks of MLA + dense FFN or
+DeepSeekMoE, and MTP. The dense student (`dense.py`) is the same decoder with GQA blocks."""
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from nanoseek.config import ModelConfig
+from nanoseek.config import DenseConfig, ModelConfig
 from nanoseek.model.cache import KVCache
-from nanoseek.model.head_loss import head_logprobs, masked_head_ce
+from nanoseek.model.head import LMHead
 from nanoseek.model.hf_save import save_pretrained
 from nanoseek.model.mla import MLA
 from nanoseek.model.moe import MLP, MoE, balance_losses
@@ -16,12 +20,14 @@ from nanoseek.model.rope import RotaryEmbedding
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    """Pre-norm residual block: x + attn(norm(x)), then + ffn(norm(x))."""
+
+    def __init__(self, self_attn: nn.Module, mlp: nn.Module, dim: int, eps: float):
         super().__init__()
-        self.self_attn = MLA(cfg, layer_idx)
-        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = self_attn
+        self.mlp = mlp
+        self.input_layernorm = RMSNorm(dim, eps)
+        self.post_attention_layernorm = RMSNorm(dim, eps)
 
     def forward(self, x: torch.Tensor, **attn_kw) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), **attn_kw)
@@ -44,23 +50,20 @@ def attention_mask(positions: torch.Tensor, kv_len: int | None, doc_ids: torch.T
     return None
 
 
-class Transformer(nn.Module):
-    config_class = ModelConfig
+class Decoder(nn.Module):
+    """Token embedding, the blocks, final RMSNorm, output head (tied to the embedding if the config
+    says so); `mtp` holds the MTP modules of a model that has them."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig | DenseConfig, make_block: Callable[[int], Block]):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(make_block(i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        n = cfg.num_hidden_layers
-        self.mtp = nn.ModuleList(MTPModule(cfg, n + k, Block(cfg, n + k)) for k in range(cfg.num_nextn_predict_layers))
-        self.rotary = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling,
-                                      cfg.max_position_embeddings, cfg.rope_interleave)
-        self.apply(self._init_weights)
+        self.mtp = nn.ModuleList()
 
     def _init_weights(self, m: nn.Module) -> None:
         std = self.config.initializer_range
@@ -113,28 +116,26 @@ class Transformer(nn.Module):
     def mtp_logits(self, k: int, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.mtp[k - 1].head_norm(h))
 
-    def token_logprobs(self, input_ids: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                       entropy: bool = False, mtp_mask: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                       grad_hint: torch.Tensor | None = None):
-        """Per-token log pi(targets) [B, T] (fp32, pi = softmax(logits / temperature)) through the
-        chunked head (no [B, T, V] logits are kept); the entropy of pi [B, T] when asked (no grad);
-        with mask [B, T], both only where it is set (0 elsewhere); grad_hint [B, T]: the gradient the
-        log-probs will get, when known before the forward (`head_logprobs`);
-        with mtp_mask [B, T-1], the depth-1 MTP CE on targets[:, 1:] from a detached trunk (GRPO:
-        MTP learns the policy's own next-next token without pulling the policy), else None."""
+    def token_logprobs(self, input_ids: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
+                       entropy: bool = False, mask: torch.Tensor | None = None,
+                       mtp_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """GRPO's log pi(targets) [B, T] (fp32, pi = softmax(logits / temperature)); the entropy of pi
+        [B, T] when asked (no grad); with mask [B, T], both only where it is set (0 elsewhere);
+        with mtp_mask [B, T-1], the depth-1 MTP CE on targets[:, 1:] from a detached trunk (MTP learns
+        the policy's own next-next token without pulling the policy), else None."""
         h, kw = self.hidden_states(input_ids)
-        logp, ent = head_logprobs(h, self.lm_head.weight, targets, temperature, entropy, mask, grad_hint)
+        logp, ent = self.lm_head.log_probs(h, targets, temperature, entropy, mask)
         T = input_ids.shape[1] - 1
         if mtp_mask is None or not len(self.mtp) or T < 1:
             return logp, ent, None
         h1 = self.mtp_hidden(1, h[:, :T].detach(), input_ids[:, 1:], rotary=self.rotary, cos=kw["cos"][:, :T],
                              sin=kw["sin"][:, :T], positions=kw["positions"][:, :T], mask=None, absorb=None)
-        return logp, ent, masked_head_ce(self.mtp[0].head_norm(h1), self.lm_head.weight, targets[:, 1:], mtp_mask)
+        return logp, ent, self.lm_head.cross_entropy(self.mtp[0].head_norm(h1), targets[:, 1:], mtp_mask)
 
     # ------------------------------------------------------------------ training loss
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None = None,
              doc_ids: torch.Tensor | None = None, mtp_weight: float = 0.3) -> dict[str, torch.Tensor]:
-        """Next-token CE + lambda * mean_k MTP CE + sequence-wise balance loss.
+        """Next-token CE + lambda * mean_k MTP CE (V3 eq. 24-25) + sequence-wise balance loss (eq. 17-20).
 
         input_ids, targets [B, T]: targets[:, i] is the token after input_ids[:, i].
         loss_mask [B, T] (1 = train on this target). MTP depth k predicts targets[:, i+k] at
@@ -143,7 +144,7 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         mask = None if loss_mask is None else loss_mask.float()  # None: every target (no row selection)
         h, kw = self.hidden_states(input_ids, doc_ids=doc_ids)
-        lm = masked_head_ce(h, self.lm_head.weight, targets, mask)
+        lm = self.lm_head.cross_entropy(h, targets, mask)
         out = {"lm_loss": lm}
         total = lm
         mtp_losses = []
@@ -162,7 +163,7 @@ class Transformer(nn.Module):
             cos, sin = kw["cos"][:, :T - k], kw["sin"][:, :T - k]
             h_k = self.mtp_hidden(k, h_prev[:, :T - k], input_ids[:, k:], rotary=self.rotary, cos=cos, sin=sin,
                                   positions=sub_pos, mask=attention_mask(sub_pos, None, d), absorb=None)
-            mtp_losses.append(masked_head_ce(self.mtp[k - 1].head_norm(h_k), self.lm_head.weight, targets[:, k:], m))
+            mtp_losses.append(self.lm_head.cross_entropy(self.mtp[k - 1].head_norm(h_k), targets[:, k:], m))
             h_prev = h_k
         if mtp_losses:
             out["mtp_loss"] = torch.stack(mtp_losses).mean()
@@ -187,13 +188,29 @@ class Transformer(nn.Module):
             total += n
         return total
 
+    def save_pretrained(self, path, **kw) -> None:
+        save_pretrained(self, path, **kw)
+
+
+class Transformer(Decoder):
+    """DeepSeek-V3: blocks of MLA and a dense FFN (the first layers) or DeepSeekMoE, plus MTP (§2.2)."""
+    config_class = ModelConfig
+
+    def __init__(self, cfg: ModelConfig):
+        def block(i: int) -> Block:
+            mlp = MoE(cfg) if cfg.is_moe_layer(i) else MLP(cfg.hidden_size, cfg.intermediate_size)
+            return Block(MLA(cfg, i), mlp, cfg.hidden_size, cfg.rms_norm_eps)
+
+        super().__init__(cfg, block)
+        n = cfg.num_hidden_layers
+        self.mtp = nn.ModuleList(MTPModule(cfg, n + k, block(n + k)) for k in range(cfg.num_nextn_predict_layers))
+        self.rotary = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling,
+                                      cfg.max_position_embeddings, cfg.rope_interleave)
+        self.apply(self._init_weights)
+
     def make_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None, mtp: bool = False) -> KVCache:
         """Latent cache [c_kv | k_pe] per layer; `mtp` adds the MTP blocks' layers (ids n .. n+D-1)."""
         cfg = self.config
         p = next(self.parameters())
         layers = cfg.num_hidden_layers + (len(self.mtp) if mtp else 0)
         return KVCache(layers, batch, max_len, ((cfg.kv_lora_rank + cfg.qk_rope_head_dim,),), dtype or p.dtype, p.device)
-
-    def save_pretrained(self, path, **kw) -> None:
-        save_pretrained(self, path, **kw)
-

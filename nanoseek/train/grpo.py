@@ -31,14 +31,14 @@ import torch
 
 from nanoseek.data.chat import describe_template, prompt_opens_think, question_prompt
 from nanoseek.data.sources import heldout_samples, resolve_all, train_samples
-from nanoseek.kernels import speedup
+from nanoseek.kernels import known_logprob_gradient, speedup
 from nanoseek.model.moe import balance_losses, moe_layers, update_balancing_bias
 from nanoseek.parallel.parallelize import all_reduce_sum
 from nanoseek.train import distributed
 from nanoseek.train.grpo_batch import (Round, informative_groups, local_rows, refill_samples, refill_seed,
                                        trained_groups)
-from nanoseek.train.grpo_loss import (OBJECTIVES, group_advantages, grpo_loss, normalizer, offpolicy_sequence_mask,
-                                      on_policy_weights, policy_logprobs, tis_weights)
+from nanoseek.train.grpo_loss import (OBJECTIVES, gradient_at_ratio_one, group_advantages, grpo_loss, normalizer,
+                                      offpolicy_sequence_mask, policy_logprobs, tis_weights)
 from nanoseek.train.grpo_options import Options
 from nanoseek.train.grpo_plots import plot_run
 from nanoseek.train.mismatch import (EngineRouting, LogprobMismatch, TrainerRouting, engine_logprob_matrix,
@@ -291,20 +291,25 @@ class GRPO:
             for i in range(0, len(ids), o.micro_batch):
                 sl = slice(i, i + o.micro_batch)
                 norm_sl = norm[sl] if norm.dim() == 1 else norm
-                # on policy the log-probs' gradient is known before the forward: the head forms it there
-                w = on_policy_weights(adv[sl], mask[sl], norm_sl) * W if on_policy else None
-                logp, ent, mtp = policy_logprobs(model, ids[sl], mask[sl], o.temperature, o.mtp_weight, entropy=True,
-                                                 grad_hint=w, sampling_mask=self.sampling_mask)
+
+                def policy_loss(logp, old, token_weights=None):  # this micro-batch's
+                    return grpo_loss(logp, old, adv[sl], mask[sl], norm_sl, ref_logp[sl] if ref_logp is not None else None,
+                                     o.beta, o.eps_low, o.eps_high, o.loss, token_weights)
+
+                # on policy the gradient the loss sends to the log-probs is known before the forward:
+                # the chunked head (kernels) then forms its own gradients there
+                hint = (gradient_at_ratio_one(lambda lp: policy_loss(lp, lp.detach())[0] * W, mask[sl])
+                        if on_policy else None)
+                with known_logprob_gradient(hint):
+                    logp, ent, mtp = policy_logprobs(model, ids[sl], mask[sl], o.temperature, o.mtp_weight,
+                                                     entropy=True, sampling_mask=self.sampling_mask)
                 old = old_logp[sl] if old_logp is not None else logp.detach()
                 if measured is not None and epoch == 0:  # pi_old: the trainer at the rollout's weights
                     measured.add(old, engine_lp[sl], mask[sl])
                 token_weights = self._corrections(logp, old, engine_lp[sl], adv[sl], mask[sl]) if corrected else None
-                loss, st = grpo_loss(logp if w is None else old, old, adv[sl], mask[sl], norm_sl,
-                                     ref_logp[sl] if ref_logp is not None else None, o.beta, o.eps_low, o.eps_high,
-                                     o.loss, token_weights)
+                loss, st = policy_loss(logp, old, token_weights)
                 mtp_loss = o.mtp_weight * mtp * (mask[sl].sum() / n_tok) if mtp is not None else 0.0
                 loss = loss + mtp_loss
-                objective = loss * W if w is None else (logp * w).sum() + mtp_loss * W  # the same gradient
                 bal = balance_losses(model)  # a per-rank mean: the wrappers' average makes it the global one
                 bal = bal * (len(ids[sl]) / len(ids)) if bal is not None else loss.new_zeros(())
                 if W > 1:  # every rank must take the same branch (a backward is collective)
@@ -316,7 +321,7 @@ class GRPO:
                                                  "lower --lr, check rewards for NaN, or use --nan-policy skip")
                     finite = False
                     break
-                (objective + bal).backward()
+                (loss * W + bal).backward()  # x W: the wrappers average the ranks' gradients
                 sums["loss"] += (loss.item() + bal.item() / W) / o.mu  # summed over the ranks below
                 for k in ("kl", "clipped"):
                     sums[k] += st[k].item() / n_tok.item() / o.mu

@@ -27,6 +27,8 @@ policy, which kernels, precision and MoE router flips make differ from the train
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 AGGREGATIONS = ("token", "sequence", "dr_grpo")
@@ -168,16 +170,26 @@ def on_policy_weights(advantages: torch.Tensor, mask: torch.Tensor, norm: torch.
     return w / (norm.unsqueeze(-1) if norm.dim() == 1 else norm)
 
 
+def gradient_at_ratio_one(loss_of_logp: Callable[[torch.Tensor], torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """d loss / d logp [B, T] on policy, where loss_of_logp(logp) takes old = logp.detach(): the ratio
+    is then 1 whatever the log-probs are, so the gradient is known before they are (in closed form
+    `on_policy_weights`). Taken by autograd through the loss itself (on zeros shaped like `like`), it is
+    bit for bit the gradient backward will bring, which is what `kernels.known_logprob_gradient` asks."""
+    x = torch.zeros_like(like, dtype=torch.float32, requires_grad=True)
+    with torch.enable_grad():
+        return torch.autograd.grad(loss_of_logp(x), x)[0]
+
+
 def policy_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, temperature: float, mtp_weight: float = 0.0,
-                    entropy: bool = False, grad_hint: torch.Tensor | None = None,
-                    sampling_mask: tuple[int, float] | None = None):
+                    entropy: bool = False, sampling_mask: tuple[int, float] | None = None):
     """Per-token log-probs of ids[:, 1:] [B, T-1] where mask [B, T-1] is set (0 elsewhere); entropy;
-    the MTP CE on the masked tokens. grad_hint [B, T-1]: the gradient the log-probs will get (on policy).
+    the MTP CE on the masked tokens.
     sampling_mask (top_k, top_p): the rollout's truncation, kept in the trainer (`truncated_logprobs`)."""
     mtp_mask = mask[:, 1:] if mtp_weight and ids.shape[1] > 2 else None
     if sampling_mask is not None:
         return truncated_logprobs(model, ids, mask, temperature, *sampling_mask, entropy, mtp_mask)
-    return model.token_logprobs(ids[:, :-1], ids[:, 1:], temperature, entropy, mtp_mask, mask, grad_hint)
+    return model.token_logprobs(ids[:, :-1], ids[:, 1:], temperature=temperature, entropy=entropy, mask=mask,
+                                mtp_mask=mtp_mask)
 
 
 def truncated_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -189,7 +201,6 @@ def truncated_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, temperature
     rollout's top-k / top-p, plus the sampled token itself (at a near tie the two may order a boundary
     token differently). Full [B, T, V] logits: the memory of a toy-scale micro-batch, not the chunked head's."""
     from nanoseek.infer.sampling import filter_logits
-    from nanoseek.model.head_loss import masked_head_ce
     targets = ids[:, 1:]
     h, kw = model.hidden_states(ids[:, :-1])
     x = model.lm_head(h).float() / temperature                                          # [B, T, V]
@@ -209,5 +220,5 @@ def truncated_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, temperature
     if mtp_mask is not None and len(getattr(model, "mtp", ())):  # as model.token_logprobs fits MTP (trunk detached)
         h1 = model.mtp_hidden(1, h[:, :-1].detach(), ids[:, 1:-1], rotary=model.rotary, cos=kw["cos"][:, :-1],
                               sin=kw["sin"][:, :-1], positions=kw["positions"][:, :-1], mask=None, absorb=None)
-        mtp = masked_head_ce(model.mtp[0].head_norm(h1), model.lm_head.weight, targets[:, 1:], mtp_mask)
+        mtp = model.lm_head.cross_entropy(model.mtp[0].head_norm(h1), targets[:, 1:], mtp_mask)
     return logp, ent, mtp
