@@ -132,7 +132,8 @@ def describe_backend(device: torch.device) -> str:
 
 
 def _pad_fp8(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """Zero-pad an e4m3 matrix (through its bytes: 0x00 is +0.0) to a multiple of 16 in both dims."""
+    """An e4m3 matrix with `rows` zero rows and `cols` zero columns added, contiguous. Padded as bytes
+    (0x00 is +0.0): that needs no float8 kernel on the device."""
     if not (rows or cols):
         return t.contiguous()
     return F.pad(t.view(torch.uint8), (0, cols, 0, rows)).view(FP8)
@@ -143,13 +144,14 @@ def _scaled_mm_chunk(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: tor
     multiples of 16 (zero padding adds nothing) and b column-major."""
     m, (n, k) = a.shape[0], b.shape
     a, b = _pad_fp8(a, 0, -k % 16), _pad_fp8(b, -n % 16, -k % 16)
-    sb = F.pad(sb, (0, -n % 16), value=1.0)
-    out = torch._scaled_mm(a, b.t(), scale_a=sa.reshape(m, 1).contiguous(), scale_b=sb.reshape(1, -1).contiguous(),
-                           out_dtype=torch.float32)
-    return out[:, :n]
+    # fresh unit strides: .contiguous() keeps a size-1 dim's stride, which _scaled_mm rejects
+    scale_a = sa.reshape(m, 1).clone(memory_format=torch.contiguous_format)
+    scale_b = F.pad(sb, (0, -n % 16), value=1.0).reshape(1, -1).clone(memory_format=torch.contiguous_format)
+    return torch._scaled_mm(a, b.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.float32)[:, :n]
 
 
-def fp8_gemm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor, backend: str = "emulated") -> torch.Tensor:
+def fp8_gemm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
+             backend: str = "emulated") -> torch.Tensor:
     """a [M, K], b [N, K] e4m3 with each row's scale per 128-wide K chunk, sa [M, nK], sb [N, nK]
     -> [M, N] fp32 = sum over chunks c, in order, of (a_c @ b_c^T) · sa[:, c] ⊗ sb[:, c].
 
