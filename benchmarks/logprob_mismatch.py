@@ -309,7 +309,7 @@ def main(argv=None) -> None:
                    help=f"G samples per prompt (default {FULL['group']}, quick {QUICK['group']})")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help=f"completion limit (default {FULL['max_new_tokens']}, quick {QUICK['max_new_tokens']})")
-    p.add_argument("--no-compile", action="store_true", help="skip the compiled-decode row (compiling takes ~30-60 s)")
+    p.add_argument("--no-compile", action="store_true", help="skip the compiled-decode row (its compilation is the slow part)")
     p.add_argument("--quick", action="store_true", help="small sizes and no compiled row: well under a minute")
     p.add_argument("--seed", type=int, default=0, help="prompts, sampling and the random model")
     p.add_argument("--device", default="cpu", help="cpu or cuda")

@@ -51,7 +51,7 @@ class DtypeChoice:
         return "fp32" if self.autocast is None else f"{NAMES[self.autocast]} autocast"
 
     def describe(self) -> str:
-        """One log line, e.g. "dtype: fp32 (measured on this CPU for this model: fp32 5,600 tok/s, ...)"."""
+        """One log line, e.g. "dtype: fp32 (measured on this CPU for this model: fp32 N tok/s, ...)"."""
         why = self.reason
         if self.reason in ("measured", "cached"):
             speeds = ", ".join(f"{'fp32' if k == 'fp32' else k + ' autocast'} {v:,.0f} tok/s"

@@ -31,6 +31,8 @@ from nanoseek.data.sources import column_option, eval_samples, resolve_all
 from nanoseek.data.task_registry import Sample
 from nanoseek.data.tasks import list_tasks
 from nanoseek.data.verify import checker_of, reasoning_steps
+from nanoseek.infer.engine import Engine, SamplingParams
+from nanoseek.model.hf import from_pretrained
 from nanoseek.rewards import compute_reward
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train.trainer import resolve_device
@@ -114,8 +116,6 @@ def model_generator(model: torch.nn.Module, tokenizer, max_batch: int = 256, spe
     """A GenerateFn over `model` on nanoseek.infer.engine: each prompt is prefilled once and
     shared by its n samples; rows of finished sequences are refilled with waiting ones.
     speculative: MTP self-speculative decoding; `stats` then accumulates drafted/accepted tokens."""
-    from nanoseek.infer.engine import Engine, SamplingParams
-
     def generate(prompts, n, temperature, top_p, max_tokens, seed):
         ids = [tokenizer.encode(p) for p in prompts]
         engine = Engine(model, tokenizer, max_batch=max(max_batch, n), max_len=max(map(len, ids)) + max_tokens + 1,
@@ -153,7 +153,6 @@ def evaluate(model=None, tokenizer=None, tasks: list[str] | None = None, n: int 
         samples = eval_samples(resolve_all(tasks, prompt_field, answer_field), n, difficulty, seed)
     if generate is None:
         if isinstance(model, (str, Path)):
-            from nanoseek.model.hf import from_pretrained
             tokenizer = tokenizer or load_tokenizer(model)
             model = from_pretrained(model, device=device)
         if model is None or tokenizer is None:

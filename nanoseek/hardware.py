@@ -5,14 +5,15 @@ Everything here is cheap and cached: trainers call `pick_dtype` (through
 tokens/s into MFU (see `nanoseek.cost.summarize_run`).
 
 Why the dtype choice is not simply "bf16": on AVX2/AVX-512 CPUs *without* the BF16
-extensions, PyTorch's bf16 matmul falls back to slow scalar code (1-3 GFLOP/s versus
-~170 GFLOP/s fp32 on the project's 2-core machines: 60-170x slower). CPUs with
+extensions, PyTorch's bf16 matmul falls back to scalar code, orders of magnitude slower than
+fp32. CPUs with
 AVX512-BF16 or AMX can run bf16 matmuls faster than fp32, but whether a whole training step
 gains depends on the model's shapes (small models can lose), so there `dtype_choice` times
 both; every recent GPU wants bf16.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import platform
@@ -98,7 +99,7 @@ def cpu_has_fast_bf16() -> bool:
 
     Linux: the AVX512-BF16 / AMX-BF16 flags decide (no timing noise). Elsewhere (macOS,
     where Apple silicon has its own bf16 story) time a small bf16 vs fp32 matmul; the
-    slow path is ~100x off, so a 0.1 s measurement cannot get the answer wrong.
+    slow path is off by orders of magnitude, so a short measurement cannot get the answer wrong.
 
     NANOSEEK_CPU_BF16=1 / =0 overrides the detection (and the measurement in
     `nanoseek.dtype_choice`), so that `dtype="auto"` takes the bf16-autocast / fp32 path on any
@@ -124,13 +125,9 @@ def retain_freed_memory() -> bool:
 
     glibc serves every block over 32 MiB with its own mmap and unmaps it when freed, so a training
     step that allocates the same large tensors every step pays for zero-filling them page by page,
-    each time (system time: 2m49 of a 4m41 `small`-preset benchmark on CPU). With mmap off and heap
-    trimming off, those blocks are reused. Measured on `small`, 8x256, CPU: 20.0 -> 16.2-17.8 s a
-    step, peak RSS 17.4 -> 19.5 GB; no change on `tiny`, whose tensors stay under the threshold.
-    Returns whether it applied (False off glibc)."""
-    import ctypes
-    import platform
-
+    each time: on the `small` preset on a CPU, that is much of a step's system time. With mmap off and
+    heap trimming off, those blocks are reused, for a somewhat higher peak RSS; `tiny`'s tensors stay
+    under the threshold, so nothing changes there. Returns whether it applied (False off glibc)."""
     if platform.libc_ver()[0] != "glibc":
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # malloc.h

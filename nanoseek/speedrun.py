@@ -27,7 +27,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from nanoseek.config import get_student_preset
+from nanoseek.data.coldstart import SOLVERS, coldstart_dataset
 from nanoseek.data.sources import column_option, resolve_all, with_split
+from nanoseek.eval import evaluate, write_report as write_eval
+from nanoseek.model.dense import DenseTransformer
+from nanoseek.options import save_options
+from nanoseek.speedrun_report import render_report
+from nanoseek.tokenizer import load_tokenizer
+from nanoseek.train import distill, grpo, pretrain, rejection, sft
 
 STAGES = ["pretrain", "sft", "grpo", "rejection", "sft2", "distill-sft", "distill-logits", "r1-zero",
           "student-grpo", "eval", "report"]
@@ -155,14 +165,6 @@ def _tokens(stage_dir: Path) -> int | None:
 
 
 def speedrun(o: Options) -> Path:
-    import torch
-
-    from nanoseek.train import distill as D
-    from nanoseek.train import grpo as G
-    from nanoseek.train import pretrain as P
-    from nanoseek.train import rejection as R
-    from nanoseek.train import sft as S
-
     if o.quick:
         o = quick(o)
     fields = dict(prompt_field=o.prompt_field, answer_field=o.answer_field)
@@ -171,7 +173,6 @@ def speedrun(o: Options) -> Path:
     train_tasks = with_split(o.tasks, "train")
     torch.manual_seed(o.seed)
     run = Run(o)
-    from nanoseek.options import save_options
     save_options(o, run.root / "config.yaml")
     print(f"[speedrun] run folder {run.root.resolve()} (rerun the same command to resume)")
     common = dict(seed=o.seed, device=o.device)
@@ -181,11 +182,11 @@ def speedrun(o: Options) -> Path:
     # The base reads worked problems of the run's own tasks at levels 1..difficulty, and the cold start mixes
     # those levels: the held-out questions are then new combinations of steps it has seen (every single-digit
     # fact, never the operand pair), which RL can sharpen; difficulty + 1 stays unseen (length generalization).
-    pre = run.run("pretrain", lambda d: train("pretrain", P.pretrain, P.Options(
+    pre = run.run("pretrain", lambda d: train("pretrain", pretrain.pretrain, pretrain.Options(
         out=str(d), preset=o.preset, steps=o.pretrain_steps, n_docs=(1500 if o.quick else corpus_docs(o)),
         tasks=coldstart_tasks(o), max_difficulty=o.difficulty, save_every=100, resume=True, **tcommon), o.nproc))
     base = pre["model"]
-    sft1 = run.run("sft", lambda d: train("sft", S.sft, S.Options(
+    sft1 = run.run("sft", lambda d: train("sft", sft.sft, sft.Options(
         model=base, out=str(d), steps=o.sft_steps, n_examples=(200 if o.quick else 4000), tasks=coldstart_tasks(o),
         difficulty=None, max_difficulty=o.difficulty, save_every=100, resume=True, **tcommon), o.nproc))
     grpo_kw = dict(tasks=train_tasks, **fields, difficulty=o.difficulty, steps=o.grpo_steps, max_new_tokens=o.max_new_tokens,
@@ -197,29 +198,29 @@ def speedrun(o: Options) -> Path:
     # speedrun section has the runs.
     r1_kw = dict(grpo_kw, lr=o.grpo_lr, temperature=o.grpo_temperature, prompts_per_step=o.grpo_prompts,
                  filter_zero_var=True)
-    rl = run.run("grpo", lambda d: train("grpo", G.grpo, G.Options(model=sft1["model"], mode="r1", out=str(d), **r1_kw),
+    rl = run.run("grpo", lambda d: train("grpo", grpo.grpo, grpo.Options(model=sft1["model"], mode="r1", out=str(d), **r1_kw),
                                          o.nproc))
-    rej = run.run("rejection", lambda d: {"data": str(R.rejection_sample(
+    rej = run.run("rejection", lambda d: {"data": str(rejection.rejection_sample(
         rl["model"], out=str(d), tasks=train_tasks, **fields, difficulty=o.difficulty, n_prompts=o.rejection_prompts,
         max_new_tokens=o.max_new_tokens, seed=o.seed))})
-    sft2 = run.run("sft2", lambda d: train("sft", S.sft, S.Options(
+    sft2 = run.run("sft2", lambda d: train("sft", sft.sft, sft.Options(
         model=rl["model"], data=str(mixed_sft_data(d, rej["data"], o)), out=str(d), steps=o.sft2_steps, lr=3e-4,
         resume=True, **tcommon), o.nproc))
     dist = {}
     for method in ("sft", "logits"):
-        dist[method] = run.run(f"distill-{method}", lambda d, m=method: train("distill", D.distill, D.Options(
+        dist[method] = run.run(f"distill-{method}", lambda d, m=method: train("distill", distill.distill, distill.Options(
             teacher=sft2["model"], data=str(mixed_sft_data(d, rej["data"], o)), method=m, out=str(d),
             steps=o.distill_steps, student_preset=("small" if small else "tiny"), **tcommon), o.nproc,
             final=d / m / "final"))
     r0_kw = {**grpo_kw, "steps": o.r1_zero_steps}
     if o.r1_zero:
-        run.run("r1-zero", lambda d: train("grpo", G.grpo, G.Options(model=base, mode="r1-zero", out=str(d), **r0_kw),
+        run.run("r1-zero", lambda d: train("grpo", grpo.grpo, grpo.Options(model=base, mode="r1-zero", out=str(d), **r0_kw),
                                            o.nproc))
     for seed in extra_seeds(o):  # the RL stages again, from the same starting models: is the gain the seed's luck?
-        run.run(f"grpo-seed{seed}", lambda d, s=seed: train("grpo", G.grpo, G.Options(
+        run.run(f"grpo-seed{seed}", lambda d, s=seed: train("grpo", grpo.grpo, grpo.Options(
             model=sft1["model"], mode="r1", out=str(d), **{**r1_kw, "seed": s}), o.nproc))
     for seed in extra_seeds(o) if o.r1_zero else []:
-        run.run(f"r1-zero-seed{seed}", lambda d, s=seed: train("grpo", G.grpo, G.Options(
+        run.run(f"r1-zero-seed{seed}", lambda d, s=seed: train("grpo", grpo.grpo, grpo.Options(
             model=base, mode="r1-zero", out=str(d), **{**r0_kw, "seed": s}), o.nproc))
     budget = dist["sft"]["wall_s"]
     run.run("student-grpo", lambda d: student_grpo_baseline(d, base, o, budget, grpo_kw))
@@ -232,7 +233,6 @@ def speedrun(o: Options) -> Path:
 
 def coldstart_tasks(o: Options) -> list[str]:
     """The built-in tasks among --tasks (the ones with worked solutions); none: all of them."""
-    from nanoseek.data.coldstart import SOLVERS
     return [t for t in o.tasks if t in SOLVERS]
 
 
@@ -250,7 +250,6 @@ def train(command: str, fn, opts, nproc: int, final: Path | None = None) -> dict
     (the same code, fed the same options through a config file); returns {"model": final dir}."""
     if nproc <= 1:
         return {"model": str(fn(opts))}
-    from nanoseek.options import save_options
     opts.parallel = "fsdp"
     cfg = save_options(opts, Path(opts.out) / "launch.yaml")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -269,8 +268,6 @@ def mixed_sft_data(d: Path, traces: str, o: Options, min_records: int = 256) -> 
     R1's second SFT mixes ~600K reasoning traces with ~200K other samples; at toy scale a weak RL
     model may keep only a handful of traces, and an SFT on (almost) nothing would undo the cold start.
     """
-    from nanoseek.data.coldstart import coldstart_dataset
-
     lines = [x for x in Path(traces).read_text().splitlines() if x.strip()]
     extra = max(0, min_records - len(lines))
     records = (coldstart_dataset(extra, tasks=coldstart_tasks(o) or None, difficulty=o.difficulty, seed=o.seed + 17)
@@ -284,11 +281,6 @@ def mixed_sft_data(d: Path, traces: str, o: Options, min_records: int = 256) -> 
 
 def student_grpo_baseline(d: Path, base: str, o: Options, budget_s: float, grpo_kw: dict) -> dict:
     """The dense student from scratch, trained by GRPO alone for the wall time distillation took."""
-    from nanoseek.config import get_student_preset
-    from nanoseek.model.dense import DenseTransformer
-    from nanoseek.tokenizer import load_tokenizer
-    from nanoseek.train import grpo as G
-
     tok = load_tokenizer(base)
     init = d / "init"
     cfg = get_student_preset("small" if o.preset != "tiny" else "tiny").replace(
@@ -296,10 +288,10 @@ def student_grpo_baseline(d: Path, base: str, o: Options, budget_s: float, grpo_
     DenseTransformer(cfg).save_pretrained(init, tokenizer=tok)
     t0 = time.time()
     # one step first to learn its cost, then as many as fit the budget
-    probe = G.grpo(G.Options(model=str(init), mode="r1", out=str(d / "probe"), **{**grpo_kw, "steps": 1, "eval_n": 0}))
+    probe = grpo.grpo(grpo.Options(model=str(init), mode="r1", out=str(d / "probe"), **{**grpo_kw, "steps": 1, "eval_n": 0}))
     per_step = max(1e-3, time.time() - t0)
     steps = max(1, int(budget_s / per_step))
-    model = G.grpo(G.Options(model=str(probe), mode="r1", out=str(d), **{**grpo_kw, "steps": steps}))
+    model = grpo.grpo(grpo.Options(model=str(probe), mode="r1", out=str(d), **{**grpo_kw, "steps": steps}))
     return {"model": str(model), "steps": steps, "budget_s": round(budget_s, 1)}
 
 
@@ -324,8 +316,6 @@ ABOVE = ("sft", "grpo", "sft2")  # also asked one level above the trained range:
 
 
 def evaluate_all(d: Path, run: Run, o: Options) -> dict:
-    from nanoseek.eval import evaluate, write_report as write_eval
-
     def ask(stage, template, difficulty, name, max_tokens=o.max_new_tokens):
         r = evaluate(run.done(stage)["model"], tasks=with_split(o.tasks, "test"), n=o.eval_n, k=o.eval_k,
                      difficulty=difficulty, template=template, max_tokens=max_tokens, seed=o.seed + 1,
@@ -356,8 +346,6 @@ def per_task(report: dict) -> dict:
 
 
 def write_report(run: Run, ev: dict) -> dict:
-    from nanoseek.speedrun_report import render_report
-
     md, plots = render_report(run.root, run.o, ev["results"], {s: run.done(s) for s in run.stages if run.done(s)},
                               _tokens, ev.get("above", {}))
     (run.root / "report.md").write_text(md)

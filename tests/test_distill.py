@@ -91,16 +91,13 @@ def test_both_methods_learn_and_student_loads_in_transformers(teacher_and_traces
 
 def test_traces_come_from_rejection_sampling_without_data(tmp_path, monkeypatch):
     """No --data: the teacher's correct traces are sampled with train.rejection (stubbed here)."""
-    import sys
-    import types
-
     from nanoseek.train.distill import teacher_traces
     calls = []
 
     def rejection_sample(model_dir, out=None, n_prompts=10, seed=0, other=None):
         calls.append((model_dir, out, n_prompts, seed))
         return out
-    monkeypatch.setitem(sys.modules, "nanoseek.train.rejection", types.SimpleNamespace(rejection_sample=rejection_sample))
+    monkeypatch.setattr("nanoseek.train.distill.rejection_sample", rejection_sample)
     path = teacher_traces(Options(teacher="T", n_prompts=7, seed=3), tmp_path)
     assert path == tmp_path / "traces.jsonl" and calls == [("T", path, 7, 3)]
     assert teacher_traces(Options(teacher="T", data="x.jsonl"), tmp_path) == __import__("pathlib").Path("x.jsonl")

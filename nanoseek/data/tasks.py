@@ -8,7 +8,7 @@ graded later without the generator.
 Sample, Task, the splits and the registry are in task_registry.py (gym.py builds on them too); this
 module adds our own generators and looks tasks up by name.
 
-Our own tasks are sized for a tiny model trained for minutes on a CPU: difficulty 1 prompts
+Our own tasks are sized for a tiny model trained on a CPU: difficulty 1 prompts
 are ~10 tokens and the answers a few digits. reasoning-gym tasks are wrapped in gym.py (built on
 first use by get_task("gym:<dataset>")); user files and the `--tasks` syntax are in sources.py.
 """

@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 
 from nanoseek.data.chat import PROMPT_TEMPLATES, describe_template, opens_think, parse_completion, question_prompt
 from nanoseek.errors import UsageError
+from nanoseek.infer.engine import Engine
+from nanoseek.infer.sampling import SamplingParams
+from nanoseek.model.hf import from_pretrained
+from nanoseek.tokenizer import load_tokenizer
 
 POSITIONAL = (("model", "model directory (HF layout, with tokenizer files)"),)
 
@@ -28,18 +32,12 @@ class Options:
 
 
 def load(model_dir: str, device: str = "cpu"):
-    import nanoseek
-    from nanoseek.tokenizer import load_tokenizer
-
     if not model_dir:
         raise SystemExit("error: give a model directory, e.g. nanoseek generate runs/speedrun/grpo/final")
-    return nanoseek.from_pretrained(model_dir, device=device), load_tokenizer(model_dir)
+    return from_pretrained(model_dir, device=device), load_tokenizer(model_dir)
 
 
 def run(opts: Options) -> None:
-    from nanoseek.infer.engine import Engine
-    from nanoseek.infer.sampling import SamplingParams
-
     if opts.template not in (*PROMPT_TEMPLATES, "raw"):
         raise UsageError(f"--template must be one of {', '.join(PROMPT_TEMPLATES)} or raw, got {opts.template!r}")
     model, tok = load(opts.model, opts.device)

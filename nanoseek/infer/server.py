@@ -34,6 +34,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+import torch
 
 from nanoseek.data.chat import THINK_END, THINK_START, ChatTemplateError, describe_template, opens_think
 from nanoseek.errors import UsageError
@@ -46,6 +47,8 @@ from nanoseek.infer.sampling import SamplingParams
 from nanoseek.infer.structured_output import JSONGrammars
 from nanoseek.infer.thinking import Thinking, reasoning_and_answer, render_prompt, splitter, thinking_of
 from nanoseek.infer.tools import ToolUse, call_grammar, tool_stream, tool_use_of, with_tool_calls
+from nanoseek.model.hf import from_pretrained
+from nanoseek.tokenizer import load_tokenizer
 
 WEB = Path(__file__).parent / "web"
 POSITIONAL = (("model", "model directory (HF layout, with the tokenizer)"),)
@@ -114,12 +117,8 @@ class Service:
     """Model, tokenizer, engine loop and options behind one app; builds OpenAI response pieces."""
 
     def __init__(self, opts: Options, model=None, tokenizer=None):
-        import torch
-
-        import nanoseek
-        from nanoseek.tokenizer import load_tokenizer
         device = opts.device if opts.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = model if model is not None else nanoseek.from_pretrained(opts.model).to(device)
+        self.model = model if model is not None else from_pretrained(opts.model).to(device)
         self.tok = tokenizer if tokenizer is not None else load_tokenizer(opts.model)
         self.opts = opts
         self.name = opts.served_model_name or Path(opts.model.rstrip("/")).name or "nanoseek"

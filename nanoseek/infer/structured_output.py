@@ -38,7 +38,7 @@ class JSONMatcher:
 
 
 class JSONGrammars:
-    """Per server: the model's tokenizer as llguidance sees it (built on first use, ~30 ms for 8K tokens),
+    """Per server: the model's tokenizer as llguidance sees it (built on first use: it walks the vocabulary),
     and a grammar for each response_format."""
 
     def __init__(self, tokenizer, vocab_size: int, stop_ids: frozenset[int]):

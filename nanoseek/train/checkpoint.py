@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 FILES = ("model.pt", "optimizer.pt", "trainer.pt")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -127,9 +128,7 @@ def save_sharded_checkpoint(ckpt_dir: str | Path, step: int, model: torch.nn.Mod
                             extra: dict | None = None, keep_last: int = 3) -> Path:
     """Collective (every rank calls it): step_<step>/ as a DCP checkpoint plus rank 0's trainer.pt
     and meta.json. RNG and data position are rank 0's: every rank holds the same ones."""
-    import torch.distributed as dist
-
-    from nanoseek.parallel import dcp
+    from nanoseek.parallel import dcp  # imports torch.distributed.checkpoint, slow to load: sharded runs only
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     barrier = dist.barrier if dist.is_initialized() else (lambda: None)
     root = Path(ckpt_dir)
@@ -226,7 +225,7 @@ def _load_plain(ckpt: Path, meta: dict, model: torch.nn.Module, optimizer) -> No
 
 def _load_sharded(ckpt: Path, meta: dict, model: torch.nn.Module, optimizer) -> None:
     """Collective when a process group exists; reshards onto this run's world size and layout."""
-    from nanoseek.parallel import dcp
+    from nanoseek.parallel import dcp  # as in save_sharded_checkpoint: sharded runs only
     for name, want in meta["files"].items():
         path = ckpt / name
         if not path.exists() or path.stat().st_size != want["bytes"]:

@@ -30,8 +30,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from nanoseek.config import get_student_preset
 from nanoseek.errors import UsageError
+from nanoseek.eval import evaluate
 from nanoseek.kernels import speedup
+from nanoseek.model.hf import build_model, from_pretrained
+from nanoseek.tokenizer import load_tokenizer
+from nanoseek.train import distributed
+from nanoseek.train.data import BatchIterator, make_batch, pack_examples
+from nanoseek.train.pretrain import finish, start_run
+from nanoseek.train.rejection import rejection_sample
+from nanoseek.train.sft import encode_records, read_chat_jsonl
 from nanoseek.train.trainer import TrainOptions, Trainer, resolve_device, seed_everything
 
 METHODS = ("sft", "logits")
@@ -140,10 +149,8 @@ def same_vocabulary(a, b) -> bool:
 def teacher_traces(opts: Options, out: Path) -> Path:
     """opts.data, or correct teacher traces sampled with rejection sampling into out/traces.jsonl
     (by rank 0 alone under torchrun; the others wait and read its file)."""
-    from nanoseek.train import distributed
     if opts.data:
         return Path(opts.data)
-    from nanoseek.train.rejection import rejection_sample
     # pass only the arguments this version of rejection_sample knows (its options may grow)
     wanted = {"out": out / "traces.jsonl", "out_path": out / "traces.jsonl", "n_prompts": opts.n_prompts,
               "n": opts.n_prompts, "seed": opts.seed}
@@ -155,8 +162,6 @@ def teacher_traces(opts: Options, out: Path) -> Path:
 
 
 def make_student(opts: Options, vocab_size: int, tok):
-    from nanoseek.config import get_student_preset
-    from nanoseek.model.hf import build_model, from_pretrained
     if opts.student:
         return from_pretrained(opts.student)
     cfg = get_student_preset(opts.student_preset).replace(**opts.student_overrides).replace(
@@ -177,13 +182,6 @@ def _split(examples: list, val_frac: float) -> tuple[list, list]:
 def distill(opts: Options) -> Path:
     """Train the student(s); returns the final student directory (method 'both': the sft one).
     The run folder (its parent's parent) holds distill.json and report.md comparing the methods."""
-    from nanoseek.model.hf import from_pretrained
-    from nanoseek.tokenizer import load_tokenizer
-    from nanoseek.train import distributed
-    from nanoseek.train.data import BatchIterator, make_batch, pack_examples
-    from nanoseek.train.pretrain import finish, start_run
-    from nanoseek.train.sft import encode_records, read_chat_jsonl
-
     if not opts.teacher:
         raise SystemExit("distill: --teacher DIR is required")
     methods = list(METHODS) if opts.method == "both" else [opts.method]
@@ -232,7 +230,6 @@ def distill(opts: Options) -> Path:
     if not distributed.is_main():  # the report is rank 0's
         return finals["sft" if "sft" in finals else methods[0]]
     if opts.eval_n > 0:
-        from nanoseek.eval import evaluate
         for name, path in [("teacher", opts.teacher), *finals.items()]:
             r = evaluate(str(path), n=opts.eval_n, seed=opts.seed)
             results.setdefault(name, {})["eval"] = r["overall"]

@@ -15,6 +15,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from nanoseek.model.hf import build_model
+from nanoseek.parallel.parallelize import MODES, full_state_dict, init_distributed, parallelize
+
 
 def wanted(opts) -> bool:
     """Does this stage run distributed? (options without a `parallel` field never do)"""
@@ -43,7 +46,6 @@ def barrier() -> None:
 def join(opts, device: torch.device) -> tuple[int, int, torch.device]:
     """Join torchrun's process group once (a no-op when already joined or in one process),
     check the options against the world size, and silence stdout on ranks > 0."""
-    from nanoseek.parallel.parallelize import MODES, init_distributed
     if opts.parallel not in MODES:
         raise SystemExit(f"error: --parallel must be one of {', '.join(MODES)}, got {opts.parallel!r}")
     w = int(os.environ.get("WORLD_SIZE", "1"))  # checked before joining: a bad option fails at once
@@ -73,7 +75,6 @@ def broadcast(obj):
 
 def wrap(model: torch.nn.Module, opts, world_size: int) -> torch.nn.Module:
     """parallelize() with the run's mode; inside torchrun "none" still has to average gradients."""
-    from nanoseek.parallel.parallelize import parallelize
     mode = "ddp" if opts.parallel == "none" and world_size > 1 else opts.parallel
     return parallelize(model, mode=mode, ep=opts.ep)
 
@@ -132,8 +133,6 @@ def save_pretrained(model: torch.nn.Module, path: str | Path, tokenizer=None) ->
     if world() == 1:
         model.save_pretrained(path, tokenizer=tokenizer)
         return
-    from nanoseek.model.hf import build_model
-    from nanoseek.parallel.parallelize import full_state_dict
     sd = full_state_dict(model, rank0_only=True)
     if is_main():
         with torch.device("meta"):

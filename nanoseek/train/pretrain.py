@@ -1,6 +1,6 @@
 """`nanoseek pretrain`: train the DeepSeek-V3 MoE model (next-token + MTP loss) on the task corpus.
 
-Defaults run on a 2-core CPU in a few minutes: preset tiny, a tokenizer trained on the default
+Defaults are sized for a CPU: preset tiny, a tokenizer trained on the default
 corpus, 300 steps of 8 x 256 tokens. Writes the run folder: config.yaml, metrics.jsonl,
 checkpoints/, plots/*.png, cost.json and final/ (HF layout, with the tokenizer).
 """
@@ -11,7 +11,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nanoseek.config import get_preset
+from nanoseek.cost import summarize_run
+from nanoseek.data.coldstart import require_solvers
+from nanoseek.data.corpus import iter_documents
+from nanoseek.hardware import device_peak_flops
+from nanoseek.model.hf import build_model
+from nanoseek.options import save_options
+from nanoseek.tokenizer import load_tokenizer, train_tokenizer
 from nanoseek.train import distributed
+from nanoseek.train.data import BatchIterator, pack_stream
+from nanoseek.train.plots import plot_metrics
 from nanoseek.train.trainer import TrainOptions, Trainer, resolve_device, seed_everything
 
 
@@ -38,8 +48,6 @@ def run_dir(out: str, stage: str) -> Path:
 def start_run(opts, stage: str) -> Path:
     """Every stage starts alike: the run folder, its config.yaml (the resolved options), the seed.
     Under torchrun the ranks join the process group first and share rank 0's run folder."""
-    from nanoseek.options import save_options
-
     if distributed.wanted(opts):
         distributed.join(opts, resolve_device(opts.device))
     out = Path(distributed.broadcast(str(run_dir(opts.out, stage))))  # default name has the time: rank 0's
@@ -66,8 +74,6 @@ def encode_documents(tok, docs: list[str]) -> list[list[int]]:
 
 def write_cost(trainer: Trainer, out: Path, opts: TrainOptions, row: dict) -> dict:
     """cost.json: measured tokens/s, achieved FLOP/s, MFU against the measured matmul peak, dollars, dtype."""
-    from nanoseek.cost import summarize_run
-    from nanoseek.hardware import device_peak_flops
     peak = device_peak_flops(trainer.device, trainer.amp_dtype)  # the dtype the matmuls actually ran in
     cost = summarize_run(trainer.model.config, row.get("tokens", 0), row.get("elapsed", 0.0), opts.seq_len,
                          peak_flops=peak * trainer.world)  # tokens are counted over all ranks
@@ -79,7 +85,6 @@ def write_cost(trainer: Trainer, out: Path, opts: TrainOptions, row: dict) -> di
 def finish(trainer: Trainer, opts: TrainOptions, out: Path, tok, row: dict, stage: str, t0: float) -> Path:
     """Shared end of a run: final HF model, plots, cost.json, and a summary of where things went.
     Every rank calls it (the export gathers the shards); rank 0 writes."""
-    from nanoseek.train.plots import plot_metrics
     final = out / "final"
     trainer.save_pretrained(final, tokenizer=tok)
     if not distributed.is_main():
@@ -98,13 +103,6 @@ def finish(trainer: Trainer, opts: TrainOptions, out: Path, tok, row: dict, stag
 
 def pretrain(opts: Options) -> Path:
     """Run pretraining; returns the final model directory (HF layout, with tokenizer)."""
-    from nanoseek.config import get_preset
-    from nanoseek.data.coldstart import require_solvers
-    from nanoseek.data.corpus import iter_documents
-    from nanoseek.model.hf import build_model
-    from nanoseek.tokenizer import load_tokenizer, train_tokenizer
-    from nanoseek.train.data import BatchIterator, pack_stream
-
     t0 = time.time()
     require_solvers(opts.tasks, "pretrain")  # before the run folder exists
     out = start_run(opts, "pretrain")

@@ -9,14 +9,24 @@ plus summary.json (prompts, kept share, mean lengths). `nanoseek sft --data FILE
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from nanoseek.data.chat import describe_template, prompt_opens_think
+import torch
+
+from nanoseek.data.chat import describe_template, parse_completion, prompt_opens_think
 from nanoseek.data.sources import column_option, resolve_all, train_samples
+from nanoseek.model.hf import from_pretrained
+from nanoseek.rewards import RewardConfig, compute_reward
+from nanoseek.tokenizer import load_tokenizer
+from nanoseek.train.grpo import make_prompt
+from nanoseek.train.pretrain import run_dir
+from nanoseek.train.rollout import engine_rollout
+from nanoseek.train.trainer import resolve_device
 
 POSITIONAL = (("model", "model directory (HF layout with tokenizer), e.g. the final/ of a GRPO run"),)
 
@@ -52,8 +62,6 @@ def select(sample, completions: list[str], finished: list[bool], o: Options, n_t
            opened_think: bool = True) -> list[dict]:
     """The kept records for one prompt: correct + well formed + one language + finished, distinct
     (whitespace-insensitive), shortest first. opened_think: the prompt opened the think block."""
-    from nanoseek.data.chat import parse_completion
-    from nanoseek.rewards import RewardConfig, compute_reward
     cfg = RewardConfig(length=0.0)
     seen, good = set(), []
     for text, fin, n in zip(completions, finished, n_tokens):
@@ -76,16 +84,6 @@ def rejection_sample(model_dir: str | Path, opts: Options | None = None, sampler
                      **overrides) -> Path:
     """Write rejection.jsonl (+ summary.json) and return the JSONL path. `sampler(prompts, k, seed)
     -> token id lists` replaces the model's sampling (tests, other engines)."""
-    import dataclasses
-
-    import torch
-
-    from nanoseek.tokenizer import load_tokenizer
-    from nanoseek.train.grpo import make_prompt
-    from nanoseek.train.pretrain import run_dir
-    from nanoseek.train.rollout import engine_rollout
-    from nanoseek.train.trainer import resolve_device
-
     o = dataclasses.replace(opts or Options(), model=str(model_dir), **overrides)
     t0 = time.time()
     # tasks and data files first: a bad one fails before the output folder exists or the model loads
@@ -94,7 +92,6 @@ def rejection_sample(model_dir: str | Path, opts: Options | None = None, sampler
     tok = load_tokenizer(model_dir)
     template = describe_template(tok, o.mode)
     if sampler is None:
-        from nanoseek.model.hf import from_pretrained
         torch.manual_seed(o.seed)
         model = from_pretrained(model_dir).to(resolve_device(o.device)).eval()
 

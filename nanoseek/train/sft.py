@@ -12,9 +12,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nanoseek.data.coldstart import require_solvers
+from nanoseek.data.coldstart import coldstart_dataset, require_solvers
 from nanoseek.data.sources import column_option, load_chat
 from nanoseek.errors import UsageError
+from nanoseek.model.hf import from_pretrained
+from nanoseek.tokenizer import load_tokenizer
+from nanoseek.train.data import BatchIterator, pack_examples
 from nanoseek.train.pretrain import finish, start_run
 from nanoseek.train.trainer import TrainOptions, Trainer
 
@@ -59,10 +62,6 @@ def encode_records(tok, records: list[dict]) -> list[tuple[list[int], list[int]]
 
 def sft(opts: Options) -> Path:
     """Fine-tune opts.model; returns the final model directory (HF layout, with tokenizer)."""
-    from nanoseek.model.hf import from_pretrained
-    from nanoseek.tokenizer import load_tokenizer
-    from nanoseek.train.data import BatchIterator, pack_examples
-
     if not opts.model:
         raise SystemExit("sft: a model directory is required: nanoseek sft DIR "
                          "(e.g. the final/ folder of a pretrain run)")
@@ -70,7 +69,6 @@ def sft(opts: Options) -> Path:
     if opts.data:  # the data first: a bad file fails before the run folder exists or the model loads
         records, source = read_chat_jsonl(opts.data, opts.prompt_field, opts.answer_field), opts.data
     else:
-        from nanoseek.data.coldstart import coldstart_dataset
         require_solvers(opts.tasks, "sft")
         records = coldstart_dataset(opts.n_examples, opts.tasks or None, opts.difficulty, seed=opts.seed,
                                     max_difficulty=opts.max_difficulty or None)
