@@ -24,7 +24,7 @@ from nanoseek.options import read_config_file
 # subcommand -> (module, one-line description). The command line's one place of lazy imports: a command's
 # module is imported when it runs (`_main`), so `nanoseek --help` starts without importing torch.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "speedrun": ("nanoseek.speedrun", "the whole R1 recipe end to end, with a report"),
+    "speedrun": ("nanoseek.speedrun.run", "the whole R1 recipe end to end, with a report"),
     "pretrain": ("nanoseek.train.pretrain", "pretrain the MoE model (next-token + MTP loss)"),
     "sft": ("nanoseek.train.sft", "supervised fine-tuning on chat data (cold start, rejection-sampling SFT)"),
     "grpo": ("nanoseek.train.grpo", "reinforcement learning with GRPO and rule rewards (R1 / R1-Zero)"),

@@ -132,7 +132,7 @@ def test_options_that_cannot_run_distributed_fail_early(monkeypatch, capsys):
 @pytest.mark.distributed
 def test_speedrun_launches_training_stages_with_torchrun(tmp_path, monkeypatch, capsys):
     """`nanoseek speedrun --nproc 2` runs a training stage as torchrun + FSDP from a config file."""
-    from nanoseek.speedrun import train
+    from nanoseek.speedrun.run import train
     from nanoseek.train import pretrain as P
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     opts = P.Options(out=str(tmp_path / "pre"), steps=2, batch_size=4, seq_len=64, n_docs=200, vocab_size=300,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from nanoseek.speedrun import Options, evaluated, speedrun
+from nanoseek.speedrun.run import Options, evaluated, speedrun
 
 
 @pytest.mark.slow
@@ -43,7 +43,7 @@ def test_quick_speedrun_end_to_end(tmp_path):
 
 
 def test_report_checks_weigh_the_change_against_question_noise():
-    from nanoseek.speedrun_report import _checks, paired_two_se
+    from nanoseek.speedrun.report import _checks, paired_two_se
     same = [0.0, 1.0] * 50
     assert paired_two_se(same, same) == (100, 0.0)
     n, two_se = paired_two_se([0.0] * 100, [1.0] * 10 + [0.0] * 90)   # 10 of 100 questions flip to right
@@ -59,7 +59,7 @@ def test_report_checks_weigh_the_change_against_question_noise():
 
 
 def test_seed_table_gives_each_seed_its_verdict_and_the_gap_it_closed():
-    from nanoseek.speedrun_report import seed_table
+    from nanoseek.speedrun.report import seed_table
     res = lambda label, xs, **kw: {"label": label, "pass@1": sum(xs) / len(xs), "per_question": xs, **kw}  # noqa: E731
     sft = res("cold-start SFT", [1.0] * 20 + [0.0] * 80, **{"pass@16": 0.6})
     results = {"sft": sft, "grpo": res("GRPO (R1), seed 0", [1.0] * 40 + [0.0] * 60),
@@ -73,7 +73,7 @@ def test_seed_table_gives_each_seed_its_verdict_and_the_gap_it_closed():
 
 
 def test_r1_zero_length_line_reads_the_metrics(tmp_path):
-    from nanoseek.speedrun_report import r1_zero_length
+    from nanoseek.speedrun.report import r1_zero_length
     assert r1_zero_length(tmp_path) is None
     (tmp_path / "r1-zero").mkdir()
     rows = [{"step": i + 1, "reward": 0.1, "accuracy": i / 40, "reward_format": min(1.0, i / 20),
@@ -85,7 +85,7 @@ def test_r1_zero_length_line_reads_the_metrics(tmp_path):
 
 
 def test_task_table_lists_each_stage_per_task_and_the_level_above():
-    from nanoseek.speedrun_report import task_table
+    from nanoseek.speedrun.report import task_table
     results = {"sft": {"label": "cold-start SFT", "pass@1": 0.5, "tasks": {"add": 0.25, "sub": 0.75}},
                "grpo": {"label": "GRPO (R1)", "pass@1": 0.625, "tasks": {"add": 0.5, "sub": 0.75}}}
     above = {"grpo": {"label": "GRPO (R1)", "pass@1": 0.1, "tasks": {"add": 0.0, "sub": 0.2}}}

@@ -35,7 +35,7 @@ from nanoseek.data.sources import column_option, resolve_all, with_split
 from nanoseek.eval import evaluate, write_report as write_eval
 from nanoseek.model.dense import DenseTransformer
 from nanoseek.options import save_options
-from nanoseek.speedrun_report import render_report
+from nanoseek.speedrun.report import render_report
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train import distill, grpo, pretrain, rejection, sft
 
