@@ -1,9 +1,10 @@
 """Run the side-by-side benchmarks (nanoseek vs HF transformers / TRL) from a source checkout.
 
-Same as `python -m benchmarks`: prints a table of ours / reference / ratio and writes JSON.
+Same as `python -m benchmarks` in the checkout: prints a table of ours / reference / ratio and writes JSON.
 """
 from __future__ import annotations
 
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,8 @@ def run(opts: Options) -> None:
     root = Path(__file__).resolve().parent.parent
     if not (root / "benchmarks" / "__main__.py").exists():
         raise SystemExit("error: the benchmarks live in the source checkout (benchmarks/); run from a git clone")
-    sys.path.insert(0, str(root))
-    from benchmarks.__main__ import main
-    main((["--only", *opts.only] if opts.only else []) + ["--json", opts.json, "--reps", str(opts.reps)])
+    args = (["--only", *opts.only] if opts.only else []) + ["--json", str(Path(opts.json).resolve()),
+                                                          "--reps", str(opts.reps)]
+    rc = subprocess.run([sys.executable, "-m", "benchmarks", *args], cwd=root).returncode  # the checkout's package
+    if rc:
+        raise SystemExit(rc)
