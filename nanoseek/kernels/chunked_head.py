@@ -25,7 +25,7 @@ from nanoseek.kernels.compute_dtype import compute_dtype
 from nanoseek.model.head import LMHead
 
 CHUNK_ROWS = 1024  # tiny preset: 16 MiB of fp32 logits per chunk
-_hint = threading.local()  # the server's engine runs in its own thread
+_hint = threading.local()  # per thread: a forward elsewhere (the server's engine thread) never sees a promise
 
 
 def _add_weight_grad(dw: torch.Tensor, dlogits: torch.Tensor, rows: torch.Tensor) -> None:

@@ -198,8 +198,9 @@ class Transformer(Decoder):
 
     def __init__(self, cfg: ModelConfig):
         def block(i: int) -> Block:
+            attn = MLA(cfg, i)
             mlp = MoE(cfg) if cfg.is_moe_layer(i) else MLP(cfg.hidden_size, cfg.intermediate_size)
-            return Block(MLA(cfg, i), mlp, cfg.hidden_size, cfg.rms_norm_eps)
+            return Block(attn, mlp, cfg.hidden_size, cfg.rms_norm_eps)
 
         super().__init__(cfg, block)
         n = cfg.num_hidden_layers
