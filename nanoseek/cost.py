@@ -17,6 +17,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+from rich.console import Console
+from rich.table import Table
+
 from nanoseek.config import STUDENT_PRESETS, DenseConfig, ModelConfig, get_preset, get_student_preset, load_config
 from nanoseek.hardware import describe_device, device_peak_flops, gpu_peak_flops
 
@@ -300,8 +304,6 @@ def summarize_run(cfg: Config, tokens: int, wall_s: float, seq_len: int, peak_fl
     peak_flops defaults to the device's (measured fp32 matmul rate on CPU, datasheet bf16 on GPU);
     price_per_hour to $2 (the V3 report's H800 rate) on GPU and $0.10 (a 2-vCPU cloud VM) on CPU.
     """
-    import torch
-
     on_gpu = torch.cuda.is_available()
     peak = peak_flops if peak_flops else device_peak_flops()
     price = price_per_hour if price_per_hour is not None else (2.0 if on_gpu else 0.10)
@@ -345,9 +347,6 @@ def _fmt(x: float, unit: str = "") -> str:
 
 
 def run(opts: Options) -> dict:
-    from rich.console import Console
-    from rich.table import Table
-
     con = Console()
     cfg = resolve_config(opts.preset)
     out: dict = {"preset": opts.preset, "params": count_params(cfg)}
@@ -398,8 +397,6 @@ def run(opts: Options) -> dict:
 
 
 def _print_memory(con, opts: Options) -> dict:
-    from rich.table import Table
-
     res: dict = {}
     t = Table(title=f"Training memory per GPU (bf16, AdamW, FSDP, micro-batch 1 × {opts.seq_len})")
     for c in ("preset", "GPUs", "params", "grads", "optimizer", "activations", "total"):

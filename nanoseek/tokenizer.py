@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
 from nanoseek.data.chat import (ASSISTANT, BOS, CHAT_TEMPLATE, EOS, PAD, THINK_END, THINK_START, USER,
                                 ChatTemplateError, opens_think, render_chat)
 from nanoseek.data.corpus import iter_documents
@@ -220,7 +222,6 @@ def _chat_templates(p: Path, config: dict) -> str | dict | None:
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load an HF tokenizer directory (or a bare tokenizer.json) as transformers would."""
-    from tokenizers import AddedToken, Tokenizer as HFTokenizer
     p = Path(path)
     file = p / "tokenizer.json" if p.is_dir() else p
     if not p.exists():
@@ -265,7 +266,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, out_dir: str |
     """Train byte-level BPE on an iterable of strings; optionally save to out_dir.
     vocab_size is an upper bound: training stops early when no pair occurs min_frequency
     times (the synthetic task corpus saturates near 600 tokens; add real text for more)."""
-    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
     n_fixed = len(FIXED_TOKENS) + 256
     if vocab_size < n_fixed:
         raise ValueError(f"vocab_size must be at least {n_fixed} (specials + 256 bytes)")

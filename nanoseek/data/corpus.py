@@ -39,13 +39,13 @@ def iter_text_file(path: str | Path, text_field: str = "text") -> Iterator[str]:
     """Documents from one file or dataset folder: a .txt file is split on blank lines."""
     p = Path(path)
     if p.is_dir():
-        import datasets
+        import datasets  # the data extra: only dataset folders need it
         ds = datasets.load_from_disk(str(p))
         if isinstance(ds, datasets.DatasetDict):
             ds = ds["train"] if "train" in ds else next(iter(ds.values()))
         yield from (r[text_field] for r in ds if r.get(text_field))
     elif p.suffix == ".parquet":
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # the data extra: only Parquet files need it
         yield from (t for t in pq.read_table(p, columns=[text_field]).column(text_field).to_pylist() if t)
     elif p.suffix in (".jsonl", ".json"):
         with p.open() as f:

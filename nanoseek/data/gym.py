@@ -16,6 +16,7 @@ import difflib
 import json
 import random
 import re
+import warnings
 from functools import lru_cache
 
 from nanoseek.data.task_registry import Sample, Task, register
@@ -59,7 +60,6 @@ GENERIC_SIZE = 10_000
 
 def gym_datasets() -> list[str]:
     """Every reasoning-gym dataset name."""
-    import warnings
     with warnings.catch_warnings():  # reasoning-gym warns about optional extras on import
         warnings.simplefilter("ignore")
         from reasoning_gym.factory import DATASETS

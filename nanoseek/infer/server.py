@@ -23,18 +23,20 @@ import itertools
 import json
 import logging
 import os
+import socket
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
-import torch
 
 from nanoseek.data.chat import THINK_END, THINK_START, ChatTemplateError, describe_template, opens_think
 from nanoseek.errors import UsageError
@@ -421,9 +423,6 @@ class BackgroundServer:
     For tests, benchmarks and notebooks; `nanoseek serve` runs uvicorn in the foreground instead."""
 
     def __init__(self, opts: Options, model=None, tokenizer=None):
-        import socket
-
-        import uvicorn
         self.app = create_app(opts, model, tokenizer)
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
@@ -451,7 +450,6 @@ class BackgroundServer:
 
 
 def run(opts: Options) -> None:
-    import uvicorn
     if not _is_loopback(opts.host) and not api_key_of(opts):
         raise UsageError(f"refusing to serve on {opts.host!r} without an API key: anyone who can reach it could use "
                          "it; pass --api-key KEY (or set NANOSEEK_API_KEY), or bind --host 127.0.0.1")

@@ -77,6 +77,6 @@ class JSONGrammars:
 
     def _load(self) -> None:
         if self._ll is None:
-            import llguidance
+            import llguidance  # the serve extra's grammar engine: only response_format needs it
             self._lltok = llguidance.LLTokenizer(self.tokenizer.tk.to_str(), n_vocab=self.V, eos_token=self.stop_ids)
             self._ll = llguidance

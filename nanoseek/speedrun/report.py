@@ -20,7 +20,7 @@ def _pct(v) -> str:
 
 
 def _plot(root: Path, results: dict) -> list[Path]:
-    import matplotlib
+    import matplotlib  # heavy, and only the plots need it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -204,7 +204,7 @@ def load_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimizer: torch.o
 
 
 def _load_plain(ckpt: Path, meta: dict, model: torch.nn.Module, optimizer) -> None:
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor  # slow to import; only sharded runs have DTensors
     if any(isinstance(p, DTensor) for p in model.parameters()):
         raise CheckpointError(f"{ckpt} was written by a single-process run: resume it in one process without "
                               "--parallel (its next checkpoints stay single-process), or start a fresh --out")

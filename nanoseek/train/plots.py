@@ -32,7 +32,7 @@ def _smooth(ys: list[float], k: int) -> list[float]:
 
 
 def plot_metrics(path: str | Path, out_dir: str | Path, panels: dict[str, dict] | None = None) -> list[Path]:
-    import matplotlib
+    import matplotlib  # heavy, and only the plots need it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
