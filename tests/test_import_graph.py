@@ -106,10 +106,20 @@ def test_the_graph_sees_the_package_and_its_cycles():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
+def _with_packages(module: str, targets: set[str]) -> set[str]:
+    """Importing nanoseek.a.b runs nanoseek/a/__init__.py first: that import counts too (but not the importing
+    module's own packages, which are loaded before it)."""
+    out = set(targets)
+    for t in targets:
+        parts = t.split(".")
+        out |= {".".join(parts[:i]) for i in range(2, len(parts)) if not module.startswith(".".join(parts[:i]) + ".")}
+    return out
+
+
 def test_no_import_cycles():
     """A cycle works only while its import lines happen to sit in the right order; move the shared piece
     into a module of its own instead."""
-    assert _cycles({m: IMPORTS[m][0] for m in MODULES}) == []
+    assert _cycles({m: _with_packages(m, IMPORTS[m][0]) for m in MODULES}) == []
 
 
 # Breaks of the layering rule below that are known and still to fix, each in its owner's file: the test fails
