@@ -275,6 +275,7 @@ def test_on_policy_update_hands_the_head_its_exact_gradient(monkeypatch):
         return backward(ctx, grad, ent_grad)
 
     monkeypatch.setattr(chunked_head._HeadLogProbs, "backward", staticmethod(recording))
+    monkeypatch.setenv("NANOSEEK_KERNELS", "1")  # the head under test is the kernels' one
     o = Options(steps=1, prompts_per_step=4, group_size=4, max_new_tokens=3, micro_batch=8, mtp_weight=0.1)
     SuccessorGRPO(tiny(16).train(), DigitTok(), o, reward_fn=successor_rewards).step(0)
     assert found and all(found)

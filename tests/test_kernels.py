@@ -178,22 +178,23 @@ def test_chunked_head_cross_entropy_matches_the_reference(seed, B, T, dim, vocab
        vocab=st.integers(2, 40), chunk=st.integers(1, 8), temperature=st.sampled_from([1.0, 0.7]),
        mask_kind=st.sampled_from(["none", "holes"]), known=st.booleans())
 def test_chunked_head_log_probs_match_the_reference(seed, B, T, dim, vocab, chunk, temperature, mask_kind, known):
-    """ChunkedLMHead's log-probs and entropy equal LMHead's, and so do the gradients of a loss that
-    mixes them non-linearly (as GRPO's ratio does), recomputed in backward or, with `known`, formed
-    in the forward from the gradient promised by known_logprob_gradient (float64)."""
+    """ChunkedLMHead's log-probs and entropy equal LMHead's, and so do the gradients: of a loss that
+    mixes them non-linearly (as GRPO's ratio does), recomputed in backward, or, with `known`, of a
+    linear one whose gradient known_logprob_gradient promised, formed in the forward (float64)."""
     g = torch.Generator().manual_seed(seed)
     ref, fast = _head_pair(g, dim, vocab)
     h = torch.randn(B, T, dim, generator=g, dtype=torch.float64, requires_grad=True)
     targets, mask = torch.randint(0, vocab, (B, T), generator=g), _rows_mask(g, (B, T), mask_kind)
     w = torch.randn(B, T, generator=g, dtype=torch.float64)
+    loss = (lambda lp: (w * lp).sum()) if known else (lambda lp: (w * lp.exp()).sum())  # noqa: E731
     want, want_ent = ref.log_probs(h, targets, temperature, entropy=True, mask=mask)
-    d_want = torch.autograd.grad((w * want.exp()).sum(), [h, ref.weight])
-    with _chunk_rows(chunk), known_logprob_gradient(w * want.detach().exp() if known else None):
+    d_want = torch.autograd.grad(loss(want), [h, ref.weight])
+    with _chunk_rows(chunk), known_logprob_gradient(w if known else None):
         got, ent = fast.log_probs(h, targets, temperature, entropy=True, mask=mask)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ent, want_ent, rtol=1e-10, atol=1e-10)
     assert not ent.requires_grad
-    for a, b in zip(torch.autograd.grad((w * got.exp()).sum(), [h, fast.weight]), d_want):
+    for a, b in zip(torch.autograd.grad(loss(got), [h, fast.weight]), d_want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
