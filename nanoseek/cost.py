@@ -22,7 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from nanoseek.config import STUDENT_PRESETS, DenseConfig, ModelConfig, get_preset, get_student_preset, load_config
-from nanoseek.hardware import describe_device, device_peak_flops, gpu_peak_flops
+from nanoseek.gpu_peaks import gpu_peak_flops
+from nanoseek.hardware import describe_device, device_peak_flops
 
 Config = ModelConfig | DenseConfig
 

@@ -1,4 +1,5 @@
-"""What machine are we on, how fast is it, and which dtype should we train in?
+"""What machine are we on, how fast is it, and which dtype should we train in? (The GPUs' datasheet
+peaks are in gpu_peaks.py.)
 
 Everything here is cheap and cached: trainers call `pick_dtype` (through
 `nanoseek.dtype_choice.choose_dtype`) at start-up and `measure_matmul_peak` once to turn
@@ -6,10 +7,9 @@ tokens/s into MFU (see `nanoseek.cost.summarize_run`).
 
 Why the dtype choice is not simply "bf16": on AVX2/AVX-512 CPUs *without* the BF16
 extensions, PyTorch's bf16 matmul falls back to scalar code, orders of magnitude slower than
-fp32. CPUs with
-AVX512-BF16 or AMX can run bf16 matmuls faster than fp32, but whether a whole training step
-gains depends on the model's shapes (small models can lose), so there `dtype_choice` times
-both; every recent GPU wants bf16.
+fp32. CPUs with AVX512-BF16 or AMX can run bf16 matmuls faster than fp32, but whether a whole
+training step gains depends on the model's shapes (small models can lose), so there
+`dtype_choice` times both; every recent GPU wants bf16.
 """
 from __future__ import annotations
 
@@ -22,33 +22,7 @@ import time
 
 import torch
 
-# Dense (no 2:4 sparsity) tensor-core peaks in FLOP/s from the vendors' datasheets (SXM parts).
-# H800 is the export variant of H100: same compute, cut NVLink bandwidth, which is why
-# DeepSeek-V3 reports its cost in H800 hours against the H100's 989 / 1979 TFLOP/s.
-_GPU_PEAKS: dict[str, dict[str, float]] = {
-    "H100": {"bf16": 989e12, "fp8": 1979e12},
-    "H800": {"bf16": 989e12, "fp8": 1979e12},
-    "H200": {"bf16": 989e12, "fp8": 1979e12},  # same die as H100, more/faster HBM
-    "B200": {"bf16": 2250e12, "fp8": 4500e12},
-    "A100": {"bf16": 312e12},                   # Ampere has no FP8 tensor cores
-    "A800": {"bf16": 312e12},
-}
-
-
-def gpu_peak_flops(name: str, dtype: str = "bf16") -> float | None:
-    """Peak dense FLOP/s of a GPU named like "H800" or "NVIDIA H100 80GB HBM3"; None if unknown.
-
-    Longest key first so "H200" never matches as "H20..." of something else.
-    """
-    up = name.upper()
-    for key in sorted(_GPU_PEAKS, key=len, reverse=True):
-        if key in up:
-            return _GPU_PEAKS[key].get(dtype)
-    return None
-
-
-def known_gpus() -> list[str]:
-    return list(_GPU_PEAKS)
+from nanoseek.gpu_peaks import gpu_peak_flops
 
 
 @functools.lru_cache(maxsize=None)

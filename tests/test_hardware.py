@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from nanoseek import hardware
+from nanoseek.gpu_peaks import gpu_peak_flops
 
 
 def test_matmul_peak_positive_and_cached():
@@ -59,12 +60,12 @@ def test_fast_bf16_override(monkeypatch):
 
 
 def test_gpu_peaks_and_description():
-    assert hardware.gpu_peak_flops("H800") == 989e12
-    assert hardware.gpu_peak_flops("NVIDIA H100 80GB HBM3", "fp8") == 1979e12
-    assert hardware.gpu_peak_flops("NVIDIA H200") == hardware.gpu_peak_flops("H100")
-    assert hardware.gpu_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
-    assert hardware.gpu_peak_flops("A100", "fp8") is None
-    assert hardware.gpu_peak_flops("Some GPU") is None
+    assert gpu_peak_flops("H800") == 989e12
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3", "fp8") == 1979e12
+    assert gpu_peak_flops("NVIDIA H200") == gpu_peak_flops("H100")
+    assert gpu_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert gpu_peak_flops("A100", "fp8") is None
+    assert gpu_peak_flops("Some GPU") is None
     d = hardware.describe_device("cpu")
     assert "cores" in d and len(d) < 200
 
