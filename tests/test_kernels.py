@@ -35,25 +35,23 @@ DENSE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_lay
              num_key_value_heads=2)
 
 
+def _fast_copy(ref: torch.nn.Module, fast_cls: type) -> torch.nn.Module:
+    fast = copy.deepcopy(ref)
+    fast.__class__ = fast_cls
+    return fast
+
+
 def _experts_pair(g: torch.Generator, n_experts: int, dtype=torch.float64) -> tuple[Experts, FastExperts]:
     ref = Experts(n_experts, 16, 12).to(dtype)
     for p in ref.parameters():
         p.data = torch.randn(p.shape, generator=g, dtype=dtype) * 0.3
-    fast = copy.deepcopy(ref)
-    fast.__class__ = FastExperts
-    return ref, fast
+    return ref, _fast_copy(ref, FastExperts)
 
 
 def _routing(g: torch.Generator, n: int, k: int, n_experts: int, dtype=torch.float64):
     x = torch.randn(n, 16, generator=g, dtype=dtype, requires_grad=True)
     idx = torch.stack([torch.randperm(n_experts, generator=g)[:k] for _ in range(n)]) if n else torch.zeros(0, k, dtype=torch.long)
     return x, idx, torch.rand(n, k, generator=g, dtype=dtype, requires_grad=True)
-
-
-def _fast_copy(ref: torch.nn.Module, fast_cls: type) -> torch.nn.Module:
-    fast = copy.deepcopy(ref)
-    fast.__class__ = fast_cls
-    return fast
 
 
 @contextlib.contextmanager
@@ -131,8 +129,7 @@ def test_fast_mlp_matches_the_reference_mlp(seed, rows, dim, hidden, grad):
     ref = MLP(dim, hidden).double()
     for p in ref.parameters():
         p.data = torch.randn(p.shape, generator=g, dtype=torch.float64)
-    fast = copy.deepcopy(ref)
-    fast.__class__ = FastMLP
+    fast = _fast_copy(ref, FastMLP)
     x = torch.randn(2, rows, dim, generator=g, dtype=torch.float64, requires_grad=True)
     with contextlib.nullcontext() if grad else torch.no_grad():
         got, want = fast(x), ref(x)

@@ -5,7 +5,6 @@ GQA blocks and no MTP, so trainers and the engine treat both alike.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
