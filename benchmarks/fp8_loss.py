@@ -32,15 +32,15 @@ def train(precision: str, dtype: str, run: Path, tokenizer: str, steps: int, bat
     return [r["lm_loss"] for r in rows]
 
 
-def summarize(fp32: list[float], fp8: list[float], window: int) -> dict:
-    """Per-step relative differences (fp8 - fp32) / fp32, their mean and mean magnitude, and the
+def summarize(fp32: list[float], other: list[float], window: int) -> dict:
+    """Per-step relative differences (other - fp32) / fp32, their mean and mean magnitude, and the
     relative gap of the two runs' mean loss over the last `window` steps."""
-    rel = [(b - a) / a for a, b in zip(fp32, fp8)]
-    last32, last8 = statistics.fmean(fp32[-window:]), statistics.fmean(fp8[-window:])
+    rel = [(b - a) / a for a, b in zip(fp32, other)]
+    last32, last = statistics.fmean(fp32[-window:]), statistics.fmean(other[-window:])
     return {"relative_difference": rel, "mean_relative_difference": statistics.fmean(rel),
             "mean_abs_relative_difference": statistics.fmean(abs(r) for r in rel),
-            "last_window": window, "last_window_loss_fp32": last32, "last_window_loss_fp8": last8,
-            "last_window_relative_gap": (last8 - last32) / last32}
+            "last_window_loss_fp32": last32, "last_window_loss": last,
+            "last_window_relative_gap": (last - last32) / last32}
 
 
 def plot(fp32: list[float], fp8: list[float], rel: list[float], control: list[float] | None, path: Path) -> None:
@@ -60,7 +60,7 @@ def plot(fp32: list[float], fp8: list[float], rel: list[float], control: list[fl
         bottom.legend(fontsize="small")
     for bound in (-100 * PAPER_BOUND, 100 * PAPER_BOUND):
         bottom.axhline(bound, color="grey", linestyle="--", linewidth=0.8)
-    bottom.set_ylabel("(fp8 - fp32) / fp32, %")
+    bottom.set_ylabel("(run - fp32) / fp32, %")
     bottom.set_xlabel("step")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -87,27 +87,26 @@ def main(argv=None) -> None:
         bf16 = train("default", "bf16", runs / "bf16", tok, *shape) if a.bf16_control else None
     window = min(a.window, a.steps)
     s = summarize(fp32, fp8, window)
-    control = {} if bf16 is None else {"loss_bf16": bf16, "bf16_control": summarize(fp32, bf16, window)}
+    control = {} if bf16 is None else {"loss_bf16": bf16, "bf16_vs_fp32": summarize(fp32, bf16, window)}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     setup = {"preset": "tiny", "steps": a.steps, "batch_size": a.batch_size, "seq_len": a.seq_len, "seed": a.seed,
-             "dtype": "fp32"}
+             "last_window": window}
     out.with_suffix(".json").write_text(
-        json.dumps({**setup, "loss_fp32": fp32, "loss_fp8": fp8, **s, **control}, indent=1) + "\n")
-    plot(fp32, fp8, s["relative_difference"], control and control["bf16_control"]["relative_difference"],
+        json.dumps({**setup, "loss_fp32": fp32, "loss_fp8": fp8, "fp8_vs_fp32": s, **control}, indent=1) + "\n")
+    plot(fp32, fp8, s["relative_difference"], control and control["bf16_vs_fp32"]["relative_difference"],
          out.with_suffix(".png"))
     print(f"fp8 vs fp32 next-token loss, {a.steps} steps of {a.batch_size} x {a.seq_len}: "
-          f"last {s['last_window']} steps {s['last_window_loss_fp8']:.4f} vs {s['last_window_loss_fp32']:.4f}, "
+          f"last {window} steps {s['last_window_loss']:.4f} vs {s['last_window_loss_fp32']:.4f}, "
           f"relative gap {100 * s['last_window_relative_gap']:+.3f} %; per step mean "
           f"{100 * s['mean_relative_difference']:+.3f} %, mean |.| {100 * s['mean_abs_relative_difference']:.3f} % "
           f"(V3 report: < {100 * PAPER_BOUND:.2f} %) -> {out}.json, {out}.png")
     if control:
-        c = control["bf16_control"]
+        c = control["bf16_vs_fp32"]
         print(f"bf16 autocast vs fp32 (the control): last {window} steps relative gap "
               f"{100 * c['last_window_relative_gap']:+.3f} %; "
               f"per step mean {100 * c['mean_relative_difference']:+.3f} %, "
               f"mean |.| {100 * c['mean_abs_relative_difference']:.3f} %")
-
 
 if __name__ == "__main__":
     main()
