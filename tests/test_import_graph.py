@@ -122,19 +122,11 @@ def test_no_import_cycles():
     assert _cycles({m: _with_packages(m, IMPORTS[m][0]) for m in MODULES}) == []
 
 
-# Breaks of the layering rule below that are known and still to fix, each in its owner's file: the test fails
-# when one is fixed too, so that the entry goes.
-KNOWN_BREAKS = {
-    # FP8 checkpoints are dequantized on load with kernels/fp8.py (#26); the dequantization belongs in model/
-    "kernels": {"nanoseek.model.hf": ["nanoseek.kernels.fp8"]},
-}
-
-
 @pytest.mark.parametrize("forbidden", ["train", "infer", "data", "kernels", "parallel", "cli", "speedrun", "eval"])
 def test_the_model_imports_no_layer_above_it(forbidden):
     """model/ is the DeepSeek-V3 and student networks alone; kernels/ subclass its modules, never the reverse."""
     wrong = {m: sorted(t for t in _everything(m) if _in(t, forbidden)) for m in MODULES if _in(m, "model")}
-    assert {m: t for m, t in wrong.items() if t} == KNOWN_BREAKS.get(forbidden, {})
+    assert {m: t for m, t in wrong.items() if t} == {}
 
 
 def test_only_the_entry_point_imports_the_command_line():

@@ -18,7 +18,6 @@ from torch import nn
 
 from nanoseek.config import CheckpointError, DenseConfig, ModelConfig, load_config
 from nanoseek.errors import MissingPathError
-from nanoseek.kernels.fp8 import dequantize_blocks
 from nanoseek.model.dense import DenseTransformer
 from nanoseek.model.hf_save import hf_name
 from nanoseek.model.transformer import Transformer
@@ -48,13 +47,24 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def dequantize_fp8(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """DeepSeek-V3's FP8 release layout -> plain weights, in place: each e4m3 `X.weight` with its
-    `X.weight_scale_inv` (one scale per 128×128 block, multiplied back) becomes an fp32 `X.weight`."""
+def dequantize_fp8(sd: dict[str, torch.Tensor], block: tuple[int, int] = (128, 128)) -> dict[str, torch.Tensor]:
+    """DeepSeek-V3's FP8 release layout -> plain weights, in place: each e4m3 `X.weight` [N, K] with its
+    `X.weight_scale_inv` (one scale per block of `block`, the last ones partial, multiplied back)
+    becomes an fp32 `X.weight`."""
     for key in [k for k in sd if k.endswith(".weight_scale_inv")]:
         name = key.removesuffix("_scale_inv")
-        sd[name] = dequantize_blocks(sd[name], sd.pop(key))
+        q, scale = sd[name], sd.pop(key)
+        n, k = q.shape[-2:]
+        per_element = scale.float().repeat_interleave(block[0], -2).repeat_interleave(block[1], -1)
+        sd[name] = q.float() * per_element[..., :n, :k]
     return sd
+
+
+def _weight_block_size(path: Path) -> tuple[int, int]:
+    """`quantization_config.weight_block_size` of an FP8 checkpoint's config.json (V3's default 128 × 128)."""
+    conf = json.loads((path / "config.json").read_text())
+    rows, cols = (conf.get("quantization_config") or {}).get("weight_block_size") or (128, 128)
+    return int(rows), int(cols)
 
 
 def from_hf_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
@@ -108,7 +118,7 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
         why = "is not a model directory" if path.exists() else "does not exist"
         raise MissingPathError(f"{path} {why}: give a directory in HF layout (config.json + model.safetensors)")
     cfg = load_config(path)
-    sd = dequantize_fp8(_read_safetensors(path))
+    sd = dequantize_fp8(_read_safetensors(path), _weight_block_size(path))
     if isinstance(cfg, ModelConfig):
         # Keep only the MTP depth actually stored (transformers' own saves drop MTP weights).
         n = cfg.num_hidden_layers
