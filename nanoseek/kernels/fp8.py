@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoseek.kernels.compute_dtype import compute_dtype
 from nanoseek.kernels.expert_ffn import FastMLP
 from nanoseek.kernels.experts import FastExperts
 from nanoseek.model.moe import MLP, Experts
@@ -210,18 +211,12 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | N
     return y.view(*x.shape[:-1], weight.shape[0]).to(out_dtype or x.dtype)
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a Linear would return here: autocast's when it is on, else x's."""
-    t = x.device.type
-    return torch.get_autocast_dtype(t) if torch.is_autocast_enabled(t) else x.dtype
-
-
 class Fp8Linear(nn.Linear):
     """`nn.Linear` whose forward and backward GEMMs run in FP8 (1×128 activation tiles, 128×128
     weight blocks); same parameters, kept in their own dtype; the bias is added in high precision."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = fp8_linear(x, self.weight, _compute_dtype(x))
+        y = fp8_linear(x, self.weight, compute_dtype(x))
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
@@ -236,7 +231,7 @@ class Fp8Experts(Experts):
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         counts = torch.bincount(idx.flatten(), minlength=self.gate_proj.shape[0])
-        dt = _compute_dtype(x)
+        dt = compute_dtype(x)
         weights = weights.to(dt)
         y = torch.zeros_like(x, dtype=dt)
         # unbind, not [e]: its backward stacks the experts' gradients once, where indexing would
