@@ -16,7 +16,8 @@ import torch
 
 from benchmarks.common import Row, print_table, write_json
 
-SUITES = ["train_step", "train_memory", "generate", "grpo_step", "serve_load", "serve_cache", "logprob_mismatch"]
+SUITES = ["train_step", "train_memory", "generate", "grpo_step", "serve_load", "serve_cache", "serve_speculative",
+          "logprob_mismatch"]
 
 
 def _suite(name: str, kw_json: str, out: str) -> None:

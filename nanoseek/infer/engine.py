@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 import torch
 
 from nanoseek.infer.prefix_cache import PrefixCache
-from nanoseek.infer.sampling import SamplingParams, apply_repetition_penalty, sample, sampling_logprobs
-from nanoseek.infer.speculative import mtp_forward, speculative_step
+from nanoseek.infer.sampling import (SamplingParams, apply_repetition_penalty, sample, sampling_logprobs,
+                                     sampling_tensors, truncates)
+from nanoseek.infer.speculative import draft_logits, mtp_forward, speculative_step
 from nanoseek.kernels import speedup, transposed_weights
 
 
@@ -283,8 +284,8 @@ class Engine:
         toks = self._choose(logits, seqs)
         if self.speculative:  # the first draft: MTP on (h_{L-1}, sampled token) at position L-1
             lp = torch.tensor([s.pos - 1 for s in seqs], device=self.device).unsqueeze(1)
-            d = mtp_forward(self, h_last[rows].unsqueeze(1), toks.unsqueeze(1), lp, slice(start, start + len(seqs)))
-            for s, q in zip(seqs, d[:, -1]):
+            h1 = mtp_forward(self, h_last[rows].unsqueeze(1), toks.unsqueeze(1), lp, slice(start, start + len(seqs)))
+            for s, q in zip(seqs, draft_logits(self, h1[:, -1])):
                 s.q = q
         self._finish_all(self._record(logits, toks, seqs, events))
 
@@ -304,7 +305,7 @@ class Engine:
         if all(p.temperature == 0 for p in P):
             return logits.argmax(-1)
         u = torch.tensor([s.uniform() for s in seqs], device=logits.device)
-        return sample(logits, *_sampling_tensors(P, logits.device), u, _filtered(P),
+        return sample(logits, *sampling_tensors(P, logits.device), u, truncates(P),
                       any_greedy=any(p.temperature == 0 for p in P))
 
     def _apply_guides(self, logits: torch.Tensor, seqs: list[_Seq]) -> torch.Tensor:
@@ -326,7 +327,7 @@ class Engine:
         processed = [s.params.logprobs_mode == "processed" for s in seqs]
         if any(processed):  # of the distribution sampled from (what an RL trainer compares with), only when asked
             P = [s.params for s in seqs]
-            q_lp = sampling_logprobs(raw, tok, *_sampling_tensors(P, raw.device), _filtered(P))
+            q_lp = sampling_logprobs(raw, tok, *sampling_tensors(P, raw.device), truncates(P))
             tok_lp = torch.where(torch.tensor(processed, device=raw.device), q_lp, tok_lp)
         kmax = max(s.params.top_logprobs for s in seqs)
         top = raw.topk(kmax, -1) if kmax else None
@@ -431,13 +432,3 @@ class Engine:
             self.active[i] = moved
         self.active.pop()
 
-
-def _sampling_tensors(P: list[SamplingParams], device) -> tuple[torch.Tensor, ...]:
-    """Per-row temperature, top_k, top_p, min_p of a batch of sampling parameters."""
-    f = lambda name, dt: torch.tensor([getattr(p, name) for p in P], dtype=dt, device=device)  # noqa: E731
-    return f("temperature", torch.float32), f("top_k", torch.long), f("top_p", torch.float32), f("min_p", torch.float32)
-
-
-def _filtered(P: list[SamplingParams]) -> bool:
-    """Does any row truncate its distribution (top-k / top-p / min-p)?"""
-    return any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in P)

@@ -40,7 +40,7 @@ class EngineLoop:
     def __init__(self, engine: Engine, max_queue: int):
         self.engine, self.max_queue = engine, max_queue
         self.handles: dict[int, Handle] = {}
-        self.stats = {"steps": 0, "peak_running": 0, "requests": 0, "rejected": 0}
+        self.stats = {"steps": 0, "peak_running": 0, "requests": 0, "rejected": 0, "tokens": 0, "busy_s": 0.0}
         self.closing = False
         self.died: BaseException | None = None  # what killed the engine thread, if anything did
         self._ids = itertools.count()
@@ -90,10 +90,34 @@ class EngineLoop:
             self._wake.set()
 
     def load(self) -> dict:
-        pc = self.engine.prefix_cache
+        eng, pc = self.engine, self.engine.prefix_cache
         cache = {} if pc is None else {"prefix_cache": {**pc.stats, "blocks": len(pc), "bytes": pc.used,
                                                         "capacity_bytes": pc.capacity}}
-        return {"running": len(self.engine.active), "waiting": len(self.engine.waiting), **self.stats, **cache}
+        spec = {"speculative": {**eng.spec_stats, "acceptance_rate": eng.acceptance_rate}} if eng.speculative else {}
+        return {"running": len(eng.active), "waiting": len(eng.waiting), **self.stats,
+                "tokens_per_s": self.stats["tokens"] / max(self.stats["busy_s"], 1e-9), **cache, **spec}
+
+    def metrics(self) -> str:
+        """load() in Prometheus' text format. tokens/s: generated tokens per second the engine was stepping
+        (prefills included), so idle time does not dilute it."""
+        ld, lines = self.load(), []
+
+        def put(name: str, kind: str, value, doc: str) -> None:
+            name = f"nanoseek_{name}"
+            lines.extend([f"# HELP {name} {doc}", f"# TYPE {name} {kind}", f"{name} {value:g}"])
+        put("requests_running", "gauge", ld["running"], "sequences decoding")
+        put("requests_waiting", "gauge", ld["waiting"], "sequences waiting for a slot")
+        put("requests_total", "counter", ld["requests"], "requests accepted")
+        put("requests_rejected_total", "counter", ld["rejected"], "requests refused with 429")
+        put("generation_tokens_total", "counter", ld["tokens"], "tokens generated")
+        put("engine_busy_seconds_total", "counter", ld["busy_s"], "seconds the engine spent stepping")
+        put("generation_tokens_per_second", "gauge", ld["tokens_per_s"], "tokens generated per busy second")
+        if "speculative" in ld:
+            sp = ld["speculative"]
+            put("spec_draft_tokens_total", "counter", sp["drafted"], "MTP draft tokens verified")
+            put("spec_accepted_tokens_total", "counter", sp["accepted"], "MTP draft tokens accepted")
+            put("spec_acceptance_rate", "gauge", sp["acceptance_rate"], "share of MTP drafts accepted")
+        return "\n".join(lines) + "\n"
 
     def stop(self) -> None:
         """Called after the HTTP server let in-flight requests finish: whatever is left gets a clean error."""
@@ -126,11 +150,14 @@ class EngineLoop:
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
+            t0 = time.perf_counter()
             try:
                 events = eng.step()
             except Exception as e:  # noqa: BLE001 - a broken step fails its requests, not the server
                 self._fail_all(APIError(500, f"generation failed: {e}", "server_error"))
                 continue
+            self.stats["busy_s"] += time.perf_counter() - t0
+            self.stats["tokens"] += sum(ev.token_id >= 0 for ev in events)
             self.stats["steps"] += 1
             self.stats["peak_running"] = max(self.stats["peak_running"], len(eng.active))
             by_rid: dict[int, list] = {}

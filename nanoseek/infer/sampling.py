@@ -48,6 +48,17 @@ class SamplingParams:
                 raise ValueError(msg)
 
 
+def sampling_tensors(P: list[SamplingParams], device) -> tuple[torch.Tensor, ...]:
+    """Per-row temperature, top_k, top_p, min_p of a batch of sampling parameters."""
+    f = lambda name, dt: torch.tensor([getattr(p, name) for p in P], dtype=dt, device=device)  # noqa: E731
+    return f("temperature", torch.float32), f("top_k", torch.long), f("top_p", torch.float32), f("min_p", torch.float32)
+
+
+def truncates(P: list[SamplingParams]) -> bool:
+    """Does any row truncate its distribution (top-k / top-p / min-p)? If not, no row needs the sort."""
+    return any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in P)
+
+
 def apply_repetition_penalty(logits: torch.Tensor, seen: list[list[int]], penalty: torch.Tensor) -> torch.Tensor:
     """CTRL-style: divide positive / multiply negative logits of already-seen tokens by the penalty."""
     for i, toks in enumerate(seen):

@@ -34,7 +34,7 @@ import torch
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -78,6 +78,9 @@ class Options:
     prefix_block: int = field(default=16, metadata={"help": "tokens per prefix-cache block"})
     shutdown_timeout: float = field(default=30.0, metadata={"help": "seconds in-flight requests get on shutdown"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
+    speculative: bool = field(default=False, metadata={"help": "MTP self-speculative decoding (models with MTP): the "
+                                                                "same outputs, up to 2 tokens per forward; turns the "
+                                                                "prefix cache off and refuses guided requests"})
 
 
 # pydantic names the branch of a union it tried in an error's location ("str", "list[TextPart]",
@@ -127,7 +130,10 @@ class Service:
         self.max_len = opts.max_len or min(self.model.config.max_position_embeddings, 4096)
         self.api_key = api_key_of(opts)
         engine = Engine(self.model, self.tok, max_batch=opts.max_batch, max_len=self.max_len,
-                        prefix_cache_bytes=int(opts.prefix_cache_mb * 2**20), prefix_block=opts.prefix_block)
+                        prefix_cache_bytes=int(opts.prefix_cache_mb * 2**20), prefix_block=opts.prefix_block,
+                        speculative=opts.speculative)
+        if opts.speculative and not engine.speculative:
+            raise UsageError("--speculative needs a model with an MTP module (num_nextn_predict_layers >= 1)")
         self.loop = EngineLoop(engine, opts.max_queue)
         self.grammars = JSONGrammars(self.tok, self.model.config.vocab_size, engine.stop_ids)
         self.created = int(time.time())
@@ -410,6 +416,10 @@ def create_app(opts: Options, model=None, tokenizer=None) -> FastAPI:
             return JSONResponse({"status": "engine_dead", "model": svc.name, **svc.loop.load()}, 503)
         return {"status": "closing" if svc.loop.closing else "ok", "model": svc.name, **svc.loop.load()}
 
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics():  # Prometheus' text format: load, tokens/s, MTP acceptance
+        return PlainTextResponse(svc.loop.metrics(), media_type="text/plain; version=0.0.4")
+
     @app.get("/", include_in_schema=False)
     async def index():
         return FileResponse(WEB / "index.html")
@@ -461,7 +471,8 @@ def run(opts: Options) -> None:
     logging.getLogger("nanoseek.server").setLevel(logging.INFO)
     app = create_app(opts)
     svc = app.state.service
-    print(f"nanoseek: serving '{svc.name}' (context {svc.max_len}, batch {opts.max_batch}) on "
+    print(f"nanoseek: serving '{svc.name}' (context {svc.max_len}, batch {opts.max_batch}"
+          + (", MTP speculation" if opts.speculative else "") + ") on "
           f"http://{opts.host}:{opts.port}   web chat: /   API: /v1   docs: /docs"
           + ("   (API key required)" if svc.api_key else ""), flush=True)
     if svc.tok.chat_template is not None:
