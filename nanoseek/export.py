@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 
 from nanoseek.kernels.fp8_export import save_fp8_pretrained
+from nanoseek.model.hf import from_pretrained
+from nanoseek.tokenizer import load_tokenizer
 
 POSITIONAL = (("model", "source model directory (HF layout, ours or transformers')"),)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -32,8 +34,6 @@ class Options:
 
 
 def export(opts: Options) -> Path:
-    from nanoseek.model.hf import from_pretrained
-
     if opts.dtype not in DTYPES:
         raise SystemExit(f"error: --dtype must be one of {sorted(DTYPES)}, got {opts.dtype!r}")
     src = Path(opts.model)
@@ -42,7 +42,6 @@ def export(opts: Options) -> Path:
     print(f"loaded {type(model).__name__} from {src} ({model.num_parameters() / 1e6:.2f}M parameters)")
     tok = None
     if (src / "tokenizer.json").exists():
-        from nanoseek.tokenizer import load_tokenizer
         tok = load_tokenizer(src)
     if opts.fp8:
         save_fp8_pretrained(model, out, tokenizer=tok, dtype=DTYPES[opts.dtype])

@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from nanoseek.parallel.expert_parallel import apply_expert_parallel
+
 MODES = ("none", "ddp", "fsdp")
 
 
@@ -128,7 +130,6 @@ def parallelize(model: nn.Module, mode: str = "none", ep: int = 1, device: torch
     if ep > 1:
         if world % ep:
             raise ValueError(f"ep={ep} must divide the world size {world}")
-        from nanoseek.parallel.expert_parallel import apply_expert_parallel
         if ep < world:
             # rows = replicas, columns = EP ranks: consecutive ranks (one node) form an EP group.
             # Every DTensor must share one mesh (grad clipping and foreach optimizers reject

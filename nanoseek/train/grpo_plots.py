@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nanoseek.train import mismatch
+from nanoseek.train.plots import plot_metrics, read_metrics
 
 
 PANELS = {
@@ -21,10 +22,9 @@ PANELS = {
 
 def plot_run(out: Path) -> list[Path]:
     """Reward mean with its spread (mean +- std over the batch) plus the line panels."""
-    import matplotlib
+    import matplotlib  # optional, and slow to import: only when a run plots
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from nanoseek.train.plots import plot_metrics, read_metrics
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "reward" in r]
     task_keys = sorted({k for r in rows for k in r if k.startswith("accuracy/")})
     layer_keys = sorted({k for r in rows for k in r if k.startswith("router_flip_rate/")})

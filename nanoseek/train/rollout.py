@@ -19,6 +19,10 @@ from typing import Callable
 import numpy as np
 import torch
 
+from nanoseek.infer.engine import Engine
+from nanoseek.infer.sampling import SamplingParams
+from nanoseek.model.hf_save import to_hf_state_dict
+
 
 def engine_rollout(model, prompts: list[list[int]], n: int, max_new_tokens: int, stop_ids: list[int] | None,
                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
@@ -33,8 +37,6 @@ def engine_rollout(model, prompts: list[list[int]], n: int, max_new_tokens: int,
     logprobs: also return each token's log-prob under the distribution it was sampled from (temperature,
     top-k / top-p applied): (completions, logprobs). watch: called with the engine before it generates,
     returns read-only hooks (an object with .remove(), e.g. mismatch.EngineRouting), removed after."""
-    from nanoseek.infer.engine import Engine
-    from nanoseek.infer.sampling import SamplingParams
     was_training = model.training
     engine = Engine(model, max_batch=min(len(prompts) * n, 512), max_len=max(map(len, prompts)) + max_new_tokens,
                     compile=compile)
@@ -123,7 +125,6 @@ class VLLMRollout:
     @torch.no_grad()
     def sync(self, model) -> None:
         """Copy the policy's current weights into vLLM's, in place: engine and KV cache stay."""
-        from nanoseek.model.hf_save import to_hf_state_dict
         t0 = time.perf_counter()
         n = model.config.num_hidden_layers
         # MTP layers (index >= n) are not part of vLLM's main model: do not send them.
