@@ -31,6 +31,8 @@ from collections.abc import Callable
 
 import torch
 
+from nanoseek.infer.sampling import filter_logits
+
 AGGREGATIONS = ("token", "sequence", "dr_grpo")
 OBJECTIVES = ("grpo", "gspo", "cispo")
 
@@ -162,19 +164,12 @@ def offpolicy_sequence_mask(logp: torch.Tensor, engine_logp: torch.Tensor, advan
     return (~((advantages < 0) & (divergence > delta))).float()
 
 
-def on_policy_weights(advantages: torch.Tensor, mask: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-    """d loss / d logp [B, T] of `grpo_loss` when old = current and there is no KL term (one update
-    per rollout, beta = 0): the ratio is exactly 1, so nothing is clipped and the gradient is that
-    of the advantage-weighted log-likelihood sum_t w_t logp_t with w_t = -A * mask_t / norm."""
-    w = -advantages.unsqueeze(-1) * mask.float()
-    return w / (norm.unsqueeze(-1) if norm.dim() == 1 else norm)
-
-
 def gradient_at_ratio_one(loss_of_logp: Callable[[torch.Tensor], torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     """d loss / d logp [B, T] on policy, where loss_of_logp(logp) takes old = logp.detach(): the ratio
     is then 1 whatever the log-probs are, so the gradient is known before they are (in closed form
-    `on_policy_weights`). Taken by autograd through the loss itself (on zeros shaped like `like`), it is
-    bit for bit the gradient backward will bring, which is what `kernels.known_logprob_gradient` asks."""
+    -A * mask / norm, for every objective). Taken by autograd through the loss itself (on zeros shaped
+    like `like`), it is bit for bit the gradient backward will bring, which is what
+    `kernels.known_logprob_gradient` asks."""
     x = torch.zeros_like(like, dtype=torch.float32, requires_grad=True)
     with torch.enable_grad():
         return torch.autograd.grad(loss_of_logp(x), x)[0]
@@ -200,7 +195,6 @@ def truncated_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, temperature
     the sampler can never emit. The kept set is rebuilt from the trainer's own logits (detached) with the
     rollout's top-k / top-p, plus the sampled token itself (at a near tie the two may order a boundary
     token differently). Full [B, T, V] logits: the memory of a toy-scale micro-batch, not the chunked head's."""
-    from nanoseek.infer.sampling import filter_logits
     targets = ids[:, 1:]
     h, kw = model.hidden_states(ids[:, :-1])
     x = model.lm_head(h).float() / temperature                                          # [B, T, V]
