@@ -41,7 +41,7 @@ def _child(side: str, path: str, batch: int, seq: int, device: str) -> None:
     base = rss_mb()
     if side == "ours":
         if device == "cpu":
-            from nanoseek.hardware import retain_freed_memory
+            from nanoseek.train.heap import retain_freed_memory
             retain_freed_memory()  # as nanoseek's trainer does
         model = from_pretrained(path).to(device).train()
         speedup(model, for_="train")  # as nanoseek's trainer does

@@ -30,7 +30,7 @@ def run(preset: str = "tiny", batch: int = 8, seq: int = 256, reps: int = 5, dev
     training state does not fit in memory at once, each side runs alone: ours, then HF's."""
     from transformers import AutoModelForCausalLM
 
-    from nanoseek.hardware import retain_freed_memory
+    from nanoseek.train.heap import retain_freed_memory
     if device == "cpu":
         retain_freed_memory()  # as nanoseek's trainer does; HF's side, in this process, gains from it too
 

@@ -13,7 +13,6 @@ training step gains depends on the model's shapes (small models can lose), so th
 """
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 import platform
@@ -91,22 +90,6 @@ def cpu_has_fast_bf16() -> bool:
     fp32 = measure_matmul_peak(torch.float32, n=256, seconds=0.05)
     bf16 = measure_matmul_peak(torch.bfloat16, n=256, seconds=0.05)
     return bf16 >= 0.9 * fp32
-
-
-@functools.lru_cache(maxsize=None)
-def retain_freed_memory() -> bool:
-    """Keep freed memory in this process's heap instead of handing it back to the OS (glibc only).
-
-    glibc serves every block over 32 MiB with its own mmap and unmaps it when freed, so a training
-    step that allocates the same large tensors every step pays for zero-filling them page by page,
-    each time: on the `small` preset on a CPU, that is much of a step's system time. With mmap off and
-    heap trimming off, those blocks are reused, for a somewhat higher peak RSS; `tiny`'s tensors stay
-    under the threshold, so nothing changes there. Returns whether it applied (False off glibc)."""
-    if platform.libc_ver()[0] != "glibc":
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # malloc.h
-    libc = ctypes.CDLL(None)
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def pick_dtype(device: str | torch.device = "cpu", requested: str = "auto") -> tuple[torch.dtype, torch.dtype | None]:

@@ -76,7 +76,7 @@ def test_retain_freed_memory_keeps_large_blocks_in_the_heap():
     anew) every time; after retain_freed_memory() it comes from the heap and stays there when freed."""
     code = textwrap.dedent("""
         import ctypes, torch
-        from nanoseek.hardware import retain_freed_memory
+        from nanoseek.train.heap import retain_freed_memory
         class Info(ctypes.Structure):
             _fields_ = [(n, ctypes.c_size_t) for n in
                         "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]

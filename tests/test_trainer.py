@@ -227,6 +227,34 @@ def test_bias_update_rule_and_load_reset():
     assert stats["load_max_over_mean"] == pytest.approx(2.0)
 
 
+# --------------------------------------------------------------------------- (8) a non-finite step is skipped
+def test_a_non_finite_step_is_skipped_whole(tok, packed, tmp_path):
+    """A NaN loss reaches neither the weights, nor Adam's moments, nor the routing bias (its expert loads
+    are dropped); the step still counts for the lr schedule, and the next step trains as usual."""
+    from nanoseek.train.trainer import lm_step
+
+    def nan_at_step_1(model, batch, trainer):
+        out = lm_step(model, batch, trainer)
+        return {**out, "loss": out["loss"] * float("nan")} if trainer.step == 1 else out
+
+    t = _trainer(tok, packed, tmp_path, 4, bias_gamma=0.01)
+    t.step_fn = nan_at_step_1
+    t.train_step()
+    weights = {k: v.clone() for k, v in t.model.state_dict().items()}
+    moments = [{k: v.clone() for k, v in st.items()} for st in t.optimizer.state.values()]
+    lr_before = t.optimizer.param_groups[0]["lr"]
+    row = t.train_step()
+    assert row["skipped"] == 1 and t.optimizer_step.skipped == 1 and not torch.isfinite(torch.tensor(row["grad_norm"]))
+    assert all(torch.equal(v, t.model.state_dict()[k]) for k, v in weights.items())  # the routing bias too
+    assert all(torch.equal(v, st[k]) for m, st in zip(moments, t.optimizer.state.values()) for k, v in m.items())
+    assert all(m.load.sum() == 0 for m in moe_layers(t.model))
+    assert all(p.grad is None for p in t.model.parameters())
+    assert t.optimizer.param_groups[0]["lr"] != lr_before  # warmup went on
+    row = t.train_step()
+    assert row["skipped"] == 1 and torch.isfinite(torch.tensor(row["loss"]))
+    assert any(not torch.equal(v, t.model.state_dict()[k]) for k, v in weights.items())
+
+
 # --------------------------------------------------------------------------- torch.compile from outside
 def test_compiled_blocks_train_like_eager_and_keep_checkpoint_names(tok, packed, tmp_path, monkeypatch):
     """--compile wraps every block with torch.compile from outside the model: same parameter names,

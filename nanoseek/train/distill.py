@@ -40,6 +40,7 @@ from nanoseek.train import distributed
 from nanoseek.train.data import BatchIterator, make_batch, pack_examples
 from nanoseek.train.pretrain import finish, start_run
 from nanoseek.train.rejection import rejection_sample
+from nanoseek.train.run_options import stage_default
 from nanoseek.train.sft import encode_records, read_chat_jsonl
 from nanoseek.train.trainer import TrainOptions, Trainer, resolve_device, seed_everything
 
@@ -65,7 +66,7 @@ class Options(TrainOptions):
     eval_n: int = field(default=0, metadata={"help": "if > 0: nanoseek eval each student (and the teacher) "
                                                      "on this many test questions per task"})
     steps: int = field(default=200, metadata={"help": "optimizer steps per method"})
-    warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps"})
+    warmup_steps: int = stage_default(TrainOptions, "warmup_steps", 10)
 
 
 # --------------------------------------------------------------------------------------------

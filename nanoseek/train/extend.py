@@ -33,6 +33,7 @@ from nanoseek.parallel.activation_checkpoint import checkpoint_blocks
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train.data import BatchIterator, Packed
 from nanoseek.train.pretrain import finish, start_run
+from nanoseek.train.run_options import stage_default
 from nanoseek.train.trainer import TrainOptions, Trainer
 
 POSITIONAL = (("model", "pretrained model directory (HF layout with tokenizer); or --model", True),)
@@ -53,7 +54,7 @@ class Options(TrainOptions):
     steps: int = field(default=150, metadata={"help": "optimizer steps (V3: 1000 per phase)"})
     batch_size: int = field(default=4, metadata={"help": "sequences per micro-batch"})
     lr: float = field(default=3e-4, metadata={"help": "peak learning rate (about a tenth of pretraining's)"})
-    warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps"})
+    warmup_steps: int = stage_default(TrainOptions, "warmup_steps", 10)
     mtp_weight: float = field(default=0.1, metadata={"help": "MTP loss weight lambda (V3's late value)"})
     bias_gamma: float = field(default=0.0, metadata={"help": "MoE routing bias update speed (0: frozen, as after pretraining)"})
     passkey_frac: float = field(default=0.5, metadata={"help": "share of training rows with a hidden pass key"})

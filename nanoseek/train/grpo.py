@@ -32,18 +32,26 @@ import torch
 from nanoseek.data.chat import describe_template, prompt_opens_think, question_prompt
 from nanoseek.data.sources import heldout_samples, resolve_all, train_samples
 from nanoseek.kernels import known_logprob_gradient, speedup
-from nanoseek.model.moe import balance_losses, moe_layers, update_balancing_bias
-from nanoseek.parallel.parallelize import all_reduce_sum
+from nanoseek.model.hf import from_pretrained
+from nanoseek.model.moe import balance_losses, moe_layers
+from nanoseek.parallel.parallelize import all_reduce_sum, full_state_dict
+from nanoseek.rewards import RewardConfig, compute_rewards
+from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train import distributed
+from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_sharded_checkpoint
 from nanoseek.train.grpo_batch import (Round, informative_groups, local_rows, refill_samples, refill_seed,
                                        trained_groups)
 from nanoseek.train.grpo_loss import (OBJECTIVES, gradient_at_ratio_one, group_advantages, grpo_loss, normalizer,
                                       offpolicy_sequence_mask, policy_logprobs, tis_weights)
 from nanoseek.train.grpo_options import Options
 from nanoseek.train.grpo_plots import plot_run
+from nanoseek.train.heap import retain_freed_memory
 from nanoseek.train.mismatch import (EngineRouting, LogprobMismatch, TrainerRouting, engine_logprob_matrix,
                                      router_flips)
+from nanoseek.train.optimizer_step import OptimizerStep
+from nanoseek.train.pretrain import start_run
 from nanoseek.train.rollout import DTYPES, engine_rollout, make_rollout
+from nanoseek.train.trainer import MetricsLog, NoLog, lr_factor, make_optimizer, resolve_device
 
 POSITIONAL = (("model", "model directory (HF layout with tokenizer): the SFT model (r1) or a base model (r1-zero); "
                           "or --model", True),)
@@ -56,7 +64,6 @@ def make_prompt(tok, question: str, mode: str) -> list[int]:
 
 
 def reward_config(o: Options):
-    from nanoseek.rewards import RewardConfig
     lang = o.language_weight if o.language_weight >= 0 else (0.1 if o.mode == "r1" else 0.0)
     return RewardConfig(accuracy=o.accuracy_weight, format=o.format_weight, language=lang, length=o.length_weight,
                         max_len=o.max_new_tokens, cache_len=max(1, o.max_new_tokens // 4))
@@ -72,8 +79,6 @@ class GRPO:
         """plain: when `model` is wrapped for data parallelism (under torchrun), an unwrapped copy of
         it. The ranks generate different lengths, so rollouts (and the frozen reference) run on
         plain copies, free of collectives; the policy's weights are gathered into it before each rollout."""
-        from nanoseek.hardware import retain_freed_memory
-        from nanoseek.train.trainer import lr_factor, make_optimizer
         self.model, self.tok, self.o = model, tok, o
         self.rank, self.world = distributed.rank(), distributed.world()
         self.rollout_model = plain if plain is not None else model
@@ -93,10 +98,11 @@ class GRPO:
             self.ref = copy.deepcopy(self.rollout_model).eval()
             self.ref.requires_grad_(False)
         self.optimizer = make_optimizer(model, o.lr, o.weight_decay, (0.9, 0.99))
-        # the lr is a function of the step, set at the start of each one: nothing to checkpoint
+        # the lr is a function of the step, set at the start of each one: nothing to checkpoint, and no
+        # scheduler in the optimizer step (one GRPO step takes mu of those)
         self.lr_at = lambda s: o.lr * lr_factor(s, o.steps, o.warmup_steps, "cosine", o.min_lr_ratio)
+        self.optimizer_step = OptimizerStep(model, self.optimizer, o.grad_clip, all_reduce=all_reduce_sum)
         self.has_moe = bool(moe_layers(model))
-        self.skipped = 0
         self._pools: dict[int, list] = {}
         self.wants_engine_logprobs = o.log_mismatch or o.tis_cap > 0 or o.mask_offpolicy > 0
         # the rollout's top-k / top-p truncation, kept in the trainer's log-probs (None: the full distribution)
@@ -136,8 +142,12 @@ class GRPO:
         """Do this run's prompts open the think block (read once from the template; a custom reward_fn never asks)?"""
         return prompt_opens_think(self.tok, self.o.mode)
 
+    @property
+    def skipped(self) -> int:
+        """Optimizer steps skipped for a non-finite loss or gradient norm (checkpointed)."""
+        return self.optimizer_step.skipped
+
     def _rule_rewards(self, samples, texts, n_tokens):
-        from nanoseek.rewards import compute_rewards
         return compute_rewards(samples, texts, self.reward_cfg, self.opens_think, n_tokens)
 
     def rollout(self, prompts: list[list[int]], seed: int):
@@ -164,7 +174,6 @@ class GRPO:
     def sync_rollout_model(self) -> None:
         """Gather the policy's current weights into the plain rollout copy (collective)."""
         if self.rollout_model is not self.model:
-            from nanoseek.parallel.parallelize import full_state_dict
             self.rollout_model.load_state_dict(full_state_dict(self.model))
 
     # -------------------------------------------------------------- the step
@@ -286,7 +295,6 @@ class GRPO:
         sums = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0, "mtp_loss": 0.0}
         grad_norm = 0.0
         for epoch in range(o.mu):
-            self.optimizer.zero_grad(set_to_none=True)
             finite = True
             for i in range(0, len(ids), o.micro_batch):
                 sl = slice(i, i + o.micro_batch)
@@ -329,20 +337,10 @@ class GRPO:
                 sums["mtp_loss"] += (mtp.item() * mask[sl].sum().item() / n_tok.item() / o.mu) if mtp is not None else 0.0
             if trainer_routing is not None and epoch == 0:
                 trainer_routing.remove()
-            params = [p for p in model.parameters() if p.grad is not None]
-            gn = torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else float("inf")) if params else torch.zeros(())
-            if hasattr(gn, "full_tensor"):  # DTensor parameters: the norm is one too
-                gn = gn.full_tensor()
-            if not finite or not torch.isfinite(gn):
-                self.skipped += 1  # a NaN step must not reach the weights or Adam's moments
-                self.optimizer.zero_grad(set_to_none=True)
-                for m in moe_layers(model):
-                    m.load.zero_()
-                continue
-            grad_norm = gn.item()
-            self.optimizer.step()
-            if self.has_moe:  # the routing bias keeps balancing during RL
-                update_balancing_bias(model, o.bias_gamma, all_reduce_sum)
+            # the routing bias keeps its own speed during RL (--bias-gamma; 0: frozen)
+            gn, applied, _ = self.optimizer_step.step(o.bias_gamma, finite)
+            if applied:
+                grad_norm = gn.item()
         if W > 1:  # every rank holds its share of the global sums
             sums, _ = distributed.reduce_row(sums, 0, self.dev)
             sums = {k: v * W for k, v in sums.items()}
@@ -375,7 +373,6 @@ def per_task_accuracy(tasks: list[str], rewards) -> dict:
 def evaluate(model, tok, o: Options, n: int | None = None) -> dict:
     """Greedy accuracy and format rate on held-out (test split) prompts of the run's tasks ({} if none:
     a whole data file has no held-out part, FILE@train holds out FILE@test)."""
-    from nanoseek.rewards import compute_rewards
     samples = heldout_samples(resolve_all(o.tasks, o.prompt_field, o.answer_field), n or o.eval_n,
                               o.max_difficulty or o.difficulty, seed=o.seed + 1)
     if not samples:
@@ -394,12 +391,6 @@ def evaluate(model, tok, o: Options, n: int | None = None) -> dict:
 
 def grpo(o: Options) -> Path:
     """Run GRPO from o.model; returns the final model directory (HF layout, with tokenizer)."""
-    from nanoseek.model.hf import from_pretrained
-    from nanoseek.tokenizer import load_tokenizer
-    from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_sharded_checkpoint
-    from nanoseek.train.pretrain import start_run
-    from nanoseek.train.trainer import MetricsLog, NoLog, resolve_device
-
     if not o.model:
         raise SystemExit("grpo: MODEL is required (the cold-start SFT model for r1, a pretrained base for r1-zero)")
     for name, ok in (("mode", ("r1", "r1-zero")), ("scale_rewards", ("group", "none")),
@@ -436,7 +427,7 @@ def grpo(o: Options) -> Path:
     if o.resume and (ckpt := latest_checkpoint(out / "checkpoints")) is not None:
         state = load_checkpoint(ckpt, model, run.optimizer)
         start = resume_step = state["step"]
-        run.skipped = state["extra"].get("skipped", 0)
+        run.optimizer_step.skipped = state["extra"].get("skipped", 0)
         print(f"grpo: resumed from {ckpt} (step {start})")
     log = MetricsLog(out / "metrics.jsonl", resume_step, tensorboard=False) if distributed.is_main() else NoLog()
     print(f"grpo ({o.mode}): {o.steps} steps x {o.prompts_per_step} prompts x G={o.group_size}, tasks {','.join(o.tasks)}, "

@@ -1,16 +1,17 @@
-"""The options of `nanoseek grpo` (each flag's help says what it does; the module doc of grpo.py, how a step runs)."""
+"""The options of `nanoseek grpo` (each flag's help says what it does; the module doc of grpo.py, how a step runs):
+the ones every run has (run_options.py) with GRPO's defaults, and its own."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from nanoseek.data.sources import column_option
+from nanoseek.train.run_options import RunOptions, stage_default
 
 
 @dataclass
-class Options:
+class Options(RunOptions):
     model: str = field(default="", metadata={"help": "model directory to start from (HF layout with tokenizer)"})
     mode: str = field(default="r1", metadata={"help": "r1 (chat template, + language reward) or r1-zero (plain prompt)"})
-    out: str = field(default="", metadata={"help": "run directory (default: runs/grpo-<time>)"})
     tasks: list[str] = field(default_factory=lambda: ["add"], metadata={
         "help": "comma separated: built-in tasks, gym:NAME (any reasoning-gym dataset), data files (.jsonl, .json, "
                 ".parquet, .csv, datasets folders: every row trains; FILE@train holds FILE@test out for the eval)"})
@@ -33,11 +34,10 @@ class Options:
     compile: bool = field(default=False, metadata={
         "help": "engine rollouts decode through torch.compile (tiny on a 2-core CPU: ~1.3x faster decoding "
                 "after ~1-2 min of compiling once per run)"})
-    lr: float = field(default=2e-4, metadata={"help": "peak learning rate"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
+    lr: float = stage_default(RunOptions, "lr", 2e-4)
+    warmup_steps: int = stage_default(RunOptions, "warmup_steps", 0)
     min_lr_ratio: float = field(default=1.0, metadata={"help": "final lr / peak (1 = constant, usual for RL)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm (0 = off)"})
+    weight_decay: float = stage_default(RunOptions, "weight_decay", 0.0)
     beta: float = field(default=0.0, metadata={"help": "KL weight to the frozen reference (0 = no reference model)"})
     eps_low: float = field(default=0.2, metadata={"help": "ratio clip below 1"})
     eps_high: float = field(default=0.28, metadata={"help": "ratio clip above 1 (clip-higher, DAPO)"})
@@ -84,12 +84,4 @@ class Options:
                 "speedrun section has the runs)"})
     eval_every: int = field(default=0, metadata={"help": "held-out greedy accuracy every N steps (0 = start/end)"})
     eval_n: int = field(default=64, metadata={"help": "held-out (test split) prompts per evaluation (0 = none)"})
-    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
-    keep_last: int = field(default=2, metadata={"help": "checkpoints kept (0 = all)"})
-    resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --out"})
-    seed: int = field(default=0, metadata={"help": "seed of prompts, sampling and everything else"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    parallel: str = field(default="none", metadata={
-        "help": "none | ddp | fsdp: under torchrun every rank rolls out its share of the prompts and the "
-                "update is data parallel (under torchrun, none means ddp)"})
-    ep: int = field(default=1, metadata={"help": "expert-parallel degree of the update (divides the world size)"})
+    save_every: int = stage_default(RunOptions, "save_every", 50)

@@ -14,11 +14,11 @@ from pathlib import Path
 
 from nanoseek.data.coldstart import coldstart_dataset, require_solvers
 from nanoseek.data.sources import column_option, load_chat
-from nanoseek.errors import UsageError
 from nanoseek.model.hf import from_pretrained
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train.data import BatchIterator, pack_examples
 from nanoseek.train.pretrain import finish, start_run
+from nanoseek.train.run_options import stage_default
 from nanoseek.train.trainer import TrainOptions, Trainer
 
 
@@ -40,9 +40,9 @@ class Options(TrainOptions):
         "help": "difficulty of the built-in cold-start set (none = mixed over each task's range)"})
     max_difficulty: int = field(default=0, metadata={
         "help": "with --difficulty none: the highest level of the mix (0 = each task's whole range)"})
-    steps: int = field(default=150, metadata={"help": "optimizer steps"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
-    warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps"})
+    steps: int = stage_default(TrainOptions, "steps", 150)
+    lr: float = stage_default(TrainOptions, "lr", 1e-3)
+    warmup_steps: int = stage_default(TrainOptions, "warmup_steps", 10)
     mtp_weight: float = field(default=0.1, metadata={"help": "MTP loss weight lambda (V3's late value)"})
 
 

@@ -1,9 +1,10 @@
 """One training loop for every stage: pretrain, SFT, GRPO and distillation plug into it.
 
 The `Trainer` owns what all stages share: AdamW (decoupled weight decay on >=2-D weights only),
-warmup + cosine / WSD schedule, gradient accumulation and clipping, mixed precision, the MoE
-routing-bias update after each optimizer step, the MTP weight schedule, checkpoints that resume
-bit-exactly, metrics.jsonl, a progress bar and (if installed) TensorBoard.
+warmup + cosine / WSD schedule, gradient accumulation, mixed precision, the optimizer step (clipping,
+non-finite steps skipped, the MoE routing-bias update: optimizer_step.py, which GRPO takes too), the
+MTP weight schedule, checkpoints that resume bit-exactly, metrics.jsonl, a progress bar and (if
+installed) TensorBoard.
 
 A stage supplies batches (any iterator; if it has state_dict/load_state_dict its position is
 checkpointed) and optionally a `step_fn(model, batch, trainer) -> dict` whose "loss" entry is
@@ -31,56 +32,40 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from nanoseek.dtype_choice import choose_dtype
 from nanoseek.kernels import speedup
 from nanoseek.kernels.fp8 import apply_fp8
-from nanoseek.model.moe import moe_layers, update_balancing_bias
-from nanoseek.parallel.parallelize import all_reduce_sum
+from nanoseek.parallel.parallelize import all_reduce_sum, compile_blocks
 from nanoseek.train import distributed
 from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_sharded_checkpoint
+from nanoseek.train.heap import retain_freed_memory
+from nanoseek.train.optimizer_step import OptimizerStep
+from nanoseek.train.run_options import RunOptions
 
 
 @dataclass
-class TrainOptions:
-    """Options every training stage has (stages subclass this and add their own)."""
+class TrainOptions(RunOptions):
+    """Options of the stages the Trainer runs (each subclasses this and adds its own)."""
 
-    out: str = field(default="", metadata={"help": "run directory (default: runs/<stage>-<time>)"})
-    steps: int = field(default=300, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=8, metadata={
         "help": "sequences per micro-batch, over all ranks (each of N ranks trains on batch_size/N of them)"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     seq_len: int = field(default=256, metadata={"help": "tokens per sequence"})
-    lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a fraction of the peak"})
-    warmup_steps: int = field(default=30, metadata={"help": "linear warmup steps"})
     schedule: str = field(default="cosine", metadata={"help": "'cosine' or 'wsd' (warmup-stable-decay)"})
     decay_frac: float = field(default=0.2, metadata={"help": "wsd: fraction of steps spent decaying"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decoupled weight decay (>=2-D weights only)"})
     beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm (0 = off)"})
     dtype: str = field(default="auto", metadata={"help": "auto | fp32 | bf16 (autocast, fp32 master weights)"})
     precision: str = field(default="default", metadata={
         "help": "default | fp8: fp8 runs every Linear but the head, and the routed experts, on e4m3 GEMMs with "
                 "DeepSeek-V3's 1x128 / 128x128 scales (forward and backward; --dtype still sets the rest)"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    seed: int = field(default=0, metadata={"help": "seed for init, data order and sampling"})
     deterministic: bool = field(default=True, metadata={
         "help": "deterministic kernels on CPU (bit-exact reruns and resumes; no measured cost there)"})
-    bias_gamma: float = field(default=0.001, metadata={"help": "MoE aux-loss-free bias update speed (0 = off)"})
     bias_freeze_frac: float = field(default=0.97, metadata={
         "help": "stop updating the MoE bias after this fraction of steps (V3: last ~3% of tokens)"})
-    mtp_weight: float = field(default=0.3, metadata={"help": "MTP loss weight lambda early in training"})
     mtp_weight_late: float = field(default=0.1, metadata={"help": "MTP loss weight after mtp_switch_frac"})
     mtp_switch_frac: float = field(default=0.7, metadata={"help": "fraction of steps at which lambda drops"})
-    save_every: int = field(default=100, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
-    keep_last: int = field(default=2, metadata={"help": "checkpoints kept (0 = all)"})
-    resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --out"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
-    parallel: str = field(default="none", metadata={
-        "help": "none | ddp (full replicas) | fsdp (sharded): data parallelism over the ranks torchrun starts "
-                "(under torchrun, none means ddp); checkpoints become sharded DCP ones"})
-    ep: int = field(default=1, metadata={
-        "help": "expert-parallel degree: routed experts split over groups of this many ranks (divides the world)"})
     compile: bool = field(default=False, metadata={
         "help": "torch.compile each block (tiny preset on a 2-core CPU it is slower: 0.85-0.92x a step, as each "
                 "MoE block splits into 6 graphs at the data-dependent expert sizes); "
@@ -173,8 +158,6 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, opts: TrainOptions, batches: Iterator, out_dir: str | Path,
                  step_fn: Callable[..., dict] | None = None, log_extra: Callable[[], dict] | None = None,
                  all_reduce: Callable[[torch.Tensor], Any] | None = None):
-        from nanoseek.hardware import retain_freed_memory
-
         self.opts, self.batches, self.step_fn = opts, batches, step_fn or lm_step
         self.log_extra, self.all_reduce = log_extra, all_reduce  # all_reduce: sum expert loads over ranks
         self.out_dir = Path(out_dir)
@@ -203,13 +186,13 @@ class Trainer:
             print(self.dtype_choice.describe())
             print(f"precision: {precision}")
         if opts.compile:
-            from nanoseek.parallel.parallelize import compile_blocks
             compile_blocks(self.model)
         if self.sharded:
             self.model = distributed.wrap(self.model, opts, self.world)  # before the optimizer: params become DTensors
         self.optimizer = make_optimizer(self.model, opts.lr, opts.weight_decay, (opts.beta1, opts.beta2))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
             s, opts.steps, opts.warmup_steps, opts.schedule, opts.min_lr_ratio, opts.decay_frac))
+        self.optimizer_step = OptimizerStep(self.model, self.optimizer, opts.grad_clip, self.scheduler, self.all_reduce)
         self.ckpt_dir = self.out_dir / "checkpoints"
         resume_step = None
         if opts.resume:
@@ -222,16 +205,14 @@ class Trainer:
                     batches.load_state_dict(state["data"])
                 self.step, resume_step = state["step"], state["step"]
                 self.tokens, self.elapsed = state["extra"].get("tokens", 0), state["extra"].get("elapsed", 0.0)
+                self.optimizer_step.skipped = state["extra"].get("skipped", 0)
                 print(f"resumed from {ckpt} (step {self.step})")
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", resume_step) if self.rank == 0 else NoLog()
-        self.has_moe = bool(moe_layers(self.model))
 
     def _choose_dtype(self):
         """`nanoseek.dtype_choice.choose_dtype` for this run, probing with the run's own step_fn. Several
         ranks: rank 0 decides, timing its step alone (no collectives), and tells the others, so that all
         ranks compute alike."""
-        from nanoseek.dtype_choice import choose_dtype
-
         def loss(batch):
             return self.step_fn(self.model, batch, self)["loss"]
 
@@ -263,7 +244,6 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches; returns the logged row."""
         o = self.opts
         t0 = time.perf_counter()
-        self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         tokens = 0
         for _ in range(o.grad_accum):
@@ -277,14 +257,8 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + (v.item() if torch.is_tensor(v) else float(v)) / o.grad_accum
             tokens += int(out["tokens"]) if "tokens" in out else int(batch["input_ids"].numel())
         sums, tokens = distributed.reduce_row(sums, tokens, self.device)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else float("inf"))
-        if hasattr(grad_norm, "full_tensor"):  # DTensor parameters: the norm is one too
-            grad_norm = grad_norm.full_tensor()
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
-        balance = update_balancing_bias(self.model, self.bias_gamma(), self.all_reduce) if self.has_moe else {}
+        grad_norm, _, balance = self.optimizer_step.step(self.bias_gamma())
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
@@ -292,7 +266,7 @@ class Trainer:
         self.tokens += tokens
         self.elapsed += dt
         row = {"step": self.step, **sums, "lr": lr, "grad_norm": grad_norm.item(), "tokens": self.tokens,
-               "tokens_per_s": tokens / dt, "elapsed": self.elapsed, **balance}
+               "tokens_per_s": tokens / dt, "elapsed": self.elapsed, "skipped": self.optimizer_step.skipped, **balance}
         if self.log_extra is not None:
             row.update(self.log_extra())
         return row
@@ -301,7 +275,8 @@ class Trainer:
         data = self.batches.state_dict() if hasattr(self.batches, "state_dict") else None
         save = save_sharded_checkpoint if self.sharded else save_checkpoint
         return save(self.ckpt_dir, self.step, self.model, self.optimizer, self.scheduler, data,
-                    {"tokens": self.tokens, "elapsed": self.elapsed}, keep_last=self.opts.keep_last)
+                    {"tokens": self.tokens, "elapsed": self.elapsed, "skipped": self.optimizer_step.skipped},
+                    keep_last=self.opts.keep_last)
 
     def fit(self) -> dict[str, Any]:
         """Train until opts.steps; checkpoint every save_every steps and at the end. Returns the last row."""
