@@ -97,7 +97,7 @@ def test_stop_strings_cut_the_same_place(clients, stop):
     assert spec.choices[0].finish_reason == plain.choices[0].finish_reason == "stop"
     streamed = both(clients, lambda c: "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
         model="served", messages=HI, temperature=0, max_tokens=40, stop=[stop], stream=True) if ch.choices))
-    assert streamed[1] == streamed[0] and streamed[1].startswith(cut)
+    assert streamed[1] == streamed[0] == cut  # a stream holds back what may start a stop string
 
 
 def test_prefix_cache_stays_off_and_answers_stay_exact(clients, servers):

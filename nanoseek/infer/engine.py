@@ -73,6 +73,7 @@ class _Seq:
     text: str = ""            # completion text so far (incremental detokenization)
     dec_from: int = 0         # token index the decode window starts at
     dec_upto: int = 0         # tokens [dec_from, dec_upto) are already in `text`
+    sent: int = 0             # characters of `text` already reported in events (the rest may start a stop string)
     u: list[float] = field(default_factory=list)  # pre-drawn uniforms from `gen` (one per sampled token)
     q: torch.Tensor | None = None  # speculative: MTP draft logits [V] for the token after `last`
     guide: object = None           # guide.OutputGuide: which tokens may come next (None: any)
@@ -349,10 +350,11 @@ class Engine:
                 k = s.params.top_logprobs
                 s.out.top_logprobs.append(dict(zip(top.indices[i, :k].tolist(), (top.values[i, :k] - lse[i]).tolist())))
             s.last = t
-            delta, stopped = self._detok(s, t)
+            stopped = self._detok(s, t)
             reason = self._stop_reason(s, t, stopped)
             if reason is not None and not stopped and self.tokenizer is not None:
-                delta += self._flush_text(s)
+                self._flush_text(s)
+            delta = self._release(s, final=reason is not None)
             events.append(Event(s.req.request_id, s.out.index, t, delta, tok_lp[i], reason is not None, reason))
             if reason is not None:
                 finished.append((s, reason))
@@ -370,7 +372,7 @@ class Engine:
             return "length"
         return None
 
-    def _flush_text(self, s: _Seq) -> str:
+    def _flush_text(self, s: _Seq) -> None:
         """At the end: whatever the windowed decode held back (e.g. a trailing partial character)."""
         ids = s.out.token_ids
         if ids and (ids[-1] in s.params.stop_token_ids or (ids[-1] in self.stop_ids and not s.params.ignore_eos)):
@@ -378,18 +380,28 @@ class Engine:
         full = self.tokenizer.decode(ids)
         rest = full[len(s.text):] if full.startswith(s.text) else ""
         s.text = s.out.text = s.text + rest
-        return rest
 
-    def _detok(self, s: _Seq, t: int) -> tuple[str, bool]:
-        """Text added by token t (incremental: decodes a short window, not the whole completion), and
+    @staticmethod
+    def _release(s: _Seq, final: bool) -> str:
+        """The text an event reports: what `text` gained since the last event, less (until the end) a tail that
+        may be the start of a stop string, so a stream never shows text that a stop string later cuts."""
+        end = len(s.text)
+        if not final:
+            end -= max((k for x in s.params.stop for k in range(1, len(x)) if s.text.endswith(x[:k])), default=0)
+        out = s.text[s.sent:max(end, s.sent)]
+        s.sent += len(out)
+        return out
+
+    def _detok(self, s: _Seq, t: int) -> bool:
+        """Append the text of token t to `text` (incremental: decodes a short window, not the whole completion);
         whether a stop string appeared. Stop tokens and stop strings are not part of the text."""
         if self.tokenizer is None or t in s.params.stop_token_ids or (t in self.stop_ids and not s.params.ignore_eos):
-            return "", False
+            return False
         ids = s.out.token_ids
         old = self.tokenizer.decode(ids[s.dec_from:s.dec_upto])
         new = self.tokenizer.decode(ids[s.dec_from:])
         if new.endswith("\ufffd") or len(new) <= len(old):
-            return "", False  # an incomplete multi-byte character: wait for the rest
+            return False  # an incomplete multi-byte character: wait for the rest
         delta = new[len(old):]
         s.dec_from, s.dec_upto = s.dec_upto, len(ids)
         if s.params.stop:
@@ -402,10 +414,10 @@ class Engine:
                 keep = tail_start + cut - len(s.text)  # chars of delta before the stop string (may be < 0)
                 s.text = s.text[:tail_start + cut] if keep < 0 else s.text + delta[:keep]
                 s.out.text = s.text
-                return delta[:max(0, keep)], True
+                return True
         s.text += delta
         s.out.text = s.text
-        return delta, False
+        return False
 
     def _use_prefix_cache(self) -> bool:
         return self.prefix_cache is not None and not self.speculative  # see prefix_cache.py: MTP needs the next token
