@@ -1,6 +1,7 @@
 """MTP speculation samples what the main model samples: the marginals of the 2nd and 3rd tokens (the
 verified one and the bonus one after an accepted draft), at T = 0.6 with top-p, against the exact
-distributions computed from full forwards of the main model; greedy rows in a mixed batch stay exact."""
+distributions computed from full forwards of the main model; greedy rows in a mixed batch stay exact, and so do
+greedy rows with a repetition penalty."""
 import pytest
 import torch
 
@@ -62,3 +63,12 @@ def test_greedy_rows_stay_exact_beside_sampled_rows(model):
     outs = Engine(model, max_batch=4, max_len=32, speculative=True).generate(prompts, sps)
     for i in (0, 2):
         assert outs[i].outputs[0].token_ids == naive_greedy(model, prompts[i], 6)
+
+
+def test_repetition_penalty_applies_to_draft_and_target(model):
+    # plain decoding samples from the penalized logits, so verification must compare against those too
+    prompts = [[1, 2, 3], [4, 5], [6, 6, 6]]
+    sp = SamplingParams(temperature=0, repetition_penalty=1.5, max_tokens=10, ignore_eos=True)
+    plain = Engine(model, max_batch=3, max_len=32).generate(prompts, sp)
+    spec = Engine(model, max_batch=3, max_len=32, speculative=True).generate(prompts, sp)
+    assert [o.outputs[0].token_ids for o in spec] == [o.outputs[0].token_ids for o in plain]

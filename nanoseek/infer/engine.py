@@ -296,6 +296,11 @@ class Engine:
 
     def _choose(self, logits: torch.Tensor, seqs: list[_Seq]) -> torch.Tensor:
         """logits [B, V] -> the next token of each sequence [B], by its own sampling parameters."""
+        return self._draw(self._adjust(logits, seqs), seqs)
+
+    def _adjust(self, logits: torch.Tensor, seqs: list[_Seq]) -> torch.Tensor:
+        """The logits [B, V] (fp32) that each sequence samples from: its guide's mask and repetition penalty
+        applied (a copy where either changes them)."""
         logits = logits.float()
         if any(s.guide is not None for s in seqs):
             logits = self._apply_guides(logits, seqs)
@@ -303,6 +308,12 @@ class Engine:
         if any(p.repetition_penalty != 1 for p in P):
             rep = torch.tensor([p.repetition_penalty for p in P], device=logits.device)
             logits = apply_repetition_penalty(logits.clone(), [s.req.prompt_token_ids + s.out.token_ids for s in seqs], rep)
+        return logits
+
+    def _draw(self, logits: torch.Tensor, seqs: list[_Seq]) -> torch.Tensor:
+        """Adjusted logits [B, V] -> a token per sequence [B]: argmax (temperature 0) or a sample with its
+        temperature, top-k / top-p / min-p and next uniform."""
+        P = [s.params for s in seqs]
         if all(p.temperature == 0 for p in P):
             return logits.argmax(-1)
         u = torch.tensor([s.uniform() for s in seqs], device=logits.device)

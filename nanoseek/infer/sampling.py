@@ -72,7 +72,7 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: list[list[int]], penalt
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """Mask (to -inf) tokens outside top-k, outside the top-p nucleus, or below min_p * p_max. logits [B, V]."""
     V = logits.shape[-1]
-    sorted_logits, order = logits.sort(-1, descending=True)
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)  # ties: the argmax (first) stays first
     probs = sorted_logits.softmax(-1)
     rank = torch.arange(V, device=logits.device).expand_as(probs)
     k = torch.where(top_k > 0, top_k, torch.full_like(top_k, V)).unsqueeze(-1)

@@ -61,15 +61,16 @@ def _verify(seqs, q: torch.Tensor, draft: torch.Tensor, p_logits: torch.Tensor) 
 def speculative_step(engine, events: list) -> None:
     seqs = list(engine.active)
     B, dev = len(seqs), engine.device
-    q = torch.stack([s.q for s in seqs])                                           # [B, V] draft logits
-    draft = engine._choose(q, seqs)                                                # d ~ q (argmax when greedy)
+    # draft and target are both taken after the repetition penalty, as plain decoding samples
+    q = engine._adjust(torch.stack([s.q for s in seqs]), seqs)                     # [B, V] draft logits
+    draft = engine._draw(q, seqs)                                                  # d ~ q (argmax when greedy)
     last = torch.tensor([[s.last, s.pos] for s in seqs], device=dev)               # [B, 2]: (last token, its position)
     ids = torch.stack([last[:, 0], draft], 1)                                      # [B, 2]: (last, draft)
     pos = last[:, 1:] + torch.arange(2, device=dev)                                # [B, 2]
     engine.cache.rows = slice(0, B)
     h, _ = engine.model.hidden_states(ids, pos, engine.cache, kv_len=max(s.pos for s in seqs) + 2)  # [B, 2, D]
     lg = engine.model.lm_head(h).float()                                           # [B, 2, V]
-    accepted, tok = _verify(seqs, q, draft, lg[:, 0])
+    accepted, tok = _verify(seqs, q, draft, engine._adjust(lg[:, 0], seqs))
     # 1st token of every row: the draft if accepted, else the correction; its log-prob is under p (lg[:, 0])
     for s in seqs:
         s.pos += 1
