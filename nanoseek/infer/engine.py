@@ -454,4 +454,3 @@ class Engine:
             self.cache.copy_rows(torch.tensor([last]), torch.tensor([i]), moved.pos)
             self.active[i] = moved
         self.active.pop()
-
