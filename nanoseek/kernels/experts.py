@@ -23,8 +23,8 @@ DENSE_DECODE_MAX_BYTES = 1 << 30  # the engine's all-experts copies double the e
 # Up to this many tokens a decode step runs every expert on every token; above it the wasted
 # FLOPs of unchosen experts outgrow what skipping the grouping saves.
 DENSE_DECODE_MAX_TOKENS = 64
-# Up to this many routed slots per expert (on average) a no-grad forward pads experts to equal
-# blocks; above it the padding costs more than one GEMM call per expert.
+# Up to this many routed slots per expert (on average), and from one per expert, a no-grad forward
+# pads experts to equal blocks; above it the padding costs more than one GEMM call per expert.
 PADDED_MAX_ROWS_PER_EXPERT = 64
 
 
@@ -107,9 +107,10 @@ class FastExperts(Experts):
         order = flat.argsort(stable=True)                                 # token slots sorted by expert
         src, row_w = order // k, weights.reshape(-1)[order].to(x.dtype)  # each slot's token and routing weight
         grouped = x.is_cuda and grouped_mm_runs(x.device, x.dtype, D, I)
-        # a compiled decode always pads, as the per-expert GEMMs would break the graph
+        # A compiled decode always pads, as the per-expert GEMMs would break the graph. Eager, padding
+        # pays only when most experts have tokens: the blocks of experts without any still get multiplied.
         padded = not torch.is_grad_enabled() and (
-            torch.compiler.is_compiling() or 1 < N and N * k <= PADDED_MAX_ROWS_PER_EXPERT * E)
+            torch.compiler.is_compiling() or E <= N * k <= PADDED_MAX_ROWS_PER_EXPERT * E)
         if not (grouped or padded):
             return expert_ffn(x, src, counts.tolist(), self.gate_proj, self.up_proj, self.down_proj, row_w), counts
         xs = x.index_select(0, src)                                      # [N*k, D], grouped by expert
