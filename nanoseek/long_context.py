@@ -8,6 +8,8 @@ Two probes, each at multiples of the length the model was trained at:
   task      the same filler, then a held-out chat question (test split) and its worked solution;
             the whole assistant turn (chain of thought and answer) is scored: the model must still
             reason with a long stretch of unrelated text before the question.
+  far loss  the next-token loss over the second half of long documents: positions past the trained
+            length are where a model without context extension breaks down first.
 
 Both are scored by teacher forcing: a sample is right when the model's argmax at every scored
 position is the reference token, which is exactly when greedy decoding writes the reference. One
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from nanoseek.data.coldstart import SOLVERS, coldstart_record
 from nanoseek.data.corpus import iter_documents
@@ -30,6 +33,8 @@ from nanoseek.model.hf import from_pretrained
 from nanoseek.tokenizer import load_tokenizer
 
 PROBES = ("passkey", "task")
+METRICS = (*PROBES, "far_loss")
+LABELS = {"passkey": "pass key", "task": "task", "far_loss": "far-half loss"}
 
 
 @dataclass
@@ -115,46 +120,76 @@ def score(model, probes: list[Probe], batch_size: int = 4) -> float:
     return right / max(1, len(probes))
 
 
+@torch.no_grad()
+def far_loss(model, rows: list[list[int]], batch_size: int = 4) -> float:
+    """Mean next-token loss (nats) over the second half of each row's positions: how well the model
+    predicts text far into a long context, where positions past its trained length first appear."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        ids = torch.tensor(rows[i:i + batch_size], device=device)
+        logits = model(ids[:, :-1]).float()
+        half = logits.shape[1] // 2
+        nll = F.cross_entropy(logits[:, half:].flatten(0, 1), ids[:, half + 1:].flatten(), reduction="sum")
+        total, count = total + nll.item(), count + ids[:, half + 1:].numel()
+    return total / max(1, count)
+
+
 def evaluate_lengths(model, builder: ProbeBuilder, lengths: list[int], n: int, seed: int = 0,
                      progress=print) -> dict:
-    """{"passkey": {length: acc}, "task": {length: acc}} for each length."""
+    """{"passkey": {length: acc}, "task": {length: acc}, "far_loss": {length: nats}} for each length
+    (the loss on min(n, 8) long documents)."""
     model.eval()
-    out: dict[str, dict[int, float]] = {k: {} for k in PROBES}
+    out: dict[str, dict[int, float]] = {k: {} for k in METRICS}
     for length in lengths:
         for kind in PROBES:
             out[kind][length] = score(model, builder.probes(kind, length, n, seed))
-        progress(f"  length {length:>6}: passkey {out['passkey'][length]:6.1%}   task {out['task'][length]:6.1%}")
+        rng = random.Random(f"far-loss/{length}/{seed}")
+        out["far_loss"][length] = far_loss(model, [builder.long_document(length + 1, rng) for _ in range(min(n, 8))])
+        progress(f"  length {length:>6}: passkey {out['passkey'][length]:6.1%}   task {out['task'][length]:6.1%}   "
+                 f"loss over the far half {out['far_loss'][length]:.3f}")
     return out
 
 
 def table(results: dict[str, dict], base_len: int) -> str:
-    """Markdown table: one row per length, one column per (model, probe)."""
+    """Markdown table: one row per length, one column per (model, metric)."""
     names = list(results)
-    lengths = sorted({L for r in results.values() for L in r["passkey"]})
-    head = "| length | × trained | " + " | ".join(f"{m}: {k}" for m in names for k in PROBES) + " |"
-    rule = "|---:|---:|" + "---:|" * (len(names) * len(PROBES))
-    rows = [f"| {L} | {L / base_len:g} | " + " | ".join(f"{results[m][k].get(L, float('nan')):.0%}"
-                                                      for m in names for k in PROBES) + " |" for L in lengths]
+    lengths = sorted({int(L) for r in results.values() for L in r["passkey"]})
+
+    def cell(m: str, k: str, L: int) -> str:
+        v = results[m][k].get(L, results[m][k].get(str(L), float("nan")))
+        return f"{v:.3f}" if k == "far_loss" else f"{v:.0%}"
+
+    head = "| length | × trained | " + " | ".join(f"{m}: {LABELS[k]}" for m in names for k in METRICS) + " |"
+    rule = "|---:|---:|" + "---:|" * (len(names) * len(METRICS))
+    rows = [f"| {L} | {L / base_len:g} | " + " | ".join(cell(m, k, L) for m in names for k in METRICS) + " |"
+            for L in lengths]
     return "\n".join([head, rule, *rows])
 
 
 def plot(results: dict[str, dict], base_len: int, path: Path) -> Path:
-    """Accuracy against length (log2 axis), one line per (model, probe)."""
+    """Accuracy (left) and far-half loss (right) against length on a log2 axis, one line per model and probe."""
     import matplotlib  # optional heavy dependency, only for the picture
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, (acc, loss) = plt.subplots(1, 2, figsize=(10, 3.6))
     for m, r in results.items():
         for kind, style in zip(PROBES, ("-o", "--s")):
-            xs = sorted(r[kind])
-            ax.plot([x / base_len for x in xs], [100 * r[kind][x] for x in xs], style, label=f"{m}: {kind}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel(f"context length (× the trained {base_len} tokens)")
-    ax.set_ylabel("accuracy %")
-    ax.set_ylim(-3, 103)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+            xs = sorted(int(x) for x in r[kind])
+            acc.plot([x / base_len for x in xs], [100 * (r[kind].get(x, r[kind].get(str(x)))) for x in xs], style,
+                     label=f"{m}: {LABELS[kind]}")
+        xs = sorted(int(x) for x in r["far_loss"])
+        loss.plot([x / base_len for x in xs], [r["far_loss"].get(x, r["far_loss"].get(str(x))) for x in xs], "-o",
+                  label=m)
+    for ax in (acc, loss):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(f"context length (× the trained {base_len} tokens)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    acc.set_ylabel("accuracy %")
+    acc.set_ylim(-3, 103)
+    loss.set_ylabel("loss over the far half (nats/token)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

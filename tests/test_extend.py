@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from nanoseek.cli import main
 from nanoseek.config import get_preset
 from nanoseek.data.corpus import default_corpus
-from nanoseek.long_context import Probe, ProbeBuilder, score
+from nanoseek.long_context import Probe, ProbeBuilder, far_loss, score
 from nanoseek.model.hf import from_pretrained
 from nanoseek.model.transformer import Transformer
 from nanoseek.parallel.activation_checkpoint import checkpoint_blocks
@@ -78,6 +78,17 @@ def test_score_agrees_with_greedy_decoding(model_dir):
     wrong = seq.copy()
     wrong[33] = (wrong[33] + 1) % model.config.vocab_size
     assert score(model, [Probe(wrong, tail), Probe(seq, tail)], batch_size=2) == 0.5
+
+
+def test_far_loss_is_the_models_own_loss_on_the_far_half(model_dir, builder):
+    model = from_pretrained(model_dir).eval()
+    rows = [builder.long_document(121, random.Random(i)) for i in range(3)]
+    ids = torch.tensor(rows)
+    mask = torch.zeros(3, 120, dtype=torch.bool)
+    mask[:, 60:] = True
+    with torch.no_grad():
+        ref = model.loss(ids[:, :-1], ids[:, 1:], loss_mask=mask)
+    assert far_loss(model, rows, batch_size=2) == pytest.approx(ref["lm_loss"].item(), rel=1e-5)
 
 
 def test_trained_length_reads_the_run_folder(model_dir, tmp_path):
@@ -151,5 +162,5 @@ def test_long_eval_command_writes_its_table_and_plot(model_dir, tmp_path, capsys
                "--tasks", "add", "--difficulty", "1", "--out", str(tmp_path)])
     assert rc in (0, None)
     res = json.loads((tmp_path / "long_context.json").read_text())["model"]
-    assert set(res) == {"passkey", "task"} and set(res["task"]) == {"96", "192"}
+    assert set(res) == {"passkey", "task", "far_loss"} and set(res["task"]) == {"96", "192"}
     assert (tmp_path / "long_context.png").exists() and "| 192 | 2 |" in capsys.readouterr().out
