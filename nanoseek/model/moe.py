@@ -42,19 +42,30 @@ class Gate(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.n_experts, cfg.hidden_size))
         # fp32 always: tiny bias steps (1e-3) must not round away in bf16.
         self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
+        # Routing replay (R3): expert ids [N, k] for the next forward's N tokens, set from outside (RL replays
+        # the rollout engine's choice in the training forward). Rows of -1 choose for themselves. Only the
+        # selection is replayed: the weights are this gate's affinities at those experts, so it still learns.
+        self.replay: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [N, D] -> weights [N, k], expert ids [N, k], all scores [N, E] (for the balance loss)."""
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()      # [N, E]
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        """Affinities [N, E] -> the top-k experts [N, k] of (s + b) inside the topk_group best groups."""
         biased = scores.detach() + self.e_score_correction_bias
         if self.n_group > 1:
-            N = x.shape[0]
+            N = scores.shape[0]
             grouped = biased.view(N, self.n_group, -1)
             group_scores = grouped.topk(2, dim=-1).values.sum(-1)       # [N, G]
             keep = group_scores.topk(self.topk_group, dim=-1).indices
             group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
             biased = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).view(N, -1)
-        idx = biased.topk(self.top_k, dim=-1).indices                    # [N, k]
+        return biased.topk(self.top_k, dim=-1).indices                   # [N, k]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, D] -> weights [N, k], expert ids [N, k], all scores [N, E] (for the balance loss)."""
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()      # [N, E]
+        idx = self.select(scores)
+        if self.replay is not None:
+            forced = self.replay.to(idx.device)
+            idx = torch.where(forced >= 0, forced, idx)
         weights = scores.gather(1, idx)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)

@@ -16,7 +16,8 @@ seed of step s depend only on (seed, s).
 The rollout engine is not the trainer (kernels, precision, MoE router flips): every step logs how far
 its sampling log-probs are from the trainer's on the same tokens (mismatch.py), and --tis-cap,
 --mask-offpolicy and --keep-sampling-mask correct for it; --loss picks GRPO, GSPO or CISPO, and
---dynamic-sampling refills the batch with informative groups (grpo_batch.py).
+--dynamic-sampling refills the batch with informative groups (grpo_batch.py). --routing-replay rollout
+routes the training forward's tokens to the experts the rollout chose (routing_replay.py).
 """
 from __future__ import annotations
 
@@ -47,10 +48,11 @@ from nanoseek.train.grpo_options import Options
 from nanoseek.train.grpo_plots import plot_run
 from nanoseek.train.heap import retain_freed_memory
 from nanoseek.train.mismatch import (EngineRouting, LogprobMismatch, TrainerRouting, engine_logprob_matrix,
-                                     router_flips)
+                                     expert_matrix, router_flips)
 from nanoseek.train.optimizer_step import OptimizerStep
 from nanoseek.train.pretrain import start_run
 from nanoseek.train.rollout import DTYPES, engine_rollout, make_rollout
+from nanoseek.train.routing_replay import MODES as REPLAY_MODES, replayed
 from nanoseek.train.trainer import MetricsLog, NoLog, lr_factor, make_optimizer, resolve_device
 
 POSITIONAL = (("model", "model directory (HF layout with tokenizer): the SFT model (r1) or a base model (r1-zero); "
@@ -107,6 +109,8 @@ class GRPO:
         self.wants_engine_logprobs = o.log_mismatch or o.tis_cap > 0 or o.mask_offpolicy > 0
         # the rollout's top-k / top-p truncation, kept in the trainer's log-probs (None: the full distribution)
         self.sampling_mask = (o.top_k, o.top_p) if o.keep_sampling_mask and (o.top_k > 0 or o.top_p < 1) else None
+        # the engine's expert choices: to count router flips, or to replay them in the training forwards
+        self.records_routing = self.has_moe and (o.log_router_flips or o.routing_replay == "rollout")
 
     # -------------------------------------------------------------- data
     def difficulty_at(self, step: int) -> int:
@@ -152,14 +156,15 @@ class GRPO:
 
     def rollout(self, prompts: list[list[int]], seed: int):
         """Completions [N*G], the engine's log-probs of their tokens (when the mismatch is logged or corrected
-        for, else None) and its expert choices per sequence (with --log-router-flips, else None)."""
+        for, else None) and its expert choices per sequence (with --log-router-flips or --routing-replay
+        rollout, else None)."""
         o = self.o
         args = (self.rollout_model, prompts, o.group_size, o.max_new_tokens, self.stop_ids, o.temperature, o.top_k, o.top_p, seed,
                 self.tok.pad_id)
         kw, recorded = {}, []
         if self.wants_engine_logprobs:
             kw["logprobs"] = True
-        if o.log_router_flips and self.has_moe:
+        if self.records_routing:
             def watch(engine):
                 recorded.append(EngineRouting(self.rollout_model, engine, prompts, o.group_size, engine.max_len))
                 return recorded[0]
@@ -255,14 +260,16 @@ class GRPO:
         return ids.to(self.dev), mask.to(self.dev)
 
     @torch.no_grad()
-    def _frozen_logprobs(self, net, ids, mask) -> torch.Tensor:
+    def _frozen_logprobs(self, net, ids, mask, replay: torch.Tensor | None) -> torch.Tensor:
         was = net.training
         net.eval()  # eval: MoE layers do not count this forward's load
-        mb = self.o.micro_batch
-        out = torch.cat([policy_logprobs(net, ids[i:i + mb], mask[i:i + mb], self.o.temperature,
-                                         sampling_mask=self.sampling_mask)[0] for i in range(0, len(ids), mb)])
+        mb, out = self.o.micro_batch, []
+        for i in range(0, len(ids), mb):
+            with replayed(net, replay[:, i:i + mb] if replay is not None else None):
+                out.append(policy_logprobs(net, ids[i:i + mb], mask[i:i + mb], self.o.temperature,
+                                           sampling_mask=self.sampling_mask)[0])
         net.train(was)
-        return out
+        return torch.cat(out)
 
     def update(self, prompts, comps, adv, masked: list[bool] | None = None, engine_logprobs: list | None = None,
                engine_experts: list | None = None) -> dict:
@@ -274,9 +281,12 @@ class GRPO:
         if masked is not None:
             mask[torch.tensor(masked, device=mask.device)] = 0.0
         adv = adv.to(self.dev)
-        ref_logp = self._frozen_logprobs(self.ref, ids, mask) if self.ref is not None else None
+        # R3: every forward over the rollout's tokens (policy, old policy, reference) routes them as the engine did
+        replay = (expert_matrix(engine_experts, *mask.shape) if o.routing_replay == "rollout" and engine_experts
+                  else None)
+        ref_logp = self._frozen_logprobs(self.ref, ids, mask, replay) if self.ref is not None else None
         # mu = 1: the old policy *is* the current one, ratio = 1 exactly (old = current.detach())
-        old_logp = self._frozen_logprobs(model, ids, mask) if o.mu > 1 else None
+        old_logp = self._frozen_logprobs(model, ids, mask, replay) if o.mu > 1 else None
         corrected = o.tis_cap > 0 or o.mask_offpolicy > 0  # token weights that need the log-probs first
         # ratio == 1, no KL term (a reference exists iff beta > 0): every objective's gradient is -A / norm
         on_policy = old_logp is None and ref_logp is None and not corrected and self.sampling_mask is None
@@ -308,7 +318,7 @@ class GRPO:
                 # the chunked head (kernels) then forms its own gradients there
                 hint = (gradient_at_ratio_one(lambda lp: policy_loss(lp, lp.detach())[0] * W, mask[sl])
                         if on_policy else None)
-                with known_logprob_gradient(hint):
+                with known_logprob_gradient(hint), replayed(model, replay[:, sl] if replay is not None else None):
                     logp, ent, mtp = policy_logprobs(model, ids[sl], mask[sl], o.temperature, o.mtp_weight,
                                                      entropy=True, sampling_mask=self.sampling_mask)
                 old = old_logp[sl] if old_logp is not None else logp.detach()
@@ -349,6 +359,8 @@ class GRPO:
             sums.update(measured.row())
         if trainer_routing is not None:
             sums.update(router_flips(engine_experts, trainer_routing.stacked(*mask.shape), mask))
+            if replay is not None:  # what replay prevented: the trainer's own choice against the engine's
+                sums.update(router_flips(engine_experts, trainer_routing.own_stacked(*mask.shape), mask, "_unreplayed"))
         return {**sums, "grad_norm": grad_norm, "_train_tokens": ids.numel()}
 
     def _corrections(self, logp, old_logp, engine_logp, adv, mask) -> torch.Tensor:
@@ -395,15 +407,16 @@ def grpo(o: Options) -> Path:
         raise SystemExit("grpo: MODEL is required (the cold-start SFT model for r1, a pretrained base for r1-zero)")
     for name, ok in (("mode", ("r1", "r1-zero")), ("scale_rewards", ("group", "none")),
                      ("loss_agg", ("token", "sequence", "dr_grpo")), ("nan_policy", ("skip", "error")),
-                     ("loss", OBJECTIVES), ("rollout_dtype", DTYPES)):
+                     ("loss", OBJECTIVES), ("rollout_dtype", DTYPES), ("routing_replay", REPLAY_MODES)):
         if getattr(o, name) not in ok:
             raise SystemExit(f"grpo: --{name.replace('_', '-')} must be one of {', '.join(ok)}, got {getattr(o, name)!r}")
     if o.group_size < 2:
         raise SystemExit("grpo: --group-size must be >= 2 (advantages are relative to the group)")
     sharded = distributed.wanted(o)
-    if o.log_router_flips and (o.compile or o.rollout != "engine"):
-        raise SystemExit("grpo: --log-router-flips records the engine's routing by forward hooks: it needs --rollout "
-                         "engine without --compile (hooks would be traced into the compiled decode)")
+    if (o.log_router_flips or o.routing_replay == "rollout") and (o.compile or o.rollout != "engine"):
+        raise SystemExit("grpo: --log-router-flips and --routing-replay rollout record the engine's routing by forward "
+                         "hooks: they need --rollout engine without --compile (hooks would be traced into the compiled "
+                         "decode)")
     if o.keep_sampling_mask and sharded:
         raise SystemExit("grpo: --keep-sampling-mask is single-process for now (its full-vocabulary head is not "
                          "registered with the data-parallel wrappers)")

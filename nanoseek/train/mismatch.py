@@ -9,8 +9,11 @@ between the two forwards sends the token to other experts altogether (issue #23)
                        the k3 estimate of KL(pi_engine || pi_trainer) on the engine's own samples
   mismatch_max_dlogp   max |Δ|
   router_flip_rate     share of (token, MoE layer) routing decisions whose top-k expert *set* differs
-                       between the rollout's forward and the training forward (only with --log-router-flips),
-                       with router_flip_rate/layerI per layer and router_flip_tokens (a flip in any layer)
+                       between the rollout's forward and the training forward (with --log-router-flips or
+                       --routing-replay rollout), with router_flip_rate/layerI per layer and
+                       router_flip_tokens (a flip in any layer). Under routing replay (routing_replay.py) it is
+                       0 by construction; the same figures with the suffix _unreplayed compare each gate's own
+                       choice (on the replayed forward's hidden states) with the engine's
 
 The engine reports the log-prob of each token under the distribution it sampled from (temperature and
 top-k / top-p applied, `logprobs_mode="processed"`), the trainer's are at the same temperature, so at T = 1
@@ -117,41 +120,61 @@ class EngineRouting:
 
 
 class TrainerRouting:
-    """The top-k experts of every token of the trainer's forwards, in call order: [layers, B, T, k] after `stacked`."""
+    """The top-k experts of every token of the trainer's forwards, in call order: [layers, B, T, k] after `stacked`.
+    Under routing replay a gate uses the replayed experts; `own` then also keeps the ones it would have chosen."""
 
     def __init__(self, model):
         gates = trunk_gates(model)
         self.calls: list[list[torch.Tensor]] = [[] for _ in gates]
+        self.own: list[list[torch.Tensor]] = [[] for _ in gates]
         self.handles = [g.register_forward_hook(self._on_gate(i)) for i, g in enumerate(gates)]
 
     def _on_gate(self, layer: int):
         def hook(module, args, out) -> None:
             self.calls[layer].append(out[1].detach().cpu())
+            self.own[layer].append(module.select(out[2]).cpu() if module.replay is not None else self.calls[layer][-1])
         return hook
+
+    @staticmethod
+    def _stack(calls: list[list[torch.Tensor]], B: int, T: int) -> torch.Tensor | None:
+        if not calls or sum(len(c) for c in calls[0]) != B * T:
+            return None
+        return torch.stack([torch.cat(c).view(B, T, -1) for c in calls])
 
     def stacked(self, B: int, T: int) -> torch.Tensor | None:
         """None when the forwards did not cover the B x T tokens (a pass stopped early: a non-finite loss)."""
-        if not self.calls or sum(len(c) for c in self.calls[0]) != B * T:
-            return None
-        return torch.stack([torch.cat(c).view(B, T, -1) for c in self.calls])
+        return self._stack(self.calls, B, T)
+
+    def own_stacked(self, B: int, T: int) -> torch.Tensor | None:
+        """The gates' own choices (what they chose without replay), as `stacked`."""
+        return self._stack(self.own, B, T)
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
 
 
-def router_flips(engine_experts: list[torch.Tensor], trainer_experts: torch.Tensor | None, mask: torch.Tensor) -> dict:
+def expert_matrix(engine_experts: list[torch.Tensor], B: int, T: int) -> torch.Tensor:
+    """The engine's routing per sequence ([layers, positions, k], from `EngineRouting`) laid out as the
+    trainer's forward over B rows of T positions: [layers, B, T, k], -1 where the engine ran no token."""
+    L, _, k = engine_experts[0].shape
+    out = torch.full((L, B, T, k), -1, dtype=torch.long)
+    for i, e in enumerate(engine_experts):
+        n = min(T, e.shape[1])
+        out[:, i, :n] = e[:, :n]
+    return out
+
+
+def router_flips(engine_experts: list[torch.Tensor], trainer_experts: torch.Tensor | None, mask: torch.Tensor,
+                 suffix: str = "") -> dict:
     """engine_experts: per sequence [layers, positions, k] (from `EngineRouting`); trainer_experts
     [layers, B, T, k]; mask [B, T]: the positions whose output is a sampled token's distribution. A flip:
-    the two top-k *sets* differ. Returns the counts (summed over ranks) as the row's rates ({} without a
-    complete training pass, which then happened on every rank alike)."""
+    the two top-k *sets* differ. Returns the counts (summed over ranks) as the row's rates, their keys
+    ending in `suffix` ({} without a complete training pass, which then happened on every rank alike)."""
     if trainer_experts is None:
         return {}
     L, B, T, _ = trainer_experts.shape
-    eng = torch.full_like(trainer_experts, -1)
-    for i, e in enumerate(engine_experts):
-        n = min(T, e.shape[1])
-        eng[:, i, :n] = e[:, :n]
+    eng = expert_matrix(engine_experts, B, T)
     scored = mask.cpu().bool()
     flips = (eng.sort(-1).values != trainer_experts.sort(-1).values).any(-1)        # [L, B, T]
     assert (eng[:, scored] >= 0).all(), "a trained position the engine ran was not recorded"
@@ -163,14 +186,14 @@ def router_flips(engine_experts: list[torch.Tensor], trainer_experts: torch.Tens
     if not tokens:
         return {}
     per_layer = (counts[:L] / tokens).tolist()
-    return {"router_flip_rate": sum(per_layer) / L, "router_flip_tokens": counts[L].item() / tokens,
-            **{f"router_flip_rate/layer{i}": r for i, r in enumerate(per_layer)}}
+    return {f"router_flip_rate{suffix}": sum(per_layer) / L, f"router_flip_tokens{suffix}": counts[L].item() / tokens,
+            **{f"router_flip_rate{suffix}/layer{i}": r for i, r in enumerate(per_layer)}}
 
 
 PANELS = {
     "mismatch_kl": {"keys": ["mismatch_kl"], "ylabel": "nats / token",
                     "title": "rollout vs trainer: k3 KL(engine || trainer) per token"},
     "mismatch_max_dlogp": {"keys": ["mismatch_max_dlogp"], "ylabel": "nats", "title": "rollout vs trainer: max |Δ log p|"},
-    "router_flips": {"keys": ["router_flip_rate", "router_flip_tokens"], "ylabel": "share",
+    "router_flips": {"keys": ["router_flip_rate", "router_flip_tokens", "router_flip_rate_unreplayed"], "ylabel": "share",
                      "title": "MoE router flips (per decision; tokens with one in any layer)"},
 }
