@@ -20,6 +20,7 @@ def test_quick_speedrun_end_to_end(tmp_path):
     assert "**GRPO (R1) over cold-start SFT**, 2 seeds" in md and "**R1-Zero over the base**, 2 seeds" in md
     assert "pass@1 % per task at difficulty 1:" in md and "One level above the trained range (difficulty 2" in md
     assert (out / "eval" / "grpo-difficulty2.json").exists()
+    assert "## Rollout engine vs trainer in the RL stages" in md and "- grpo: mismatch_kl " in md
     for name in ("accuracy", "loss", "reward", "expert_load"):
         assert (out / "plots" / f"{name}.png").stat().st_size > 1000
     stages = [stage for _, stage, _ in evaluated(opts)]
@@ -82,6 +83,37 @@ def test_r1_zero_length_line_reads_the_metrics(tmp_path):
     line = r1_zero_length(tmp_path)
     # first tenth: steps 1-4 (lengths 20-23, mean 21.5), last tenth: steps 37-40 (56-59, mean 57.5)
     assert "grows: 22 → 58 tokens (2.67×)" in line and "of its 40 steps" in line and "format rate 8 → 100 %" in line
+
+
+def test_mismatch_lines_give_each_rl_stage_its_logged_mismatch(tmp_path):
+    import torch
+
+    from nanoseek.speedrun.report import mismatch_lines
+    from nanoseek.train.mismatch import LogprobMismatch, router_flips
+
+    def row(step, dlogp, flipped, replayed):  # a GRPO row as mismatch.py logs it: 4 tokens, 2 MoE layers
+        lp = LogprobMismatch(torch.device("cpu"))
+        lp.add(torch.tensor([[dlogp, 0.0, 0.0, 0.0]]), torch.zeros(1, 4), torch.ones(1, 4))
+        engine = [torch.zeros(2, 4, 1, dtype=torch.long)]
+        trainer = torch.zeros(2, 1, 4, 1, dtype=torch.long)
+        trainer[0, 0, :flipped] = 1  # layer 0 sends the first `flipped` tokens elsewhere
+        out = {"step": step, "reward": 0.5, **lp.row()}
+        if replayed:
+            return {**out, **router_flips(engine, torch.zeros_like(trainer), torch.ones(1, 4)),
+                    **router_flips(engine, trainer, torch.ones(1, 4), "_unreplayed")}
+        return {**out, **router_flips(engine, trainer, torch.ones(1, 4))}
+
+    for stage, rows in (("grpo", [row(1, 0.5, 1, False), row(2, 0.1, 3, False)]),
+                        ("grpo-seed1", [row(1, 0.5, 2, True)]), ("r1-zero", [{"step": 1, "reward": 0.1}])):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = mismatch_lines(tmp_path, ["pretrain", "grpo", "grpo-seed1", "r1-zero"])
+    assert len(lines) == 2  # r1-zero logged no mismatch, pretrain has no metrics here
+    kl = lambda d: (math.exp(d) - 1 - d) / 4  # noqa: E731  (k3 per token over the 4 tokens)
+    assert lines[0] == (f"- grpo: mismatch_kl {(kl(0.5) + kl(0.1)) / 2:.2g} per token (worst step {kl(0.5):.2g}), "
+                        "max |Δ log p| 0.5 over 2 steps; router flips 25.00 % of routing decisions (50.00 % of tokens)")
+    assert lines[1].endswith("router flips 0.00 % of routing decisions (0.00 % of tokens); without replay 25.00 % of "
+                             "routing decisions (50.00 % of tokens)")
 
 
 def test_task_table_lists_each_stage_per_task_and_the_level_above():

@@ -149,6 +149,27 @@ def r1_zero_length(root: Path) -> str | None:
             f"{100 * mean(last, 'reward_format'):.0f} % (plot: r1_zero.png).")
 
 
+def mismatch_lines(root: Path, stages) -> list[str]:
+    """One line per RL stage that logged the rollout/trainer mismatch (GRPO's mismatch.py): the mean of its
+    mismatch_kl over the steps (and the worst step), the largest |Δ log p|, and the router flips where they
+    were recorded (--log-router-flips; under --routing-replay rollout, also the flips replay prevented)."""
+    lines = []
+    for stage in stages:
+        rows = [r for r in _metrics(root / stage / "metrics.jsonl") if "mismatch_kl" in r]
+        if not rows:
+            continue
+        kl = [r["mismatch_kl"] for r in rows]
+        line = (f"- {stage}: mismatch_kl {sum(kl) / len(kl):.2g} per token (worst step {max(kl):.2g}), max |Δ log p| "
+                f"{max(r['mismatch_max_dlogp'] for r in rows):.3g} over {len(rows)} steps")
+        for key, what in (("router_flip_rate", "router flips"), ("router_flip_rate_unreplayed", "without replay")):
+            if flips := [r for r in rows if key in r]:
+                tokens = key.replace("rate", "tokens")
+                line += (f"; {what} {100 * sum(r[key] for r in flips) / len(flips):.2f} % of routing decisions "
+                         f"({100 * sum(r[tokens] for r in flips) / len(flips):.2f} % of tokens)")
+        lines.append(line)
+    return lines
+
+
 def _verdict(results: dict, a: str, b: str) -> tuple[str, float, int]:
     """(yes / **no** / **within noise**, two standard errors, questions) for "b beats a"."""
     x, y = results[a]["pass@1"], results[b]["pass@1"]
@@ -235,6 +256,10 @@ def render_report(root: Path, o, results: dict, stages: dict, tokens_fn,
     lines += ["## Did each stage buy what the R1 report says it does?", ""] + (_checks(results) or ["- (no stages)"])
     if zero := r1_zero_length(root):
         lines.append(zero)
+    if mismatch := mismatch_lines(root, stages):
+        lines += ["", "## Rollout engine vs trainer in the RL stages", "",
+                  "Log-probs of the trained tokens under the rollout engine and under the trainer (k3 KL per token, "
+                  "mean over steps), and the MoE routing decisions that differ between them:", ""] + mismatch
     if seeds := seed_table(results, top_k):
         lines += ["", "## Seeds: the RL stages repeated"] + seeds
     plots = _plot(root, results)
