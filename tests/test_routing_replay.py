@@ -108,3 +108,19 @@ def test_routing_replay_under_two_ranks_steps_like_one_process(model_dir, tmp_pa
         assert a["reward"] == pytest.approx(b["reward"], abs=1e-9) and a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-7)
     wa, wb = _weights(tmp_path / "two" / "final"), _weights(tmp_path / "one" / "final")
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["off", "old"])
+def test_old_policy_replay_routes_every_update_as_the_old_policy(tok, mode):
+    """R2 (--routing-replay old, mu > 1): after a large first update the gates would route differently; replayed,
+    every update's forward uses the old-policy forward's experts."""
+    run = GRPO(tiny_moe(tok), tok, Options(**{**BASE, "lr": 0.3, "mu": 3, "routing_replay": mode}))
+    prompts = [tok.encode("12 + 7 ="), tok.encode("3 - 41 =")]
+    comps, logprobs, _ = run.rollout(prompts, seed=1)
+    rows = [p for p in prompts for _ in range(BASE["group_size"])]
+    watch = TrainerRouting(run.model)  # the old-policy forward, then mu updates' forwards, in call order
+    run.update(rows, comps, torch.linspace(-1, 1, len(comps)), engine_logprobs=logprobs)
+    watch.remove()
+    old, *updates = [torch.stack([c[i] for c in watch.calls]) for i in range(len(watch.calls[0]))]
+    same = [torch.equal(u.sort(-1).values, old.sort(-1).values) for u in updates]
+    assert same == ([True] * 3 if mode == "old" else [True, False, False])

@@ -284,9 +284,15 @@ class GRPO:
         # R3: every forward over the rollout's tokens (policy, old policy, reference) routes them as the engine did
         replay = (expert_matrix(engine_experts, *mask.shape) if o.routing_replay == "rollout" and engine_experts
                   else None)
-        ref_logp = self._frozen_logprobs(self.ref, ids, mask, replay) if self.ref is not None else None
         # mu = 1: the old policy *is* the current one, ratio = 1 exactly (old = current.detach())
-        old_logp = self._frozen_logprobs(model, ids, mask, replay) if o.mu > 1 else None
+        old_logp = None
+        if o.mu > 1:
+            old_routing = TrainerRouting(model) if o.routing_replay == "old" else None
+            old_logp = self._frozen_logprobs(model, ids, mask, replay)
+            if old_routing is not None:  # R2: the later forwards route as the old policy did
+                old_routing.remove()
+                replay = old_routing.stacked(*mask.shape)
+        ref_logp = self._frozen_logprobs(self.ref, ids, mask, replay) if self.ref is not None else None
         corrected = o.tis_cap > 0 or o.mask_offpolicy > 0  # token weights that need the log-probs first
         # ratio == 1, no KL term (a reference exists iff beta > 0): every objective's gradient is -A / norm
         on_policy = old_logp is None and ref_logp is None and not corrected and self.sampling_mask is None
@@ -410,6 +416,9 @@ def grpo(o: Options) -> Path:
                      ("loss", OBJECTIVES), ("rollout_dtype", DTYPES), ("routing_replay", REPLAY_MODES)):
         if getattr(o, name) not in ok:
             raise SystemExit(f"grpo: --{name.replace('_', '-')} must be one of {', '.join(ok)}, got {getattr(o, name)!r}")
+    if o.routing_replay == "old" and o.mu < 2:
+        raise SystemExit("grpo: --routing-replay old replays the old policy's routing in the updates after the "
+                         "first: it needs --mu > 1 (with --mu 1 the old policy is the current one)")
     if o.group_size < 2:
         raise SystemExit("grpo: --group-size must be >= 2 (advantages are relative to the group)")
     sharded = distributed.wanted(o)

@@ -65,10 +65,11 @@ class Options(RunOptions):
         "help": "log router_flip_rate (+ per layer): the engine's expert choices recorded by hooks during rollouts "
                 "(slower rollouts; not with --compile or vllm)"})
     routing_replay: str = field(default="off", metadata={
-        "help": "off | rollout: routing replay (R3): the training forwards route each token to the MoE experts the "
-                "rollout engine chose for it (recorded by hooks, as --log-router-flips; the gate's weights stay its "
-                "own, so it still learns); logs router_flip_rate (0) and router_flip_rate_unreplayed (the trainer's "
-                "own choice against the engine's)"})
+        "help": "off | rollout | old: routing replay. rollout (R3): the training forwards route each token to the "
+                "MoE experts the rollout engine chose for it (recorded by hooks, as --log-router-flips; the gate's "
+                "weights stay its own, so it still learns); logs router_flip_rate (0) and router_flip_rate_unreplayed "
+                "(the trainer's own choice against the engine's). old (R2, with --mu > 1): the updates route as the "
+                "old-policy forward did"})
     mu: int = field(default=1, metadata={"help": "optimizer steps per rollout batch"})
     micro_batch: int = field(default=32, metadata={"help": "sequences per forward/backward"})
     filter_zero_var: bool = field(default=False, metadata={

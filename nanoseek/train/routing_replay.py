@@ -9,6 +9,10 @@ of the main stack, for every prompt and generated token); `replayed` hands them 
 replayed experts, normalized as usual, so the router still gets its gradient. The MTP block's MoE layer is not
 replayed (the engine runs no MTP forward during a rollout), and positions the engine never ran (padding, each
 sequence's last token) route as usual: neither is a trained log-prob.
+
+`--routing-replay old` is the weaker variant of the GSPO paper (Zheng et al. 2025, its "Routing Replay"): with
+mu > 1 the trainer's own routing of the old-policy forward is replayed in every update of the step, so the
+ratio pi / pi_old compares two policies over the same experts; it leaves the engine/trainer flips alone.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import torch
 
 from nanoseek.train.mismatch import trunk_gates
 
-MODES = ("off", "rollout")
+MODES = ("off", "rollout", "old")  # old: R2, the mu > 1 updates route as the old policy's forward did (GSPO's)
 
 
 @contextlib.contextmanager
