@@ -17,7 +17,7 @@ from nanoseek.model.hf import from_pretrained
 from nanoseek.model.transformer import Transformer
 from nanoseek.parallel.activation_checkpoint import checkpoint_blocks
 from nanoseek.tokenizer import load_tokenizer, train_tokenizer
-from nanoseek.train.extend import Options, trained_length, yarn_config
+from nanoseek.train.extend import Options, trained_length, extended_config
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +97,10 @@ def test_trained_length_reads_the_run_folder(model_dir, tmp_path):
     bare = tmp_path / "bare"
     Transformer(cfg).save_pretrained(bare)
     assert trained_length(bare, cfg) == 128  # no run folder: max_position_embeddings
-    ext = yarn_config(cfg, 96, Options(factor=4.0))
+    ext = extended_config(cfg, 96, Options(factor=4.0))
     assert trained_length(bare, ext) == 384 and ext.yarn_factor == 4.0
+    control = extended_config(cfg, 96, Options(factor=4.0, rope_scaling="none"))
+    assert control.rope_scaling is None and control.max_position_embeddings == 384
 
 
 def test_activation_checkpointing_changes_no_number(model_dir):
@@ -141,7 +143,7 @@ def test_extend_end_to_end(model_dir, tmp_path):
 def test_extended_checkpoint_runs_in_transformers_with_the_same_positions(model_dir, tmp_path):
     transformers = pytest.importorskip("transformers")
     base = from_pretrained(model_dir)
-    ext = Transformer(yarn_config(base.config, 96, Options(factor=4.0))).eval()
+    ext = Transformer(extended_config(base.config, 96, Options(factor=4.0))).eval()
     ext.load_state_dict(base.state_dict())
     ext.save_pretrained(tmp_path / "m")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()

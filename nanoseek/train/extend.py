@@ -43,6 +43,8 @@ POSITIONAL = (("model", "pretrained model directory (HF layout with tokenizer); 
 class Options(TrainOptions):
     model: str = field(default="", metadata={"help": "pretrained model directory (HF layout with tokenizer)"})
     factor: float = field(default=4.0, metadata={"help": "YaRN scale factor: the new length over the original"})
+    rope_scaling: str = field(default="yarn", metadata={
+        "help": "yarn | none (the control: positions as pretrained, the same training otherwise)"})
     original_len: int = field(default=0, metadata={
         "help": "the length the model was trained at (0: the seq_len of the run folder the model came from, "
                 "else its max_position_embeddings)"})
@@ -82,8 +84,11 @@ def trained_length(model_dir: Path, cfg) -> int:
     return int(cfg.max_position_embeddings)
 
 
-def yarn_config(cfg, original: int, opts: Options):
-    """The model config with YaRN scaling to original x factor (the V3 config's fields)."""
+def extended_config(cfg, original: int, opts: Options):
+    """The model config with YaRN scaling to original x factor (the V3 config's fields); with
+    --rope-scaling none only the longer max_position_embeddings."""
+    if opts.rope_scaling == "none":
+        return cfg.replace(max_position_embeddings=max(cfg.max_position_embeddings, int(original * opts.factor)))
     scaling = {"type": "yarn", "factor": opts.factor, "original_max_position_embeddings": original,
                "beta_fast": opts.beta_fast, "beta_slow": opts.beta_slow, "mscale": opts.mscale,
                "mscale_all_dim": opts.mscale_all_dim}
@@ -106,6 +111,8 @@ def extend(opts: Options) -> Path:
         raise UsageError("extend: a model directory is required: nanoseek extend DIR --factor 4")
     if opts.factor <= 1:
         raise UsageError(f"extend --factor must be > 1, got {opts.factor}")
+    if opts.rope_scaling not in ("yarn", "none"):
+        raise UsageError(f"extend --rope-scaling must be yarn or none, got {opts.rope_scaling!r}")
     t0 = time.time()
     tok = load_tokenizer(opts.model)
     base = from_pretrained(opts.model)
@@ -117,14 +124,15 @@ def extend(opts: Options) -> Path:
         builder.probes("passkey", min(lengths), 1) and builder.probes("task", min(lengths), 1)  # fit, or refuse now
     out = start_run(opts, "extend")  # after everything that can refuse the run
     print(f"extend: run folder {out}, model {opts.model}\n"
-          f"  {original} -> {int(original * opts.factor)} positions (YaRN factor {opts.factor:g}, beta_fast "
-          f"{opts.beta_fast:g}, beta_slow {opts.beta_slow:g}), training at {opts.seq_len} tokens")
+          f"  {original} -> {int(original * opts.factor)} positions ("
+          + (f"YaRN factor {opts.factor:g}, beta_fast {opts.beta_fast:g}, beta_slow {opts.beta_slow:g}"
+             if opts.rope_scaling == "yarn" else "no rope scaling: the control") + f"), training at {opts.seq_len} tokens")
     results = {}
     if opts.eval_n:
         print(f"long-eval before: {opts.eval_n} probes per length and kind")
         results["before"] = evaluate_lengths(base, builder, lengths, opts.eval_n, opts.seed)
 
-    model = build_model(yarn_config(base.config, original, opts))
+    model = build_model(extended_config(base.config, original, opts))
     model.load_state_dict(base.state_dict())  # the rotary frequencies are buffers rebuilt from the config
     del base
     if opts.activation_checkpointing:
