@@ -11,7 +11,8 @@ one phase, from the length a model was trained at to `factor` times it.
   * the data are long documents: task documents chained into one document per row (attention
     spans the whole row, no document mask, as V3 packs without cross-sample masking), half of
     them with a pass key hidden at a random depth and asked for at the end;
-  * activation checkpointing per block keeps the memory of the longer rows in check;
+  * activation checkpointing per block (--activation-checkpointing) trades a second forward for the
+    activations of the longer rows;
   * before and after, `nanoseek long-eval`'s probes (pass key retrieval and a held-out task
     question after unrelated text) at 1, 2, 4, 8x the original length: a table and a plot.
 """
@@ -63,8 +64,9 @@ class Options(TrainOptions):
     tasks: list[str] = field(default_factory=list, metadata={
         "help": "tasks of the long documents and the probes (default add,sub,compare,max)"})
     difficulty: int = field(default=2, metadata={"help": "task difficulty of the long documents and the probes"})
-    activation_checkpointing: bool = field(default=True, metadata={
-        "help": "recompute each block in the backward instead of keeping its activations"})
+    activation_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute each block in the backward instead of keeping its activations (for models whose "
+                "activations dominate memory; the tiny preset's do not)"})
     eval_n: int = field(default=50, metadata={"help": "long-eval probes per length and kind, before and after (0: skip)"})
     eval_multiples: list[int] = field(default_factory=lambda: [1, 2, 4, 8], metadata={
         "help": "long-eval lengths as multiples of the original length"})
