@@ -11,11 +11,11 @@ from hypothesis import strategies as st
 
 from nanoseek.config import get_preset
 from nanoseek.kernels import speedup
-from nanoseek.kernels.fp8 import (FP8, FP8_MAX, TILE, Fp8Experts, Fp8Linear, Fp8MLP, apply_fp8, dequantize_blocks,
+from nanoseek.kernels.fp8 import (FP8, FP8_MAX, TILE, Fp8Experts, Fp8Linear, Fp8MLP, apply_fp8,
                                   dequantize_tiles, fp8_gemm, fp8_linear, quantize_blocks, quantize_tiles, round_e4m3,
                                   scaled_mm_runs)
 from nanoseek.kernels.fp8_export import QUANTIZATION_CONFIG, fp8_checkpoint_names, save_fp8_pretrained
-from nanoseek.model.hf import from_pretrained
+from nanoseek.model.hf import dequantize_blocks, from_pretrained
 from nanoseek.model.moe import Experts
 from nanoseek.model.transformer import Transformer
 from nanoseek.train.trainer import TrainOptions, Trainer

@@ -47,16 +47,20 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+    """Block-quantized weights [..., N, K] with one scale per block of `block` (the last ones partial) ->
+    fp32 weights: each value times its block's scale (DeepSeek-V3's `weight_scale_inv`)."""
+    n, k = q.shape[-2:]
+    per_element = scale.float().repeat_interleave(block[0], -2).repeat_interleave(block[1], -1)
+    return q.float() * per_element[..., :n, :k]
+
+
 def dequantize_fp8(sd: dict[str, torch.Tensor], block: tuple[int, int] = (128, 128)) -> dict[str, torch.Tensor]:
-    """DeepSeek-V3's FP8 release layout -> plain weights, in place: each e4m3 `X.weight` [N, K] with its
-    `X.weight_scale_inv` (one scale per block of `block`, the last ones partial, multiplied back)
-    becomes an fp32 `X.weight`."""
+    """DeepSeek-V3's FP8 release layout -> plain weights, in place: each e4m3 `X.weight` with its
+    `X.weight_scale_inv` becomes an fp32 `X.weight`."""
     for key in [k for k in sd if k.endswith(".weight_scale_inv")]:
         name = key.removesuffix("_scale_inv")
-        q, scale = sd[name], sd.pop(key)
-        n, k = q.shape[-2:]
-        per_element = scale.float().repeat_interleave(block[0], -2).repeat_interleave(block[1], -1)
-        sd[name] = q.float() * per_element[..., :n, :k]
+        sd[name] = dequantize_blocks(sd[name], sd.pop(key), block)
     return sd
 
 
