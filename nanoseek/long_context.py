@@ -152,12 +152,12 @@ def evaluate_lengths(model, builder: ProbeBuilder, lengths: list[int], n: int, s
 
 
 def table(results: dict[str, dict], base_len: int) -> str:
-    """Markdown table: one row per length, one column per (model, metric)."""
+    """Markdown table of {model: evaluate_lengths(...)}: one row per length, one column per (model, metric)."""
     names = list(results)
-    lengths = sorted({int(L) for r in results.values() for L in r["passkey"]})
+    lengths = sorted({L for r in results.values() for L in r["passkey"]})
 
     def cell(m: str, k: str, L: int) -> str:
-        v = results[m][k].get(L, results[m][k].get(str(L), float("nan")))
+        v = results[m][k].get(L, float("nan"))
         return f"{v:.3f}" if k == "far_loss" else f"{v:.0%}"
 
     head = "| length | × trained | " + " | ".join(f"{m}: {LABELS[k]}" for m in names for k in METRICS) + " |"
@@ -176,12 +176,10 @@ def plot(results: dict[str, dict], base_len: int, path: Path) -> Path:
     fig, (acc, loss) = plt.subplots(1, 2, figsize=(10, 3.6))
     for m, r in results.items():
         for kind, style in zip(PROBES, ("-o", "--s")):
-            xs = sorted(int(x) for x in r[kind])
-            acc.plot([x / base_len for x in xs], [100 * (r[kind].get(x, r[kind].get(str(x)))) for x in xs], style,
-                     label=f"{m}: {LABELS[kind]}")
-        xs = sorted(int(x) for x in r["far_loss"])
-        loss.plot([x / base_len for x in xs], [r["far_loss"].get(x, r["far_loss"].get(str(x))) for x in xs], "-o",
-                  label=m)
+            xs = sorted(r[kind])
+            acc.plot([x / base_len for x in xs], [100 * r[kind][x] for x in xs], style, label=f"{m}: {LABELS[kind]}")
+        xs = sorted(r["far_loss"])
+        loss.plot([x / base_len for x in xs], [r["far_loss"][x] for x in xs], "-o", label=m)
     for ax in (acc, loss):
         ax.set_xscale("log", base=2)
         ax.set_xlabel(f"context length (× the trained {base_len} tokens)")

@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from nanoseek.errors import UsageError
-from nanoseek.long_context import ProbeBuilder, default_tasks, evaluate_lengths, plot, table
+from nanoseek.long_context import PROBES, ProbeBuilder, default_tasks, evaluate_lengths, plot, table
 from nanoseek.model.hf import build_model, from_pretrained
 from nanoseek.parallel.activation_checkpoint import checkpoint_blocks
 from nanoseek.tokenizer import load_tokenizer
@@ -122,8 +122,8 @@ def extend(opts: Options) -> Path:
     opts.seq_len = opts.seq_len or int(original * opts.factor)
     builder = ProbeBuilder(tok, default_tasks(opts.tasks), opts.difficulty, opts.seed)
     lengths = [original * m for m in opts.eval_multiples]
-    if opts.eval_n:
-        builder.probes("passkey", min(lengths), 1) and builder.probes("task", min(lengths), 1)  # fit, or refuse now
+    for kind in PROBES if opts.eval_n else ():  # a probe longer than the shortest length refuses the run now
+        builder.probes(kind, min(lengths), 1)
     out = start_run(opts, "extend")  # after everything that can refuse the run
     print(f"extend: run folder {out}, model {opts.model}\n"
           f"  {original} -> {int(original * opts.factor)} positions ("
