@@ -137,29 +137,45 @@ class Tokenizer:
         text = render_chat(messages, add_generation_prompt, self.chat_template, **tokens)
         return self.encode(text) if tokenize else text
 
-    def encode_chat(self, messages: list[dict]) -> tuple[list[int], list[int]]:
-        """(ids, loss_mask) for SFT on the last assistant turn: the prompt part is tokenized exactly
-        as at generation time and the completion separately, so training and sampling see the same
-        token boundary; mask is 1 on the completion (incl. the end-of-turn tokens).
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
+        """(ids, loss_mask) for SFT on the assistant turns answering the last user message: the last turn, and
+        in a tool-calling conversation also the calls before it (each prompt holds the previous completion,
+        then the tools' outputs, which stay untrained like the tools header). Each prompt part is tokenized
+        exactly as at generation time and each completion separately, so training and sampling see the same
+        token boundary; mask is 1 on the completions (incl. the end-of-turn tokens).
 
-        The completion is what the template renders after the generation prompt when that holds the
-        turn's reasoning. Templates that drop the last turn's reasoning (DeepSeek-R1's own) or never
-        render it (ChatML) get it written the R1 way: `[<think>\n]reasoning\n</think>\n\nanswer`, with
-        `<think>` only where the generation prompt did not open the block already."""
+        A completion is what the template renders after the generation prompt when that holds the turn's
+        reasoning. Templates that drop the last turn's reasoning (DeepSeek-R1's own) or never render it
+        (ChatML) get it written the R1 way: `[<think>\n]reasoning\n</think>\n\nanswer`, with `<think>` only
+        where the generation prompt did not open the block already. Where a turn's prompt does not extend the
+        text before it (such templates), only the last turn is trained."""
         if not messages or messages[-1].get("role") != "assistant":
             raise UsageError("a training conversation must end with an assistant turn")
-        prompt = self.apply_chat_template(messages[:-1], add_generation_prompt=True)
-        full = self.apply_chat_template(messages)
-        last = messages[-1]
-        answer, reasoning = last.get("content") or "", (last.get("reasoning_content") or "").strip()
+        extra = {"tools": tools} if tools else {}
+        last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
+        ids, mask, done = [], [], ""
+        for i, m in enumerate(messages):
+            if i <= last_user or m.get("role") != "assistant":
+                continue
+            prompt = self.apply_chat_template(messages[:i], add_generation_prompt=True, **extra)
+            completion = self._completion(prompt, self.apply_chat_template(messages[:i + 1], **extra), m)
+            if not prompt.startswith(done):  # the template rewrote earlier text: train this turn alone
+                ids, mask, done = [], [], ""
+            p_ids, c_ids = self.encode(prompt[len(done):]), self.encode(completion)
+            ids, mask = ids + p_ids + c_ids, mask + [0] * len(p_ids) + [1] * len(c_ids)
+            done = prompt + completion
+        return ids, mask
+
+    def _completion(self, prompt: str, full: str, turn: dict) -> str:
+        """The text one assistant turn adds after its generation prompt (encode_chat's docstring)."""
+        answer, reasoning = turn.get("content") or "", (turn.get("reasoning_content") or "").strip()
         completion = full[len(prompt):] if full.startswith(prompt) else None
         if completion is None or (reasoning and reasoning not in completion):
             at = full.rfind(answer) if answer else -1  # the template's end of turn follows the answer
             end = full[at + len(answer):] if at >= 0 else (self.eos_token or "")
             think = ("" if opens_think(prompt) else THINK_START + "\n") + f"{reasoning}\n{THINK_END}\n\n"
             completion = (think if reasoning else "") + answer + end
-        p_ids, c_ids = self.encode(prompt), self.encode(completion)
-        return p_ids + c_ids, [0] * len(p_ids) + [1] * len(c_ids)
+        return completion
 
     def save(self, out_dir: str | Path) -> Path:
         out = Path(out_dir)

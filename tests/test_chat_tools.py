@@ -52,15 +52,18 @@ def test_transformers_renders_tool_turns_the_same(tok, tmp_path, messages, gen):
 
 def test_sft_split_of_a_tool_conversation(tok):
     """The prompt of the answer after the tool's output is the exact prefix of the whole, and both hold the
-    reasoning that chose the call (it belongs to the same turn)."""
+    reasoning that chose the call (it belongs to the same turn). SFT trains the call and the answer, not the
+    tool's output."""
     ids, mask = tok.encode_chat(CONVERSATION)
     prompt = tok.apply_chat_template(CONVERSATION[:-1], add_generation_prompt=True)
-    assert ids[:sum(1 for m in mask if m == 0)] == tok.encode(prompt)
+    first = tok.apply_chat_template(CONVERSATION[:2], add_generation_prompt=True)
+    assert ids[:mask.index(1)] == tok.encode(first) and tok.decode(ids).startswith(prompt)
     assert "use the tool" in prompt and tok.decode(ids) == tok.apply_chat_template(CONVERSATION)
-    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "it said 5\n</think>\n\n5" + tok.eos_token
+    call = format_calls([ToolCall("calculator", CALL["function"]["arguments"])])
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == (
+        "use the tool\n</think>\n\n" + call + tok.eos_token + "it said 5\n</think>\n\n5" + tok.eos_token)
     call_turn = tok.apply_chat_template(CONVERSATION[:3])
-    assert call_turn.endswith("<think>\nuse the tool\n</think>\n\n" + format_calls([ToolCall(
-        "calculator", CALL["function"]["arguments"])]) + tok.eos_token)
+    assert call_turn.endswith("<think>\nuse the tool\n</think>\n\n" + call + tok.eos_token)
 
 
 def old_tokenizer() -> Tokenizer:
