@@ -14,6 +14,7 @@ from pathlib import Path
 
 from nanoseek.data.coldstart import coldstart_dataset, require_solvers
 from nanoseek.data.sources import column_option, load_chat
+from nanoseek.data.tool_use import mix_in, tool_use_count, tool_use_dataset
 from nanoseek.model.hf import from_pretrained
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train.data import BatchIterator, pack_examples
@@ -40,6 +41,10 @@ class Options(TrainOptions):
         "help": "difficulty of the built-in cold-start set (none = mixed over each task's range)"})
     max_difficulty: int = field(default=0, metadata={
         "help": "with --difficulty none: the highest level of the mix (0 = each task's whole range)"})
+    tool_share: float = field(default=0.05, metadata={
+        "help": "share of the built-in cold-start set that is calculator tool-use conversations (the tool the web "
+                "chat offers), so the model learns to call it; skipped when the chat template cannot render tool "
+                "calls (0 = none)"})
     steps: int = stage_default(TrainOptions, "steps", 150)
     lr: float = stage_default(TrainOptions, "lr", 1e-3)
     warmup_steps: int = stage_default(TrainOptions, "warmup_steps", 10)
@@ -53,11 +58,12 @@ def read_chat_jsonl(path: str | Path, prompt_field: str = "", answer_field: str 
 
 
 def encode_records(tok, records: list[dict]) -> list[tuple[list[int], list[int]]]:
-    """(ids, loss_mask) per conversation ending in an assistant turn; the others are skipped."""
-    usable = [r["messages"] for r in records if r["messages"] and r["messages"][-1].get("role") == "assistant"]
+    """(ids, loss_mask) per conversation ending in an assistant turn (with its "tools", if any); the others
+    are skipped."""
+    usable = [r for r in records if r["messages"] and r["messages"][-1].get("role") == "assistant"]
     if len(usable) < len(records):
         print(f"sft: skipped {len(records) - len(usable)} conversations that do not end with an assistant turn")
-    return [tok.encode_chat(m) for m in usable]
+    return [tok.encode_chat(r["messages"], r.get("tools")) for r in usable]
 
 
 def sft(opts: Options) -> Path:
@@ -66,21 +72,28 @@ def sft(opts: Options) -> Path:
         raise SystemExit("sft: a model directory is required: nanoseek sft DIR "
                          "(e.g. the final/ folder of a pretrain run)")
     t0 = time.time()
+    tool_examples = []
     if opts.data:  # the data first: a bad file fails before the run folder exists or the model loads
         records, source = read_chat_jsonl(opts.data, opts.prompt_field, opts.answer_field), opts.data
     else:
         require_solvers(opts.tasks, "sft")
-        records = coldstart_dataset(opts.n_examples, opts.tasks or None, opts.difficulty, seed=opts.seed,
-                                    max_difficulty=opts.max_difficulty or None)
-        source = "built-in cold-start set"
     tok = load_tokenizer(opts.model)
-    examples = encode_records(tok, records)  # the model's template must render every conversation
+    if not opts.data:
+        n_tools = tool_use_count(tok, opts.n_examples, opts.tool_share)
+        records = coldstart_dataset(opts.n_examples - n_tools, opts.tasks or None, opts.difficulty, seed=opts.seed,
+                                    max_difficulty=opts.max_difficulty or None)
+        tool_examples = encode_records(tok, tool_use_dataset(n_tools, seed=opts.seed))
+        source = "built-in cold-start set" + (f" ({n_tools} of them calculator tool use)" if n_tools else "")
+    examples = mix_in(encode_records(tok, records), tool_examples, seed=opts.seed)  # the template must render all
+    # a tool-use conversation is kept whole (its tools header alone is ~170 tokens of the speedrun's tiny
+    # vocabulary): the rows grow to fit the longest one
+    seq_len = max([opts.seq_len] + [len(ids) - 1 for ids, _ in tool_examples])
     model = from_pretrained(opts.model)
     out = start_run(opts, "sft")  # after everything that can refuse the run
     print(f"sft: run folder {out}, model {opts.model}")
-    data = pack_examples(examples, opts.seq_len, tok.pad_id)
+    data = pack_examples(examples, seq_len, tok.pad_id)
     n_train = int(data.mask[:, 1:].sum())
-    print(f"data: {len(examples)} conversations from {source} packed into {len(data)} rows of {opts.seq_len + 1} "
+    print(f"data: {len(examples)} conversations from {source} packed into {len(data)} rows of {seq_len + 1} "
           f"({n_train:,} assistant tokens trained on, {n_train / data.tokens.numel():.0%} of the rows)")
     trainer = Trainer(model, opts, BatchIterator(data, opts.batch_size, seed=opts.seed), out)
     row = trainer.fit()
