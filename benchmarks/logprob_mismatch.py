@@ -40,7 +40,7 @@ from nanoseek.data.corpus import default_corpus
 from nanoseek.data.sources import resolve_all, train_samples
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
-from nanoseek.model.hf import from_pretrained
+from nanoseek.hf.load import from_pretrained
 from nanoseek.model.moe import MoE
 from nanoseek.model.transformer import Transformer
 from nanoseek.tokenizer import load_tokenizer, train_tokenizer

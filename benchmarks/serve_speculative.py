@@ -27,7 +27,7 @@ MAX_TOKENS = 96
 
 def _setup(model_dir: str):
     from nanoseek.data.chat import question_prompt
-    from nanoseek.model.hf import from_pretrained
+    from nanoseek.hf.load import from_pretrained
     from nanoseek.tokenizer import load_tokenizer
     if not Path(model_dir, "config.json").is_file():
         raise SystemExit(f"serve_speculative: no model at {model_dir!r}; train one (nanoseek speedrun) or pass --model "

@@ -22,7 +22,7 @@ def _child(side: str, path: str, batch: int, seq: int, device: str) -> None:
     from transformers import AutoModelForCausalLM
 
     from nanoseek.kernels import speedup
-    from nanoseek.model.hf import from_pretrained
+    from nanoseek.hf.load import from_pretrained
 
     page_mb = os.sysconf("SC_PAGE_SIZE") / 2**20
     peak_seen = [0.0]

@@ -36,7 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("nanoseek.infer.generate", "generate completions for prompts"),
     "chat": ("nanoseek.infer.chat", "chat with a model in the terminal"),
     "serve": ("nanoseek.infer.server", "OpenAI-compatible API server with a web chat"),
-    "export": ("nanoseek.export", "convert / export a checkpoint to HF layout"),
+    "export": ("nanoseek.hf.export", "convert / export a checkpoint to HF layout"),
     "cost": ("nanoseek.cost", "FLOPs, GPU-hours, dollars and memory of a config"),
     "bench": ("nanoseek.bench", "benchmarks against HF transformers / TRL"),
     "data": ("nanoseek.data.cli", "print and export samples of the reasoning tasks"),

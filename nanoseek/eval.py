@@ -32,7 +32,7 @@ from nanoseek.data.task_registry import Sample
 from nanoseek.data.tasks import list_tasks
 from nanoseek.data.verify import checker_of, reasoning_steps
 from nanoseek.infer.engine import Engine, SamplingParams
-from nanoseek.model.hf import from_pretrained
+from nanoseek.hf.load import from_pretrained
 from nanoseek.rewards import compute_reward
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train.trainer import resolve_device

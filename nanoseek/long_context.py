@@ -29,7 +29,7 @@ from nanoseek.data.coldstart import SOLVERS, coldstart_record
 from nanoseek.data.corpus import iter_documents
 from nanoseek.data.tasks import mix
 from nanoseek.errors import UsageError
-from nanoseek.model.hf import from_pretrained
+from nanoseek.hf.load import from_pretrained
 from nanoseek.tokenizer import load_tokenizer
 
 PROBES = ("passkey", "task")

@@ -79,7 +79,7 @@ def test_both_methods_learn_and_student_loads_in_transformers(teacher_and_traces
 
     from transformers import AutoModelForCausalLM
 
-    from nanoseek.model.hf import from_pretrained
+    from nanoseek.hf.load import from_pretrained
     hf = AutoModelForCausalLM.from_pretrained(final).eval()
     assert type(hf).__name__ == "Qwen2ForCausalLM"
     ours = from_pretrained(final)

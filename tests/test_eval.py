@@ -113,7 +113,7 @@ def test_tiny_model_end_to_end_and_deterministic(tiny, tmp_path):
 
 def test_greedy_on_the_engine_matches_full_recomputation(tiny):
     from nanoseek.eval import model_generator
-    from nanoseek.model.hf import from_pretrained
+    from nanoseek.hf.load import from_pretrained
     from nanoseek.tokenizer import load_tokenizer
     model, tok = from_pretrained(tiny), load_tokenizer(tiny)
     prompt = build_prompt(Sample("add", "What is 2 + 2?", "4"), "r1", tok)

@@ -13,7 +13,7 @@ from nanoseek.cli import main
 from nanoseek.config import get_preset
 from nanoseek.data.corpus import default_corpus
 from nanoseek.long_context import Probe, ProbeBuilder, far_loss, score
-from nanoseek.model.hf import from_pretrained
+from nanoseek.hf.load import from_pretrained
 from nanoseek.model.transformer import Transformer
 from nanoseek.parallel.activation_checkpoint import checkpoint_blocks
 from nanoseek.tokenizer import load_tokenizer, train_tokenizer

@@ -1,4 +1,4 @@
-"""FP8 mixed precision (kernels/fp8.py, kernels/fp8_export.py): quantization error bounds, the promoted GEMM
+"""FP8 mixed precision (kernels/fp8.py, hf/fp8_export.py): quantization error bounds, the promoted GEMM
 against float64, Fp8Linear / Fp8Experts against their high-precision selves, apply_fp8's choice, training,
 and the FP8 checkpoint's round trip (nanoseek and transformers)."""
 import json
@@ -14,8 +14,8 @@ from nanoseek.kernels import speedup
 from nanoseek.kernels.fp8 import (FP8, FP8_MAX, TILE, Fp8Experts, Fp8Linear, Fp8MLP, apply_fp8,
                                   dequantize_tiles, fp8_gemm, fp8_linear, quantize_blocks, quantize_tiles, round_e4m3,
                                   scaled_mm_runs)
-from nanoseek.kernels.fp8_export import QUANTIZATION_CONFIG, fp8_checkpoint_names, save_fp8_pretrained
-from nanoseek.model.hf import dequantize_blocks, from_pretrained
+from nanoseek.hf.fp8_export import QUANTIZATION_CONFIG, fp8_checkpoint_names, save_fp8_pretrained
+from nanoseek.hf.load import dequantize_blocks, from_pretrained
 from nanoseek.model.moe import Experts
 from nanoseek.model.transformer import Transformer
 from nanoseek.train.trainer import TrainOptions, Trainer

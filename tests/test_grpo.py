@@ -223,7 +223,7 @@ def one_thread():
 
 
 def test_run_outputs_and_exact_resume(model_dir, tmp_path, one_thread):
-    from nanoseek.model.hf import from_pretrained
+    from nanoseek.hf.load import from_pretrained
     a = tmp_path / "a"
     final = grpo(_opts(model_dir, a, mode="r1-zero"))
     assert (a / "config.yaml").exists() and (a / "plots" / "reward.png").exists()

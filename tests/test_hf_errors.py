@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 
 import nanoseek
 from nanoseek.config import ModelConfig
-from nanoseek.model.hf import CheckpointError
+from nanoseek.hf.load import CheckpointError
 from nanoseek.model.transformer import Transformer
 
 CFG = dict(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,

@@ -11,7 +11,7 @@ import pytest
 
 from nanoseek.errors import UsageError
 from nanoseek.infer.server import BackgroundServer, Options
-from nanoseek.model.hf import from_pretrained
+from nanoseek.hf.load import from_pretrained
 from nanoseek.tokenizer import load_tokenizer
 from test_server import ANSWER, KEY, REASONING, build_model_dir
 

@@ -80,7 +80,7 @@ def test_pretrain_loss_falls_and_writes_run_folder(pretrained):
     cost = json.loads((out / "cost.json").read_text())
     assert cost["mfu"] > 0
     assert cost["dtype"]["dtype"] in ("fp32", "bf16") and cost["dtype"]["reason"]  # what the run computed in, and why
-    from nanoseek.model.hf import from_pretrained
+    from nanoseek.hf.load import from_pretrained
     model = from_pretrained(final)
     assert model(torch.tensor([[0, 5, 6]])).shape == (1, 3, model.config.vocab_size)
 

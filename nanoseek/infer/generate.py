@@ -8,7 +8,7 @@ from nanoseek.data.chat import PROMPT_TEMPLATES, describe_template, opens_think,
 from nanoseek.errors import UsageError
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
-from nanoseek.model.hf import from_pretrained
+from nanoseek.hf.load import from_pretrained
 from nanoseek.tokenizer import load_tokenizer
 
 POSITIONAL = (("model", "model directory (HF layout, with tokenizer files)"),)

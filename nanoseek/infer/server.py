@@ -49,7 +49,7 @@ from nanoseek.infer.sampling import SamplingParams
 from nanoseek.infer.structured_output import JSONGrammars
 from nanoseek.infer.thinking import Thinking, reasoning_and_answer, render_prompt, splitter, thinking_of
 from nanoseek.infer.tools import ToolUse, call_grammar, tool_stream, tool_use_of, with_tool_calls
-from nanoseek.model.hf import from_pretrained
+from nanoseek.hf.load import from_pretrained
 from nanoseek.tokenizer import load_tokenizer
 
 WEB = Path(__file__).parent / "web"

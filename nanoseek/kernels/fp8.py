@@ -84,7 +84,7 @@ def dequantize_tiles(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def quantize_blocks(w: torch.Tensor, dtype: torch.dtype = FP8) -> tuple[torch.Tensor, torch.Tensor]:
     """w [..., N, K] -> e4m3 values [..., N, K], fp32 scales [..., ceil(N/128), ceil(K/128)]: one
     per 128×128 block of the last two dimensions (DeepSeek-V3's `weight_scale_inv`); dtype as
-    for `quantize_tiles`. Its inverse is `model.hf.dequantize_blocks`, which loading FP8 checkpoints uses."""
+    for `quantize_tiles`. Its inverse is `hf.load.dequantize_blocks`, which loading FP8 checkpoints uses."""
     n, k = w.shape[-2:]
     padded = F.pad(w.float(), (0, -k % TILE, 0, -n % TILE))
     blocks = padded.unflatten(-1, (-1, TILE)).unflatten(-3, (-1, TILE))  # [..., nN, 128, nK, 128]

@@ -11,7 +11,7 @@ from torch import nn
 from nanoseek.config import DenseConfig, ModelConfig
 from nanoseek.model.cache import KVCache
 from nanoseek.model.head import LMHead
-from nanoseek.model.hf_save import save_pretrained
+from nanoseek.hf.save import save_pretrained
 from nanoseek.model.mla import MLA
 from nanoseek.model.moe import MLP, MoE, balance_losses
 from nanoseek.model.mtp import MTPModule

@@ -34,7 +34,7 @@ from nanoseek.config import get_student_preset
 from nanoseek.errors import UsageError
 from nanoseek.eval import evaluate
 from nanoseek.kernels import speedup
-from nanoseek.model.hf import build_model, from_pretrained
+from nanoseek.hf.load import build_model, from_pretrained
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train import distributed
 from nanoseek.train.data import BatchIterator, make_batch, pack_examples

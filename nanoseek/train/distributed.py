@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nanoseek.model.hf import build_model
+from nanoseek.hf.load import build_model
 from nanoseek.parallel.parallelize import MODES, full_state_dict, init_distributed, parallelize
 
 

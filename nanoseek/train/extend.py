@@ -29,7 +29,7 @@ import yaml
 
 from nanoseek.errors import UsageError
 from nanoseek.long_context import PROBES, ProbeBuilder, default_tasks, evaluate_lengths, plot, table
-from nanoseek.model.hf import build_model, from_pretrained
+from nanoseek.hf.load import build_model, from_pretrained
 from nanoseek.parallel.activation_checkpoint import checkpoint_blocks
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train.data import BatchIterator, Packed

@@ -33,7 +33,7 @@ import torch
 from nanoseek.data.chat import describe_template, prompt_opens_think, question_prompt
 from nanoseek.data.sources import heldout_samples, resolve_all, train_samples
 from nanoseek.kernels import known_logprob_gradient, speedup
-from nanoseek.model.hf import from_pretrained
+from nanoseek.hf.load import from_pretrained
 from nanoseek.model.moe import balance_losses, moe_layers
 from nanoseek.parallel.parallelize import all_reduce_sum, full_state_dict
 from nanoseek.rewards import RewardConfig, compute_rewards

@@ -16,7 +16,7 @@ from nanoseek.cost import summarize_run
 from nanoseek.data.coldstart import require_solvers
 from nanoseek.data.corpus import iter_documents
 from nanoseek.hardware import device_peak_flops
-from nanoseek.model.hf import build_model
+from nanoseek.hf.load import build_model
 from nanoseek.options import save_options
 from nanoseek.tokenizer import load_tokenizer, train_tokenizer
 from nanoseek.train import distributed

@@ -20,7 +20,7 @@ import torch
 
 from nanoseek.data.chat import describe_template, parse_completion, prompt_opens_think
 from nanoseek.data.sources import column_option, resolve_all, train_samples
-from nanoseek.model.hf import from_pretrained
+from nanoseek.hf.load import from_pretrained
 from nanoseek.rewards import RewardConfig, compute_reward
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train.grpo import make_prompt

@@ -21,7 +21,7 @@ import torch
 
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
-from nanoseek.model.hf_save import to_hf_state_dict
+from nanoseek.hf.save import to_hf_state_dict
 
 
 def engine_rollout(model, prompts: list[list[int]], n: int, max_new_tokens: int, stop_ids: list[int] | None,

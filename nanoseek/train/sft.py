@@ -15,7 +15,7 @@ from pathlib import Path
 from nanoseek.data.coldstart import coldstart_dataset, require_solvers
 from nanoseek.data.sources import column_option, load_chat
 from nanoseek.data.tool_use import mix_in, tool_use_count, tool_use_dataset
-from nanoseek.model.hf import from_pretrained
+from nanoseek.hf.load import from_pretrained
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train.data import BatchIterator, pack_examples
 from nanoseek.train.pretrain import finish, start_run

@@ -1,5 +1,5 @@
 """Export a model to HF layout (DeepseekV3ForCausalLM / Qwen2ForCausalLM), optionally in another dtype
-or with FP8 weights (`--fp8`: DeepSeek-V3's release layout, kernels/fp8_export.py).
+or with FP8 weights (`--fp8`: DeepSeek-V3's release layout, hf/fp8_export.py).
 
 The result loads in transformers' AutoModelForCausalLM without trust_remote_code and in vLLM
 (MoE exports carry DeepSeek's routing fields and the MTP layers). `--verify` loads it back in
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from nanoseek.kernels.fp8_export import save_fp8_pretrained
-from nanoseek.model.hf import from_pretrained
+from nanoseek.hf.fp8_export import save_fp8_pretrained
+from nanoseek.hf.load import from_pretrained
 from nanoseek.tokenizer import load_tokenizer
 
 POSITIONAL = (("model", "source model directory (HF layout, ours or transformers')"),)

@@ -19,7 +19,7 @@ from torch import nn
 from nanoseek.config import CheckpointError, DenseConfig, ModelConfig, load_config
 from nanoseek.errors import MissingPathError
 from nanoseek.model.dense import DenseTransformer
-from nanoseek.model.hf_save import hf_name
+from nanoseek.hf.save import hf_name
 from nanoseek.model.transformer import Transformer
 
 _HF_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")

@@ -1,5 +1,5 @@
 """Saving in HF layout: our parameter names -> DeepseekV3ForCausalLM / Qwen2ForCausalLM names (the
-mapping `hf.py` loads through), config.json, model.safetensors, generation_config.json."""
+mapping `load.py` reads back), config.json, model.safetensors, generation_config.json."""
 from __future__ import annotations
 
 import json

@@ -5,7 +5,7 @@ routed expert) is stored as float8_e4m3fn `X.weight` plus fp32 `X.weight_scale_i
 block: the scale that multiplies the e4m3 values back (block amax / 448). The embedding, the head,
 the router, the norms and the routing bias stay in the export's dtype. config.json says so in
 `quantization_config`, which transformers reads as its fine-grained FP8 scheme; nanoseek's loader
-(`model.hf.dequantize_fp8`) multiplies the blocks back into plain weights.
+(`hf.load.dequantize_fp8`) multiplies the blocks back into plain weights.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from nanoseek.kernels.fp8 import TILE, fp8_modules, quantize_blocks
-from nanoseek.model.hf_save import hf_name, to_hf_state_dict
+from nanoseek.hf.save import hf_name, to_hf_state_dict
 
 QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                        "weight_block_size": [TILE, TILE]}
