@@ -41,10 +41,10 @@ class Options(TrainOptions):
         "help": "difficulty of the built-in cold-start set (none = mixed over each task's range)"})
     max_difficulty: int = field(default=0, metadata={
         "help": "with --difficulty none: the highest level of the mix (0 = each task's whole range)"})
-    tool_share: float = field(default=0.05, metadata={
+    tool_share: float = field(default=0.0, metadata={
         "help": "share of the built-in cold-start set that is calculator tool-use conversations (the tool the web "
-                "chat offers), so the model learns to call it; skipped when the chat template cannot render tool "
-                "calls (0 = none)"})
+                "chat offers), e.g. 0.05; skipped when the chat template cannot render tool calls. Off by default: "
+                "the tiny model learns the call's format but not yet to copy the operands (README, Serving)"})
     steps: int = stage_default(TrainOptions, "steps", 150)
     lr: float = stage_default(TrainOptions, "lr", 1e-3)
     warmup_steps: int = stage_default(TrainOptions, "warmup_steps", 10)
