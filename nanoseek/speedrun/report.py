@@ -9,7 +9,7 @@ from nanoseek.eval import PASS_KS
 from nanoseek.hardware import describe_device
 
 
-def _metrics(path: Path) -> list[dict]:
+def metrics_rows(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
@@ -47,7 +47,7 @@ def _plot(root: Path, results: dict) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for stage in ("pretrain", "sft", "sft2"):
-        rows = [r for r in _metrics(root / stage / "metrics.jsonl") if "loss" in r]
+        rows = [r for r in metrics_rows(root / stage / "metrics.jsonl") if "loss" in r]
         if rows:
             ax.plot([r["step"] for r in rows], [r.get("lm_loss", r["loss"]) for r in rows], label=stage)
     ax.set_xlabel("step")
@@ -59,7 +59,7 @@ def _plot(root: Path, results: dict) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for stage in ("grpo", "r1-zero", "student-grpo"):
-        rows = [r for r in _metrics(root / stage / "metrics.jsonl") if "reward" in r]
+        rows = [r for r in metrics_rows(root / stage / "metrics.jsonl") if "reward" in r]
         if rows:
             x = [r["step"] for r in rows]
             y = [r["reward"] for r in rows]
@@ -72,7 +72,7 @@ def _plot(root: Path, results: dict) -> list[Path]:
     ax.set_title("reward during RL")
     save(fig, "reward")
 
-    rows = [r for r in _metrics(root / "r1-zero" / "metrics.jsonl") if "reward" in r]
+    rows = [r for r in metrics_rows(root / "r1-zero" / "metrics.jsonl") if "reward" in r]
     if rows:  # the R1 paper's Figure 2/3 at toy scale: does the response grow as accuracy rises?
         fig, ax = plt.subplots(figsize=(7, 4))
         x = [r["step"] for r in rows]
@@ -86,7 +86,7 @@ def _plot(root: Path, results: dict) -> list[Path]:
         ax.set_title("R1-Zero from the base: accuracy, format and length")
         save(fig, "r1_zero")
 
-    rows = [r for r in _metrics(root / "pretrain" / "metrics.jsonl") if "load_max_over_mean" in r]
+    rows = [r for r in metrics_rows(root / "pretrain" / "metrics.jsonl") if "load_max_over_mean" in r]
     if rows:
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.plot([r["step"] for r in rows], [r["load_max_over_mean"] for r in rows])
@@ -135,7 +135,7 @@ def _checks(results: dict) -> list[str]:
 
 def r1_zero_length(root: Path) -> str | None:
     """Whether R1-Zero's responses grow, as in the R1 paper: mean length over the first vs the last tenth of steps."""
-    rows = [r for r in _metrics(root / "r1-zero" / "metrics.jsonl") if "reward" in r]
+    rows = [r for r in metrics_rows(root / "r1-zero" / "metrics.jsonl") if "reward" in r]
     if len(rows) < 2:
         return None
     tenth = max(1, len(rows) // 10)
@@ -155,7 +155,7 @@ def mismatch_lines(root: Path, stages) -> list[str]:
     were recorded (--log-router-flips; under --routing-replay rollout, also the flips replay prevented)."""
     lines = []
     for stage in stages:
-        rows = [r for r in _metrics(root / stage / "metrics.jsonl") if "mismatch_kl" in r]
+        rows = [r for r in metrics_rows(root / stage / "metrics.jsonl") if "mismatch_kl" in r]
         if not rows:
             continue
         kl = [r["mismatch_kl"] for r in rows]
@@ -225,7 +225,8 @@ def task_table(results: dict, above: dict, difficulty: int) -> list[str]:
 
 
 def render_report(root: Path, o, results: dict, stages: dict, tokens_fn,
-                  above: dict | None = None) -> tuple[str, list[Path]]:
+                  above: dict | None = None, extra: tuple[list[str], list[Path]] = ([], [])) -> tuple[str, list[Path]]:
+    """The report's markdown and its plots; `extra` is an optional section (lines, plots) placed before the plots."""
     total = sum(s["wall_s"] for s in stages.values())
     top_k = max((j for j in PASS_KS if j <= o.eval_k), default=None)  # the widest pass@k the samples allow
     lines = ["# nanoseek speedrun report", "",
@@ -262,7 +263,8 @@ def render_report(root: Path, o, results: dict, stages: dict, tokens_fn,
                   "mean over steps), and the MoE routing decisions that differ between them:", ""] + mismatch
     if seeds := seed_table(results, top_k):
         lines += ["", "## Seeds: the RL stages repeated"] + seeds
-    plots = _plot(root, results)
+    plots = _plot(root, results) + extra[1]
+    lines += extra[0]
     lines += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
     lines += ["", "Per-stage details: each stage folder has config.yaml, metrics.jsonl, plots/ and its final model "
               "(HF layout); `eval/<stage>.md` has the per-task tables.", ""]

@@ -8,6 +8,7 @@
     distillation into the dense student       -> distill-sft (SFT on traces), distill-logits (top-k KL)
     R1-Zero branch: GRPO straight on the base -> r1-zero
     baseline: the student trained by GRPO alone for the distillation's wall time -> student-grpo
+    optional (--rl-objectives): GRPO / + routing replay / GSPO / CISPO on a bf16 engine -> rl-<arm>
     evaluation of every stage on held-out test questions -> report.md, report.json, plots/
 
 --tasks takes built-in tasks, gym:NAME and data files (data/sources.py). A data file is split by
@@ -35,6 +36,7 @@ from nanoseek.data.sources import column_option, resolve_all, with_split
 from nanoseek.eval import evaluate, write_report as write_eval
 from nanoseek.model.dense import DenseTransformer
 from nanoseek.options import save_options
+from nanoseek.speedrun import rl_objectives
 from nanoseek.speedrun.report import render_report
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train import distill, grpo, pretrain, rejection, sft
@@ -84,6 +86,11 @@ class Options:
     nproc: int = field(default=1, metadata={
         "help": "processes (GPUs) for the training and GRPO stages, launched with torchrun + FSDP (GRPO's "
                 "prompts per step must divide among them); sampling and evaluation run in this process"})
+    rl_objectives: list[str] = field(default_factory=list, metadata={
+        "help": "optional stages: comma separated arms of " + ",".join(rl_objectives.ARMS) + " trained from the "
+                "cold-start model with a bf16 rollout engine, each with every seed (speedrun/rl_objectives.py); "
+                "the report compares held-out accuracy, mismatch, router flips and collapses"})
+    rl_objectives_steps: int = field(default=100, metadata={"help": "GRPO steps of each --rl-objectives arm"})
     price_per_hour: float = field(default=0.10, metadata={"help": "$ per machine-hour for the cost column"})
 
 
@@ -100,7 +107,7 @@ class Run:
     """Stage bookkeeping: done markers, timing, progress across stages."""
 
     WEIGHT = {"pretrain": 6, "sft": 3, "grpo": 12, "rejection": 1, "sft2": 1, "distill-sft": 2, "distill-logits": 2,
-              "r1-zero": 4, "student-grpo": 2, "eval": 4, "report": 0.1}
+              "r1-zero": 4, "student-grpo": 2, "rl": 6, "eval": 4, "report": 0.1}
 
     def __init__(self, o: Options):
         self.o, self.root = o, Path(o.out)
@@ -110,7 +117,7 @@ class Run:
         self.stages = stage_names(o)
 
     def weight(self, stage: str) -> float:
-        return self.WEIGHT[stage.split("-seed")[0]]
+        return self.WEIGHT["rl" if stage.startswith("rl-") else stage.split("-seed")[0]]
 
     def marker(self, stage: str) -> Path:
         return self.root / stage / "stage.json"
@@ -144,12 +151,19 @@ def extra_seeds(o: Options) -> list[int]:
     return [o.seed + i for i in range(1, max(1, o.seeds))]
 
 
+def objective_stages(o: Options) -> list[tuple[str, str, int]]:
+    """(stage, arm, seed) of the optional --rl-objectives stages, seed by seed: an interrupted run has whole seeds."""
+    seeds = [o.seed] + extra_seeds(o)
+    return [(rl_objectives.stage(arm, s, o.seed), arm, s) for s in seeds for arm in o.rl_objectives]
+
+
 def stage_names(o: Options) -> list[str]:
-    """Every stage of this run in order: the fixed ones, then one GRPO and one R1-Zero per extra seed."""
+    """Every stage of this run in order: the fixed ones, then one GRPO and one R1-Zero per extra seed, then the
+    optional RL-objective arms before the evaluation."""
     repeats = [f"{rl}-seed{s}" for rl in ("grpo", "r1-zero") if o.r1_zero or rl == "grpo" for s in extra_seeds(o)]
     fixed = [s for s in STAGES if o.r1_zero or s != "r1-zero"]
-    i = fixed.index("student-grpo")
-    return fixed[:i] + repeats + fixed[i:]
+    i, j = fixed.index("student-grpo"), fixed.index("eval")
+    return fixed[:i] + repeats + fixed[i:j] + [s for s, _, _ in objective_stages(o)] + fixed[j:]
 
 
 def _tokens(stage_dir: Path) -> int | None:
@@ -170,6 +184,8 @@ def speedrun(o: Options) -> Path:
     fields = dict(prompt_field=o.prompt_field, answer_field=o.answer_field)
     for split in ("train", "test"):  # bad tasks or data files fail before the run folder exists
         resolve_all(with_split(o.tasks, split), **fields)
+    for arm in o.rl_objectives:
+        rl_objectives.arm_options(arm, {}, o.rl_objectives_steps, o.seed, 0)  # an unknown arm fails here too
     train_tasks = with_split(o.tasks, "train")
     torch.manual_seed(o.seed)
     run = Run(o)
@@ -224,6 +240,11 @@ def speedrun(o: Options) -> Path:
             model=base, mode="r1-zero", out=str(d), **{**r0_kw, "seed": s}), o.nproc))
     budget = dist["sft"]["wall_s"]
     run.run("student-grpo", lambda d: student_grpo_baseline(d, base, o, budget, grpo_kw))
+    heldout = o.eval_n * len(o.tasks)
+    for name, arm, seed in objective_stages(o):
+        kw = rl_objectives.arm_options(arm, r1_kw, o.rl_objectives_steps, seed, heldout)
+        run.run(name, lambda d, kw=kw: train("grpo", grpo.grpo, grpo.Options(model=sft1["model"], mode="r1", out=str(d),
+                                                                             **kw), o.nproc))
     ev = run.run("eval", lambda d: evaluate_all(d, run, o))
     run.run("report", lambda d: write_report(run, ev))
     print(f"\n[speedrun] done in {(time.time() - run.t0) / 60:.1f} min this session: "
@@ -346,8 +367,9 @@ def per_task(report: dict) -> dict:
 
 
 def write_report(run: Run, ev: dict) -> dict:
-    md, plots = render_report(run.root, run.o, ev["results"], {s: run.done(s) for s in run.stages if run.done(s)},
-                              _tokens, ev.get("above", {}))
+    stages = {s: run.done(s) for s in run.stages if run.done(s)}
+    objectives = rl_objectives.section(run.root, run.o.rl_objectives, [run.o.seed] + extra_seeds(run.o), stages)
+    md, plots = render_report(run.root, run.o, ev["results"], stages, _tokens, ev.get("above", {}), objectives)
     (run.root / "report.md").write_text(md)
     return {"report": str(run.root / "report.md"), "plots": [str(p) for p in plots]}
 
