@@ -36,13 +36,14 @@ def _run_in_child(name: str, args) -> list[Row]:
         code = f"from benchmarks.__main__ import _suite; _suite({name!r}, {json.dumps(kw)!r}, {out!r})"
         if subprocess.run([sys.executable, "-c", code]).returncode:
             raise SystemExit(f"error: benchmark suite {name} failed (its output is above)")
-        return [Row(**r) for r in json.loads(Path(out).read_text())]
+        return [Row(**{**r, "suite": name}) for r in json.loads(Path(out).read_text())]
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     p.add_argument("--only", nargs="*", choices=SUITES, help="run only these suites")
-    p.add_argument("--json", default="benchmarks/results.json", help="where to write the rows as JSON")
+    p.add_argument("--json", default="benchmarks/results.json",
+                   help="where to write the rows as JSON (with --only, the other suites' rows in it are kept)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--device", default="cpu", help="cpu or cuda (suites that support it)")
     p.add_argument("--preset", default=None, help="model preset for suites that take one (default: each suite's)")
@@ -54,7 +55,7 @@ def main(argv=None) -> None:
         print(f"running {name} ...", flush=True)
         rows += _run_in_child(name, args)
     print_table(rows)
-    write_json(rows, args.json)
+    write_json(rows, args.json, set(args.only) if args.only else None)
 
 
 if __name__ == "__main__":

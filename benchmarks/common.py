@@ -17,6 +17,7 @@ class Row:
     unit: str
     ratio: float  # > 1: nanoseek is better
     note: str = ""
+    suite: str = ""  # the benchmarks/ module that measured it (set by __main__)
 
 
 def time_pair(ours: Callable[[], object], ref: Callable[[], object], reps: int = 5, warmup: int = 1) -> tuple[float, float]:
@@ -54,8 +55,17 @@ def print_table(rows: list[Row]) -> None:
         print(f"{r.work:<{w}}  {r.ours:>12.4g}  {r.reference:>12.4g}  {r.unit:<10}  {r.ratio:>6.2f}x  {r.note}")
 
 
-def write_json(rows: list[Row], path: str | Path | None) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+def write_json(rows: list[Row], path: str | Path | None, replace_suites: set[str] | None = None) -> None:
+    """Write rows as JSON. With replace_suites (a run of some suites only), the rows of the other suites already
+    in the file stay, so `--only X` refreshes X's rows instead of discarding the rest of the last full run."""
+    if not path:
+        return
+    path = Path(path)
+    kept = []
+    if replace_suites is not None and path.exists():
+        fresh = {r.work for r in rows}
+        kept = [r for r in json.loads(path.read_text())
+                if r.get("suite") not in replace_suites and r.get("work") not in fresh]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(kept + [asdict(r) for r in rows], indent=2) + "\n")
         print(f"wrote {path}")
