@@ -68,4 +68,4 @@ def write_json(rows: list[Row], path: str | Path | None, replace_suites: set[str
                 if r.get("suite") not in replace_suites and r.get("work") not in fresh]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(kept + [asdict(r) for r in rows], indent=2) + "\n")
-        print(f"wrote {path}")
+    print(f"wrote {path}" + (f" (kept {len(kept)} rows of other suites)" if kept else ""))
