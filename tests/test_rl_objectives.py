@@ -61,12 +61,18 @@ def test_the_report_section_pools_the_seeds_of_each_arm(tmp_path):
     r3 = next(x for x in lines if x.startswith("| grpo-r3 |"))
     assert not any(x.startswith("| gspo |") for x in lines)  # an arm that did not run has no row
     cells = [c.strip() for c in grpo.strip("|").split("|")]
-    assert cells[1:5] == ["2", "50.0 ± 0.0", "65.0 ± 7.1", "60.0 / 70.0"]
-    assert cells[5] == "0.100 → 1.000" and cells[6] == "0.002" and cells[7] == "3.00" and cells[8] == "–"
-    assert cells[10:] == ["100 s", "0 of 2"]
+    assert cells[1:6] == ["2", "50.0 ± 0.0", "65.0 ± 7.1", "+10.0 / +20.0", "+15.0"]
+    assert cells[6] == "0.100 → 1.000" and cells[7] == "0.002" and cells[8] == "3.00" and cells[9] == "–"
+    assert cells[11:] == ["100 s", "0 of 2"]
     cells = [c.strip() for c in r3.strip("|").split("|")]
-    assert cells[7] == "0.00" and cells[8] == "4.00" and cells[-1] == "1 of 2"
+    assert cells[4:6] == ["-20.0 / +5.0", "-7.5"]
+    assert cells[8] == "0.00" and cells[9] == "4.00" and cells[-1] == "1 of 2"
     assert len(plots) == 1 and plots[0].stat().st_size > 1000
+
+
+def test_the_reward_curve_is_a_trailing_moving_average():
+    assert rl_objectives._moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert rl_objectives._moving_average([], 3) == []
 
 
 def test_no_arm_no_section(tmp_path):

@@ -28,6 +28,7 @@ ARMS = {
 }
 SHARED = {"rollout_dtype": "bf16", "mu": 2, "log_router_flips": True}
 COLLAPSE_DROP = 0.10  # held-out accuracy lost over the run that counts as a collapse
+SMOOTH = 10  # steps in the reward plot's moving average: one step's reward is too noisy to show a trend
 
 
 def stage(arm: str, seed: int, first_seed: int) -> str:
@@ -86,25 +87,30 @@ def section(root: Path, arms: list[str], seeds: list[int], stages: dict) -> tupl
     lines = ["", "## RL objectives on a bf16 rollout engine (optional stages)", "",
              "Each arm from the cold-start SFT model, bf16 engine + fp32 trainer, two optimizer steps per rollout "
              "batch, the same steps and prompts per step (module doc of `speedrun/rl_objectives.py`). Held-out = "
-             "greedy accuracy on the run's test questions before and after (mean ± sample std over seeds; each seed's "
-             f"in brackets); collapse = a seed losing more than {100 * COLLAPSE_DROP:.0f} points or skipping "
-             "non-finite steps.", "",
-             "| arm | seeds | held-out before % | held-out after % | per seed after | reward first → last tenth | "
-             "mismatch KL / token | router flips % | flips without replay % | clipped % | wall time / seed | "
+             "greedy accuracy on the seed's draw of test questions before and after (mean ± sample std over seeds); "
+             "gain = after − before on the same questions, each seed's and their mean; collapse = a seed losing "
+             f"more than {100 * COLLAPSE_DROP:.0f} points or skipping non-finite steps.", "",
+             "| arm | seeds | held-out before % | held-out after % | gain per seed (pts) | mean gain | "
+             "reward first → last tenth | mismatch KL / token | router flips % | flips without replay % | clipped % | wall time / seed | "
              "collapsed |",
-             "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---|"]
+             "|---|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---|"]
     for arm, rs in runs.items():
         ss = [r for _, r in rs]
+        gains = [100 * (r["end"] - r["start"]) for r in ss]
         walls = [stages[stage(arm, s, seeds[0])]["wall_s"] for s, _ in rs if stage(arm, s, seeds[0]) in stages]
         lines.append(
             f"| {arm} | {len(ss)} | {_spread([r['start'] for r in ss])} | {_spread([r['end'] for r in ss])} | "
-            f"{' / '.join(_fmt(r['end']) for r in ss)} | "
+            f"{' / '.join(f'{g:+.1f}' for g in gains)} | {sum(gains) / len(gains):+.1f} | "
             f"{_mean(r['reward_first'] for r in ss):.3f} → {_mean(r['reward_last'] for r in ss):.3f} | "
             f"{_mean(r['mismatch_kl'] for r in ss):.2g} | {_fmt(_mean(r['flips'] for r in ss), digits=2)} | "
             f"{_fmt(_mean(r['flips_unreplayed'] for r in ss), digits=2)} | "
             f"{_fmt(_mean(r['clip_frac'] for r in ss), digits=2)} | "
             f"{(_mean(walls) or 0):.0f} s | {sum(r['collapsed'] for r in ss)} of {len(ss)} |")
     return lines, [_plot(root, runs)]
+
+
+def _moving_average(xs: list[float], k: int) -> list[float]:
+    return [sum(xs[max(0, i - k + 1):i + 1]) / (i + 1 - max(0, i - k + 1)) for i in range(len(xs))]
 
 
 def _plot(root: Path, runs: dict) -> Path:
@@ -117,11 +123,11 @@ def _plot(root: Path, runs: dict) -> Path:
         color = f"C{i}"
         for j, (_, r) in enumerate(rs):
             x = [row["step"] for row in r["steps"]]
-            ax1.plot(x, [row["reward"] for row in r["steps"]], color=color, alpha=0.7, lw=1,
+            ax1.plot(x, _moving_average([row["reward"] for row in r["steps"]], SMOOTH), color=color, alpha=0.7, lw=1,
                      label=arm if j == 0 else None)
             ax2.plot(x, [row.get("mismatch_kl", float("nan")) for row in r["steps"]], color=color, alpha=0.7, lw=1,
                      label=arm if j == 0 else None)
-    ax1.set(xlabel="step", ylabel="mean reward of the rollouts", title="reward (each seed a line)")
+    ax1.set(xlabel="step", ylabel="mean reward of the rollouts", title=f"reward, {SMOOTH}-step moving average (a line per seed)")
     ax2.set(xlabel="step", ylabel="k3 KL per token", yscale="log", title="engine (bf16) vs trainer (fp32) mismatch")
     ax1.legend(fontsize=8)
     ax2.legend(fontsize=8)
