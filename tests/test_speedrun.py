@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nanoseek.speedrun.report import mismatch_lines
-from nanoseek.speedrun.run import Options, evaluated, speedrun
+from nanoseek.speedrun.run import Options, evaluated, speedrun, stage_names
 from nanoseek.train.mismatch import LogprobMismatch, router_flips
 
 
@@ -44,6 +44,14 @@ def test_quick_speedrun_end_to_end(tmp_path):
     before = (out / "pretrain" / "stage.json").read_text()
     speedrun(Options(out=str(out), quick=True, seeds=2))
     assert (out / "pretrain" / "stage.json").read_text() == before
+
+
+def test_r1_zero_branches_off_the_base_first_and_grpo_seeds_precede_the_student_baseline():
+    names = stage_names(Options(seeds=3))
+    assert names[:5] == ["pretrain", "r1-zero", "r1-zero-seed1", "r1-zero-seed2", "sft"]
+    assert names[names.index("distill-logits") + 1:names.index("student-grpo")] == ["grpo-seed1", "grpo-seed2"]
+    assert names[-2:] == ["eval", "report"] and len(names) == len(set(names)) == 15
+    assert "r1-zero" not in stage_names(Options(seeds=3, r1_zero=False))
 
 
 def test_report_checks_weigh_the_change_against_question_noise():

@@ -1,12 +1,12 @@
 """nanoseek speedrun: the whole DeepSeek-R1 recipe at toy scale, from nothing to a report card.
 
     tokenizer + pretrain (MoE, MLA, MTP)      -> base
+    R1-Zero branch: GRPO straight on the base -> r1-zero
     cold-start SFT on worked solutions        -> sft
     GRPO with rule rewards (R1 mode)          -> grpo
     rejection sampling of the RL model        -> traces.jsonl
     second SFT on the kept traces             -> sft2 (the "R1" model)
     distillation into the dense student       -> distill-sft (SFT on traces), distill-logits (top-k KL)
-    R1-Zero branch: GRPO straight on the base -> r1-zero
     baseline: the student trained by GRPO alone for the distillation's wall time -> student-grpo
     optional (--rl-objectives): GRPO / + routing replay / GSPO / CISPO on a bf16 engine -> rl-<arm>
     evaluation of every stage on held-out test questions -> report.md, report.json, plots/
@@ -41,7 +41,7 @@ from nanoseek.speedrun.report import render_report
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train import distill, grpo, pretrain, rejection, sft
 
-STAGES = ["pretrain", "sft", "grpo", "rejection", "sft2", "distill-sft", "distill-logits", "r1-zero",
+STAGES = ["pretrain", "r1-zero", "sft", "grpo", "rejection", "sft2", "distill-sft", "distill-logits",
           "student-grpo", "eval", "report"]
 
 
@@ -158,12 +158,14 @@ def objective_stages(o: Options) -> list[tuple[str, str, int]]:
 
 
 def stage_names(o: Options) -> list[str]:
-    """Every stage of this run in order: the fixed ones, then one GRPO and one R1-Zero per extra seed, then the
-    optional RL-objective arms before the evaluation."""
-    repeats = [f"{rl}-seed{s}" for rl in ("grpo", "r1-zero") if o.r1_zero or rl == "grpo" for s in extra_seeds(o)]
-    fixed = [s for s in STAGES if o.r1_zero or s != "r1-zero"]
+    """Every stage of this run in order: the fixed ones, the R1-Zero branch off the base (every seed) right after
+    pretraining, one GRPO per extra seed before the student baseline, the optional RL-objective arms before the
+    evaluation."""
+    zero = ["r1-zero"] + [f"r1-zero-seed{s}" for s in extra_seeds(o)] if o.r1_zero else []
+    fixed = [s for s in STAGES if s != "r1-zero"]
     i, j = fixed.index("student-grpo"), fixed.index("eval")
-    return fixed[:i] + repeats + fixed[i:j] + [s for s, _, _ in objective_stages(o)] + fixed[j:]
+    return (fixed[:1] + zero + fixed[1:i] + [f"grpo-seed{s}" for s in extra_seeds(o)] + fixed[i:j]
+            + [s for s, _, _ in objective_stages(o)] + fixed[j:])
 
 
 def _tokens(stage_dir: Path) -> int | None:
@@ -202,11 +204,17 @@ def speedrun(o: Options) -> Path:
         out=str(d), preset=o.preset, steps=o.pretrain_steps, n_docs=(1500 if o.quick else corpus_docs(o)),
         tasks=coldstart_tasks(o), max_difficulty=o.difficulty, save_every=100, resume=True, **tcommon), o.nproc))
     base = pre["model"]
+    grpo_kw = dict(tasks=train_tasks, **fields, difficulty=o.difficulty, steps=o.grpo_steps, max_new_tokens=o.max_new_tokens,
+                   eval_n=(8 if o.quick else 64), save_every=20, resume=True, **common)
+    # R1-Zero branches off the base, so it runs first: its answer (does RL alone teach the base?) comes early
+    r0_kw = {**grpo_kw, "steps": o.r1_zero_steps}
+    for seed in [o.seed] + extra_seeds(o) if o.r1_zero else []:
+        name = "r1-zero" + ("" if seed == o.seed else f"-seed{seed}")
+        run.run(name, lambda d, s=seed: train("grpo", grpo.grpo, grpo.Options(
+            model=base, mode="r1-zero", out=str(d), **{**r0_kw, "seed": s}), o.nproc))
     sft1 = run.run("sft", lambda d: train("sft", sft.sft, sft.Options(
         model=base, out=str(d), steps=o.sft_steps, n_examples=(200 if o.quick else 4000), tasks=coldstart_tasks(o),
         difficulty=None, max_difficulty=o.difficulty, save_every=100, resume=True, **tcommon), o.nproc))
-    grpo_kw = dict(tasks=train_tasks, **fields, difficulty=o.difficulty, steps=o.grpo_steps, max_new_tokens=o.max_new_tokens,
-                   eval_n=(8 if o.quick else 64), save_every=20, resume=True, **common)
     # On the SFT model a gentle, well-averaged update pays: lr 1e-4 lowered held-out accuracy, 5e-5 raised it,
     # and more so with 16 prompts per step of which only the informative groups train (2/3 of the groups agree:
     # with 8 prompts a step rests on ~3 of them), and over 200 steps rather than 100: Adam moves every weight by
@@ -228,16 +236,9 @@ def speedrun(o: Options) -> Path:
             teacher=sft2["model"], data=str(mixed_sft_data(d, rej["data"], o)), method=m, out=str(d),
             steps=o.distill_steps, student_preset=("small" if small else "tiny"), **tcommon), o.nproc,
             final=d / m / "final"))
-    r0_kw = {**grpo_kw, "steps": o.r1_zero_steps}
-    if o.r1_zero:
-        run.run("r1-zero", lambda d: train("grpo", grpo.grpo, grpo.Options(model=base, mode="r1-zero", out=str(d), **r0_kw),
-                                           o.nproc))
     for seed in extra_seeds(o):  # the RL stages again, from the same starting models: is the gain the seed's luck?
         run.run(f"grpo-seed{seed}", lambda d, s=seed: train("grpo", grpo.grpo, grpo.Options(
             model=sft1["model"], mode="r1", out=str(d), **{**r1_kw, "seed": s}), o.nproc))
-    for seed in extra_seeds(o) if o.r1_zero else []:
-        run.run(f"r1-zero-seed{seed}", lambda d, s=seed: train("grpo", grpo.grpo, grpo.Options(
-            model=base, mode="r1-zero", out=str(d), **{**r0_kw, "seed": s}), o.nproc))
     budget = dist["sft"]["wall_s"]
     run.run("student-grpo", lambda d: student_grpo_baseline(d, base, o, budget, grpo_kw))
     heldout = o.eval_n * len(o.tasks)
