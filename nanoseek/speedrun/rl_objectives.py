@@ -91,8 +91,8 @@ def section(root: Path, arms: list[str], seeds: list[int], stages: dict) -> tupl
              "gain = after − before on the same questions, each seed's and their mean; collapse = a seed losing "
              f"more than {100 * COLLAPSE_DROP:.0f} points or skipping non-finite steps.", "",
              "| arm | seeds | held-out before % | held-out after % | gain per seed (pts) | mean gain | "
-             "reward first → last tenth | mismatch KL / token | router flips % | flips without replay % | clipped % | wall time / seed | "
-             "collapsed |",
+             "reward first → last tenth | mismatch KL / token | router flips % | flips without replay % | "
+             "clipped % | wall time / seed | collapsed |",
              "|---|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---|"]
     for arm, rs in runs.items():
         ss = [r for _, r in rs]
@@ -127,7 +127,8 @@ def _plot(root: Path, runs: dict) -> Path:
                      label=arm if j == 0 else None)
             ax2.plot(x, [row.get("mismatch_kl", float("nan")) for row in r["steps"]], color=color, alpha=0.7, lw=1,
                      label=arm if j == 0 else None)
-    ax1.set(xlabel="step", ylabel="mean reward of the rollouts", title=f"reward, {SMOOTH}-step moving average (a line per seed)")
+    ax1.set(xlabel="step", ylabel="mean reward of the rollouts",
+            title=f"reward, {SMOOTH}-step moving average (a line per seed)")
     ax2.set(xlabel="step", ylabel="k3 KL per token", yscale="log", title="engine (bf16) vs trainer (fp32) mismatch")
     ax1.legend(fontsize=8)
     ax2.legend(fontsize=8)
