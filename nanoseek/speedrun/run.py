@@ -157,11 +157,17 @@ def objective_stages(o: Options) -> list[tuple[str, str, int]]:
     return [(rl_objectives.stage(arm, s, o.seed), arm, s) for s in seeds for arm in o.rl_objectives]
 
 
+def r1_zero_stages(o: Options) -> list[tuple[str, int]]:
+    """(stage, seed) of the R1-Zero branch: one per seed, the first seed's without a suffix."""
+    seeds = [o.seed] + extra_seeds(o) if o.r1_zero else []
+    return [("r1-zero" + ("" if s == o.seed else f"-seed{s}"), s) for s in seeds]
+
+
 def stage_names(o: Options) -> list[str]:
     """Every stage of this run in order: the fixed ones, the R1-Zero branch off the base (every seed) right after
     pretraining, one GRPO per extra seed before the student baseline, the optional RL-objective arms before the
     evaluation."""
-    zero = ["r1-zero"] + [f"r1-zero-seed{s}" for s in extra_seeds(o)] if o.r1_zero else []
+    zero = [name for name, _ in r1_zero_stages(o)]
     fixed = [s for s in STAGES if s != "r1-zero"]
     i, j = fixed.index("student-grpo"), fixed.index("eval")
     return (fixed[:1] + zero + fixed[1:i] + [f"grpo-seed{s}" for s in extra_seeds(o)] + fixed[i:j]
@@ -208,8 +214,7 @@ def speedrun(o: Options) -> Path:
                    eval_n=(8 if o.quick else 64), save_every=20, resume=True, **common)
     # R1-Zero branches off the base, so it runs first: its answer (does RL alone teach the base?) comes early
     r0_kw = {**grpo_kw, "steps": o.r1_zero_steps}
-    for seed in [o.seed] + extra_seeds(o) if o.r1_zero else []:
-        name = "r1-zero" + ("" if seed == o.seed else f"-seed{seed}")
+    for name, seed in r1_zero_stages(o):
         run.run(name, lambda d, s=seed: train("grpo", grpo.grpo, grpo.Options(
             model=base, mode="r1-zero", out=str(d), **{**r0_kw, "seed": s}), o.nproc))
     sft1 = run.run("sft", lambda d: train("sft", sft.sft, sft.Options(
