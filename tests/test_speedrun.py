@@ -19,7 +19,7 @@ def test_quick_speedrun_end_to_end(tmp_path):
     report = speedrun(opts)
     assert report.exists()
     md = report.read_text()
-    assert "| stage | pass@1 %" in md
+    assert "| stage | k | pass@1 %" in md
     assert "**GRPO (R1) over cold-start SFT**, 2 seeds" in md and "**R1-Zero over the base**, 2 seeds" in md
     assert "pass@1 % per task at difficulty 1:" in md and "One level above the trained range (difficulty 2" in md
     assert (out / "eval" / "grpo-difficulty2.json").exists()
@@ -131,3 +131,12 @@ def test_task_table_lists_each_stage_per_task_and_the_level_above():
     assert lines[0] == "| stage | add | sub | all |" and lines[2] == "| cold-start SFT | 25.0 | 75.0 | 50.0 |"
     assert "difficulty 3" in lines[5] and lines[-1] == "| GRPO (R1) | 0.0 | 20.0 | 10.0 |"
     assert task_table({"x": {"label": "x", "pass@1": 0.1}}, {}, 1) == []
+
+
+def test_full_k_only_where_the_report_needs_pass_at_k():
+    from nanoseek.speedrun.run import eval_k
+    o = Options()
+    stages = ("sft", "grpo", "grpo-seed1", "pretrain", "r1-zero", "r1-zero-seed1", "sft2", "distill-sft", "student-grpo")
+    assert [eval_k(o, s, o.difficulty) for s in stages] == [16, 16, 16, 4, 4, 4, 4, 4, 4]
+    assert eval_k(o, "grpo", o.difficulty + 1) == 4  # one level above: pass@1 only
+    assert eval_k(Options(eval_k=2), "pretrain", 2) == 2  # never more samples than --eval-k
