@@ -136,7 +136,8 @@ def test_task_table_lists_each_stage_per_task_and_the_level_above():
 def test_full_k_only_where_the_report_needs_pass_at_k():
     from nanoseek.speedrun.run import eval_k
     o = Options()
-    stages = ("sft", "grpo", "grpo-seed1", "pretrain", "r1-zero", "r1-zero-seed1", "sft2", "distill-sft", "student-grpo")
+    stages = ("sft", "grpo", "grpo-seed1", "pretrain", "r1-zero", "r1-zero-seed1", "sft2", "distill-sft",
+              "student-grpo")
     assert [eval_k(o, s, o.difficulty) for s in stages] == [16, 16, 16, 4, 4, 4, 4, 4, 4]
     assert eval_k(o, "grpo", o.difficulty + 1) == 4  # one level above: pass@1 only
     assert eval_k(Options(eval_k=2), "pretrain", 2) == 2  # never more samples than --eval-k

@@ -236,20 +236,21 @@ def render_report(root: Path, o, results: dict, stages: dict, tokens_fn,
              f"Total wall time of all stages: **{total / 60:.1f} min**.", "",
              f"Held-out test questions: {o.eval_n} per task, k samples each at temperature 0.6 / top-p 0.95 (as the "
              f"R1 report): k = {o.eval_k} for the cold start and GRPO, {min(o.eval_k, o.eval_k_rest)} for the other "
-             "stages, whose pass@k no claim rests on; greedy = one greedy sample; pass@k (unbiased, from the same samples) − pass@1 is "
-             "what RL can sharpen into pass@1; sound reasoning = right *and* every arithmetic step of the shown "
-             "chain of thought right, at the chat's default sampling (temperature 0.6). Cost = wall time × "
+             "stages, whose pass@k no claim rests on; greedy = one greedy sample; pass@k (unbiased, from the same "
+             "samples) − pass@1 is what RL can sharpen into pass@1; sound reasoning = right *and* every arithmetic "
+             "step of the shown chain of thought right, at the chat's default sampling (temperature 0.6). "
+             "Cost = wall time × "
              f"${o.price_per_hour:.2f}/machine-hour.", "",
-             f"| stage | k | pass@1 % | greedy % | cons@k % | pass@{top_k or 'k'} % | sound reasoning % | format ok % | "
-             "mean length | wall time | tokens (trained / rolled out) | cost $ |",
+             f"| stage | k | pass@1 % | greedy % | cons@k % | pass@{top_k or 'k'} % | sound reasoning % | "
+             "format ok % | mean length | wall time | tokens (trained / rolled out) | cost $ |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for stage, r in results.items():
         st = stages.get(stage, {})
         tok = tokens_fn(root / stage)
         fmt = None if r.get("format_error") is None else 1 - r["format_error"]
-        lines.append(f"| {r['label']} | {r.get('k', o.eval_k)} | {_pct(r['pass@1'])} | {_pct(r.get('greedy'))} | {_pct(r['cons@k'])} | "
-                     f"{_pct(r.get(f'pass@{top_k}'))} | {_pct(r.get('sound'))} | {_pct(fmt)} | {r['mean_len']:.0f} | "
-                     f"{st.get('wall_s', 0):.0f} s | "
+        lines.append(f"| {r['label']} | {r.get('k', o.eval_k)} | {_pct(r['pass@1'])} | {_pct(r.get('greedy'))} | "
+                     f"{_pct(r['cons@k'])} | {_pct(r.get(f'pass@{top_k}'))} | {_pct(r.get('sound'))} | {_pct(fmt)} | "
+                     f"{r['mean_len']:.0f} | {st.get('wall_s', 0):.0f} s | "
                      f"{'–' if tok is None else f'{tok:,}'} | {st.get('wall_s', 0) / 3600 * o.price_per_hour:.4f} |")
     if per_task_lines := task_table(results, above or {}, o.difficulty):
         lines += ["", f"pass@1 % per task at difficulty {o.difficulty}:", ""] + per_task_lines
