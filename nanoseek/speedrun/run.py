@@ -104,7 +104,7 @@ def quick(o: Options) -> Options:
     """Smallest settings that still run every stage end to end (CI)."""
     o.pretrain_steps, o.sft_steps, o.grpo_steps, o.sft2_steps, o.distill_steps = 30, 20, 3, 10, 15
     o.r1_zero_steps, o.grpo_prompts = 3, 8
-    o.rejection_prompts, o.eval_n, o.eval_k, o.eval_k_rest, o.max_new_tokens = 16, 4, 2, 2, 24
+    o.rejection_prompts, o.eval_n, o.eval_k, o.max_new_tokens = 16, 4, 2, 24  # eval_k_rest is capped by eval_k
     o.tasks, o.difficulty = o.tasks[:2], 1  # level 1: the answers fit the short completions
     return o
 
