@@ -4,9 +4,9 @@ import re
 
 import pytest
 
-from nanoseek.data.chat import EOS, render_chat
+from nanoseek.data.chat import BOS, EOS, question_prompt, render_chat
 from nanoseek.data.coldstart import SOLVERS, coldstart_dataset, coldstart_record, worked_solution
-from nanoseek.data.corpus import default_corpus, iter_documents, iter_text_file
+from nanoseek.data.corpus import default_corpus, iter_documents, iter_text_file, render_document
 from nanoseek.data.tasks import get_task, list_tasks
 from nanoseek.rewards import compute_reward
 
@@ -68,6 +68,18 @@ def test_corpus_documents(tmp_path):
     extra = list(iter_documents(2, files=[str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")]))
     assert extra[2:] == ["first doc", "second doc", "third"]
     assert list(iter_text_file(tmp_path / "a.txt")) == ["first doc", "second doc"]
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_r1_zero_prompt_opens_the_base_models_documents(name):
+    """R1-Zero asks the base with its instruction preamble: the base must have read documents that open with that
+    very prompt, the worked solution and the tagged answer following it, as its rewards parse them."""
+    s = get_task(name).generate(1, "train", 1)[0]
+    prompt = question_prompt(None, s.prompt, "r1-zero").removeprefix(BOS)
+    doc = render_document(s, "zero")
+    assert doc.startswith(prompt)
+    r = compute_reward(s, doc[len(prompt):], prompt_opened_think=True)
+    assert r.accuracy == 1.0 and r.format == 1.0, (doc, r)
 
 
 def test_corpus_never_holds_test_problems():

@@ -5,7 +5,9 @@ patterns before (R1-Zero works on a base model pretrained on web text full of wo
 solutions). Our web text is the task generators: each problem is written out with its
 worked solution, in a few surface forms, at a mix of difficulties:
   * the R1 chat rendering (so the template's tokens are familiar before SFT),
-  * the R1-Zero plain-text form with <think> and <answer> tags,
+  * the R1-Zero plain-text form: R1-Zero's own prompt, instruction preamble included, then the reasoning
+    and the <think> / <answer> tags (a tiny base that never read the preamble answers that prompt with
+    noise, 0 % and no format, though it writes the format for the bare "User: ... Assistant: <think>"),
   * plain "Question / Solution / Answer" text.
 User files (txt, JSONL with a `text` field, Parquet, HF `datasets` dirs) are mixed in as is.
 The same documents train the tokenizer.
@@ -17,7 +19,7 @@ import random
 from pathlib import Path
 from typing import Iterator
 
-from nanoseek.data.chat import render_chat
+from nanoseek.data.chat import format_r1_zero_prompt, render_chat
 from nanoseek.data.coldstart import SOLVERS, coldstart_record, worked_solution
 from nanoseek.data.tasks import mix
 
@@ -27,8 +29,7 @@ def render_document(sample, style: str) -> str:
     if style == "chat":
         return render_chat(coldstart_record(sample)["messages"])
     if style == "zero":
-        return (f"User: {sample.prompt}\nAssistant: <think>\n{reasoning}\n</think>\n"
-                f"<answer>{sample.answer}</answer>")
+        return format_r1_zero_prompt(sample.prompt) + f"\n{reasoning}\n</think>\n<answer>{sample.answer}</answer>"
     return f"Question: {sample.prompt}\nSolution:\n{reasoning}\nAnswer: {sample.answer}"
 
 
