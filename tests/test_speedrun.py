@@ -39,6 +39,10 @@ def test_quick_speedrun_end_to_end(tmp_path):
         assert rows, stage
         key = "reward" if stage == "grpo" else "loss"
         assert all(math.isfinite(r[key]) for r in rows if key in r), stage
+    # GRPO on the SFT model pays the KL penalty to its cold-start model: the reference is loaded and moves the loss
+    grpo_rows = [json.loads(x) for x in (out / "grpo" / "metrics.jsonl").read_text().splitlines() if '"kl"' in x]
+    assert opts.grpo_beta > 0 and f"beta: {opts.grpo_beta}" in (out / "grpo" / "config.yaml").read_text()
+    assert max(r["kl"] for r in grpo_rows) > 0
     assert (out / "rejection" / "rejection.jsonl").exists()
     # rerunning resumes: every stage is skipped, nothing retrains
     before = (out / "pretrain" / "stage.json").read_text()
