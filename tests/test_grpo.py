@@ -222,10 +222,12 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def test_run_outputs_and_exact_resume(model_dir, tmp_path, one_thread):
+@pytest.mark.parametrize("weighting", ["even", "learnable"])
+def test_run_outputs_and_exact_resume(model_dir, tmp_path, one_thread, weighting):
     from nanoseek.hf.load import from_pretrained
     a = tmp_path / "a"
-    final = grpo(_opts(model_dir, a, mode="r1-zero"))
+    kw = dict(mode="r1-zero", task_weighting=weighting, tasks=["add", "compare"])
+    final = grpo(_opts(model_dir, a, **kw))
     assert (a / "config.yaml").exists() and (a / "plots" / "reward.png").exists()
     assert (final / "tokenizer.json").exists() and (final / "config.json").exists()
     row = _rows(a)[1]
@@ -236,8 +238,11 @@ def test_run_outputs_and_exact_resume(model_dir, tmp_path, one_thread):
     b = tmp_path / "b"
     shutil.copytree(a / "checkpoints" / "step_000002", b / "checkpoints" / "step_000002")
     shutil.copy(a / "metrics.jsonl", b / "metrics.jsonl")
-    grpo(_opts(model_dir, b, mode="r1-zero", resume=True))
+    grpo(_opts(model_dir, b, resume=True, **kw))
     assert _rows(a) == _rows(b)
+    if weighting == "learnable":  # the checkpoint holds the draws' state: the resumed run drew the same prompts
+        assert "task_share/add" in row
+        assert "task_weights" in torch.load(b / "checkpoints" / "step_000004" / "trainer.pt", weights_only=False)["extra"]
     wa, wb = from_pretrained(a / "final").state_dict(), from_pretrained(b / "final").state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 

@@ -40,6 +40,7 @@ from nanoseek.speedrun import rl_objectives
 from nanoseek.speedrun.report import render_report
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train import distill, grpo, pretrain, rejection, sft
+from nanoseek.train.grpo_prompts import MODES as WEIGHTING_MODES
 
 STAGES = ["pretrain", "r1-zero", "sft", "grpo", "rejection", "sft2", "distill-sft", "distill-logits",
           "student-grpo", "eval", "report"]
@@ -71,6 +72,9 @@ class Options:
     grpo_prompts: int = field(default=16, metadata={
         "help": "prompts per GRPO step on the SFT model; it trains only on the groups whose rewards differ "
                 "(R1-Zero: 8, all groups)"})
+    grpo_task_weighting: str = field(default="even", metadata={
+        "help": "how GRPO on the SFT model splits a step's prompts over the tasks: even, or learnable (each task "
+                "by its recent share of groups whose rewards differ; grpo --task-weighting)"})
     sft2_steps: int = field(default=60, metadata={"help": "steps of the second (rejection-sampling) SFT"})
     distill_steps: int = field(default=200, metadata={"help": "distillation steps per method"})
     rejection_prompts: int = field(default=1024, metadata={
@@ -205,6 +209,9 @@ def speedrun(o: Options) -> Path:
         resolve_all(with_split(o.tasks, split), **fields)
     for arm in o.rl_objectives:
         rl_objectives.arm_options(arm, {}, o.rl_objectives_steps, o.seed, 0)  # an unknown arm fails here too
+    if o.grpo_task_weighting not in WEIGHTING_MODES:
+        raise SystemExit(f"speedrun: --grpo-task-weighting must be one of {', '.join(WEIGHTING_MODES)}, "
+                         f"got {o.grpo_task_weighting!r}")
     train_tasks = with_split(o.tasks, "train")
     torch.manual_seed(o.seed)
     run = Run(o)
@@ -238,7 +245,7 @@ def speedrun(o: Options) -> Path:
     # the cold start holds back the drift of what the informative groups do not train (without it the gain stayed
     # within noise in three seeds and pass@16 fell). The README's speedrun section has the runs.
     r1_kw = dict(grpo_kw, lr=o.grpo_lr, temperature=o.grpo_temperature, prompts_per_step=o.grpo_prompts,
-                 beta=o.grpo_beta, filter_zero_var=True)
+                 beta=o.grpo_beta, task_weighting=o.grpo_task_weighting, filter_zero_var=True)
     rl = run.run("grpo", lambda d: train("grpo", grpo.grpo, grpo.Options(model=sft1["model"], mode="r1", out=str(d), **r1_kw),
                                          o.nproc))
     rej = run.run("rejection", lambda d: {"data": str(rejection.rejection_sample(

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import random
 import time
 from pathlib import Path
 from typing import Callable
@@ -31,7 +30,7 @@ from typing import Callable
 import torch
 
 from nanoseek.data.chat import describe_template, prompt_opens_think, question_prompt
-from nanoseek.data.sources import heldout_samples, resolve_all, train_samples
+from nanoseek.data.sources import heldout_samples, resolve_all
 from nanoseek.kernels import known_logprob_gradient, speedup
 from nanoseek.hf.load import from_pretrained
 from nanoseek.model.moe import balance_losses, moe_layers
@@ -40,12 +39,12 @@ from nanoseek.rewards import RewardConfig, compute_rewards
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train import distributed
 from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_sharded_checkpoint
-from nanoseek.train.grpo_batch import (Round, informative_groups, local_rows, refill_samples, refill_seed,
-                                       trained_groups)
+from nanoseek.train.grpo_batch import Round, informative_groups, local_rows, refill_seed, trained_groups
 from nanoseek.train.grpo_loss import (OBJECTIVES, gradient_at_ratio_one, group_advantages, grpo_loss, normalizer,
                                       offpolicy_sequence_mask, policy_logprobs, tis_weights)
 from nanoseek.train.grpo_options import Options
 from nanoseek.train.grpo_plots import plot_run
+from nanoseek.train.grpo_prompts import MODES as WEIGHTING_MODES, StepPrompts
 from nanoseek.train.heap import retain_freed_memory
 from nanoseek.train.mismatch import (EngineRouting, LogprobMismatch, TrainerRouting, engine_logprob_matrix,
                                      expert_matrix, router_flips)
@@ -105,7 +104,9 @@ class GRPO:
         self.lr_at = lambda s: o.lr * lr_factor(s, o.steps, o.warmup_steps, "cosine", o.min_lr_ratio)
         self.optimizer_step = OptimizerStep(model, self.optimizer, o.grad_clip, all_reduce=all_reduce_sum)
         self.has_moe = bool(moe_layers(model))
-        self._pools: dict[int, list] = {}
+        self.prompts = StepPrompts(o)
+        # --task-weighting learnable: the tasks' shares of each step's prompts follow their informative groups
+        self.weights = self.prompts.weights
         self.wants_engine_logprobs = o.log_mismatch or o.tis_cap > 0 or o.mask_offpolicy > 0
         # the rollout's top-k / top-p truncation, kept in the trainer's log-probs (None: the full distribution)
         self.sampling_mask = (o.top_k, o.top_p) if o.keep_sampling_mask and (o.top_k > 0 or o.top_p < 1) else None
@@ -113,30 +114,10 @@ class GRPO:
         self.records_routing = self.has_moe and (o.log_router_flips or o.routing_replay == "rollout")
 
     # -------------------------------------------------------------- data
-    def difficulty_at(self, step: int) -> int:
-        o = self.o
-        if o.max_difficulty <= o.difficulty:
-            return o.difficulty
-        return o.difficulty + int((o.max_difficulty - o.difficulty + 1) * step / max(1, o.steps))
-
     def prompts_at(self, step: int) -> list:
-        """The samples of step `step`: a pure function of (seed, step), so resuming needs no data state."""
-        o = self.o
-        d = self.difficulty_at(step)
-        if d not in self._pools:  # n_prompts generated train-split samples, plus every row of any data file
-            self._pools[d] = train_samples(resolve_all(o.tasks, o.prompt_field, o.answer_field), o.n_prompts, d, o.seed)
-        pool = self._pools[d]
-        out = []
-        for i in range(step * o.prompts_per_step, (step + 1) * o.prompts_per_step):
-            epoch, j = divmod(i, len(pool))
-            order = random.Random(f"grpo/{o.seed}/{d}/{epoch}").sample(range(len(pool)), len(pool))
-            out.append(pool[order[j]])
-        return out
-
-    def refill_at(self, step: int, round_: int) -> list:
-        """Dynamic sampling's extra prompts, round `round_` >= 1 of step `step`: a pure function of (seed, step, round)."""
-        self.prompts_at(step)  # the step's pool exists
-        return refill_samples(self._pools[self.difficulty_at(step)], self.o.seed, step, round_, self.o.prompts_per_step)
+        """The samples of step `step`: a pure function of (seed, step) and the task weights' state, which
+        the checkpoints hold, so resuming needs no other data state."""
+        return self.prompts.at(step)
 
     def encode_prompt(self, sample) -> list[int]:
         return make_prompt(self.tok, sample.prompt, self.o.mode)
@@ -145,6 +126,9 @@ class GRPO:
     def opens_think(self) -> bool:
         """Do this run's prompts open the think block (read once from the template; a custom reward_fn never asks)?"""
         return prompt_opens_think(self.tok, self.o.mode)
+
+    def extra_state(self) -> dict:
+        return {"task_weights": self.weights.state_dict()} if self.weights is not None else {}
 
     @property
     def skipped(self) -> int:
@@ -211,12 +195,15 @@ class GRPO:
         rounds = [self.sample_round(self.prompts_at(step), seed=o.seed * 1_000_003 + step)]
         while o.dynamic_sampling and informative_groups(rounds) < o.prompts_per_step and len(rounds) <= o.dynamic_sampling:
             r = len(rounds)
-            rounds.append(self.sample_round(self.refill_at(step, r), seed=refill_seed(o.seed, step, r)))
+            rounds.append(self.sample_round(self.prompts.refill(step, r), seed=refill_seed(o.seed, step, r)))
         t_roll = time.perf_counter() - t0
         first = rounds[0]  # the step's own prompts: the logged rewards follow one prompt stream, refills or not
         row = {"step": step + 1, **self._reward_stats(first.all_rewards, first.all_r, first.all_comps, first.zero_var),
                "adv_abs": first.all_adv.abs().mean().item(), **per_task_accuracy(first.all_tasks, first.all_rewards),
                "lr": self.optimizer.param_groups[0]["lr"]}
+        if self.weights is not None:  # the shares this step drew by, then this step's groups move them
+            row.update({f"task_share/{t}": v for t, v in self.weights.shares().items()})
+            self.weights.update(first.all_tasks[::G], (~first.zero_var).tolist())
         filtering = o.filter_zero_var or o.dynamic_sampling > 0
         trained = trained_groups(rounds, filtering, o.prompts_per_step if o.dynamic_sampling else None)
         row["trained_seqs"] = G * sum(trained)
@@ -413,7 +400,8 @@ def grpo(o: Options) -> Path:
         raise SystemExit("grpo: MODEL is required (the cold-start SFT model for r1, a pretrained base for r1-zero)")
     for name, ok in (("mode", ("r1", "r1-zero")), ("scale_rewards", ("group", "none")),
                      ("loss_agg", ("token", "sequence", "dr_grpo")), ("nan_policy", ("skip", "error")),
-                     ("loss", OBJECTIVES), ("rollout_dtype", DTYPES), ("routing_replay", REPLAY_MODES)):
+                     ("loss", OBJECTIVES), ("rollout_dtype", DTYPES), ("routing_replay", REPLAY_MODES),
+                     ("task_weighting", WEIGHTING_MODES)):
         if getattr(o, name) not in ok:
             raise SystemExit(f"grpo: --{name.replace('_', '-')} must be one of {', '.join(ok)}, got {getattr(o, name)!r}")
     if o.routing_replay == "old" and o.mu < 2:
@@ -450,6 +438,8 @@ def grpo(o: Options) -> Path:
         state = load_checkpoint(ckpt, model, run.optimizer)
         start = resume_step = state["step"]
         run.optimizer_step.skipped = state["extra"].get("skipped", 0)
+        if run.weights is not None:
+            run.weights.load_state_dict(state["extra"].get("task_weights", {}))
         print(f"grpo: resumed from {ckpt} (step {start})")
     log = MetricsLog(out / "metrics.jsonl", resume_step, tensorboard=False) if distributed.is_main() else NoLog()
     print(f"grpo ({o.mode}): {o.steps} steps x {o.prompts_per_step} prompts x G={o.group_size}, tasks {','.join(o.tasks)}, "
@@ -483,7 +473,7 @@ def grpo(o: Options) -> Path:
             eval_row(s + 1)
         if (o.save_every and (s + 1) % o.save_every == 0) or s + 1 == o.steps:
             (save_sharded_checkpoint if sharded else save_checkpoint)(out / "checkpoints", s + 1, model, run.optimizer, None, {"step": s + 1},
-                            {"skipped": run.skipped}, keep_last=o.keep_last)
+                            {"skipped": run.skipped, **run.extra_state()}, keep_last=o.keep_last)
     if start < o.steps:
         eval_row(o.steps)
     log.close()

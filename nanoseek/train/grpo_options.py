@@ -19,6 +19,10 @@ class Options(RunOptions):
     answer_field: str = column_option("answer")
     difficulty: int = field(default=1, metadata={"help": "task difficulty at the start"})
     max_difficulty: int = field(default=0, metadata={"help": "curriculum: ramp linearly to this level (0 = fixed)"})
+    task_weighting: str = field(default="even", metadata={
+        "help": "even (each step's prompts from the whole pool in a fixed shuffled order) | learnable (each task's "
+                "share of a step's prompts follows its recent share of groups whose rewards differ, the only ones "
+                "that teach: tasks already solved, or not solved at all, give way; grpo_prompts.py)"})
     n_prompts: int = field(default=2000, metadata={"help": "training prompts per difficulty level"})
     steps: int = field(default=60, metadata={"help": "GRPO steps (rollout + update)"})
     prompts_per_step: int = field(default=8, metadata={"help": "prompts per step"})

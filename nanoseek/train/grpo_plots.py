@@ -27,9 +27,12 @@ def plot_run(out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "reward" in r]
     task_keys = sorted({k for r in rows for k in r if k.startswith("accuracy/")})
+    share_keys = sorted({k for r in rows for k in r if k.startswith("task_share/")})
     layer_keys = sorted({k for r in rows for k in r if k.startswith("router_flip_rate/")})
     paths = plot_metrics(out / "metrics.jsonl", out / "plots", {**PANELS, **mismatch.PANELS, "accuracy_per_task": {
         "keys": task_keys, "ylabel": "share correct (rollouts)", "smooth": 5, "title": "accuracy per task"},
+        "task_share": {"keys": share_keys, "ylabel": "share of the step's prompts",
+                       "title": "prompts per task (--task-weighting learnable)"},
         "router_flips_per_layer": {"keys": layer_keys, "ylabel": "share of tokens", "title": "router flips per MoE layer"}})
     if rows:
         x = [r["step"] for r in rows]
