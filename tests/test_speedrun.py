@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nanoseek.options import read_config_file
 from nanoseek.speedrun.report import mismatch_lines
 from nanoseek.speedrun.run import Options, evaluated, speedrun, stage_names
 from nanoseek.train.mismatch import LogprobMismatch, router_flips
@@ -43,6 +44,10 @@ def test_quick_speedrun_end_to_end(tmp_path):
     grpo_rows = [json.loads(x) for x in (out / "grpo" / "metrics.jsonl").read_text().splitlines() if '"kl"' in x]
     assert opts.grpo_beta > 0 and f"beta: {opts.grpo_beta}" in (out / "grpo" / "config.yaml").read_text()
     assert max(r["kl"] for r in grpo_rows) > 0
+    # R1-Zero runs the same GRPO from the base: only the model, the prompt mode, the steps and the folder differ
+    cfg = {stage: read_config_file(out / stage / "config.yaml") for stage in ("grpo", "r1-zero")}
+    assert {k for k in cfg["grpo"] if cfg["grpo"][k] != cfg["r1-zero"][k]} <= {"model", "mode", "steps", "out"}
+    assert cfg["r1-zero"]["mode"] == "r1-zero" and cfg["r1-zero"]["lr"] == opts.grpo_lr
     assert (out / "rejection" / "rejection.jsonl").exists()
     # rerunning resumes: every stage is skipped, nothing retrains
     before = (out / "pretrain" / "stage.json").read_text()

@@ -62,19 +62,19 @@ class Options:
     sft_steps: int = field(default=300, metadata={
         "help": "cold-start SFT steps (at 150 its accuracy depended on the base: 50-70 %; at 300, 76-81 %)"})
     grpo_steps: int = field(default=200, metadata={"help": "GRPO steps on the cold-start SFT model (R1)"})
-    r1_zero_steps: int = field(default=40, metadata={"help": "GRPO steps of the R1-Zero branch (on the base)"})
-    grpo_lr: float = field(default=5e-5, metadata={"help": "GRPO learning rate on the SFT model (R1-Zero: 2e-4)"})
+    r1_zero_steps: int = field(default=40, metadata={
+        "help": "GRPO steps of the R1-Zero branch (on the base; the --grpo-* settings below are R1-Zero's too)"})
+    grpo_lr: float = field(default=5e-5, metadata={"help": "GRPO learning rate (R1 and R1-Zero)"})
     grpo_beta: float = field(default=0.2, metadata={
-        "help": "KL weight to the cold-start model in GRPO on the SFT model (k3, as R1's objective; 0 = no "
-                "reference model): without it GRPO's gain stayed within noise in three seeds, and pass@16 fell"})
-    grpo_temperature: float = field(default=0.8, metadata={
-        "help": "GRPO rollout temperature on the SFT model (R1-Zero: 1.0)"})
+        "help": "KL weight to the starting model in GRPO (k3, as R1's objective; the cold start, and the base in "
+                "R1-Zero; 0 = no reference model): without it GRPO's gain stayed within noise in three seeds, and "
+                "pass@16 fell"})
+    grpo_temperature: float = field(default=0.8, metadata={"help": "GRPO rollout temperature (R1 and R1-Zero)"})
     grpo_prompts: int = field(default=16, metadata={
-        "help": "prompts per GRPO step on the SFT model; it trains only on the groups whose rewards differ "
-                "(R1-Zero: 8, all groups)"})
+        "help": "prompts per GRPO step (R1 and R1-Zero); it trains only on the groups whose rewards differ"})
     grpo_task_weighting: str = field(default="even", metadata={
-        "help": "how GRPO on the SFT model splits a step's prompts over the tasks: even, or learnable (each task "
-                "by its recent share of groups whose rewards differ; grpo --task-weighting)"})
+        "help": "how GRPO splits a step's prompts over the tasks: even, or learnable (each task by its recent "
+                "share of groups whose rewards differ; grpo --task-weighting)"})
     sft2_steps: int = field(default=60, metadata={"help": "steps of the second (rejection-sampling) SFT"})
     distill_steps: int = field(default=200, metadata={"help": "distillation steps per method"})
     rejection_prompts: int = field(default=1024, metadata={
@@ -230,22 +230,24 @@ def speedrun(o: Options) -> Path:
     base = pre["model"]
     grpo_kw = dict(tasks=train_tasks, **fields, difficulty=o.difficulty, steps=o.grpo_steps, max_new_tokens=o.max_new_tokens,
                    eval_n=(8 if o.quick else 64), save_every=20, resume=True, **common)
+    # On the SFT model a gentle, well-averaged update pays: lr 1e-4 lowered held-out accuracy, 5e-5 raised it,
+    # and more so with 16 prompts per step of which only the informative groups train (2/3 of the groups agree:
+    # with 8 prompts a step rests on ~3 of them), and over 200 steps rather than 100: Adam moves every weight by
+    # ~lr per step whatever its signal, so the noise of a step averages out only over many of them. The KL term to
+    # the starting model holds back the drift of what the informative groups do not train (without it the gain
+    # stayed within noise in three seeds and pass@16 fell). R1-Zero runs the same GRPO from the base: with R1-Zero's
+    # former lr 2e-4 on 8 prompts, every group trained, held-out accuracy fell below the base's. The README's
+    # speedrun section has the runs.
+    r1_kw = dict(grpo_kw, lr=o.grpo_lr, temperature=o.grpo_temperature, prompts_per_step=o.grpo_prompts,
+                 beta=o.grpo_beta, task_weighting=o.grpo_task_weighting, filter_zero_var=True)
     # R1-Zero branches off the base, so it runs first: its answer (does RL alone teach the base?) comes early
-    r0_kw = {**grpo_kw, "steps": o.r1_zero_steps}
+    r0_kw = {**r1_kw, "steps": o.r1_zero_steps}
     for name, seed in r1_zero_stages(o):
         run.run(name, lambda d, s=seed: train("grpo", grpo.grpo, grpo.Options(
             model=base, mode="r1-zero", out=str(d), **{**r0_kw, "seed": s}), o.nproc))
     sft1 = run.run("sft", lambda d: train("sft", sft.sft, sft.Options(
         model=base, out=str(d), steps=o.sft_steps, n_examples=(200 if o.quick else 4000), tasks=coldstart_tasks(o),
         difficulty=None, max_difficulty=o.difficulty, save_every=100, resume=True, **tcommon), o.nproc))
-    # On the SFT model a gentle, well-averaged update pays: lr 1e-4 lowered held-out accuracy, 5e-5 raised it,
-    # and more so with 16 prompts per step of which only the informative groups train (2/3 of the groups agree:
-    # with 8 prompts a step rests on ~3 of them), and over 200 steps rather than 100: Adam moves every weight by
-    # ~lr per step whatever its signal, so the noise of a step averages out only over many of them. The KL term to
-    # the cold start holds back the drift of what the informative groups do not train (without it the gain stayed
-    # within noise in three seeds and pass@16 fell). The README's speedrun section has the runs.
-    r1_kw = dict(grpo_kw, lr=o.grpo_lr, temperature=o.grpo_temperature, prompts_per_step=o.grpo_prompts,
-                 beta=o.grpo_beta, task_weighting=o.grpo_task_weighting, filter_zero_var=True)
     rl = run.run("grpo", lambda d: train("grpo", grpo.grpo, grpo.Options(model=sft1["model"], mode="r1", out=str(d), **r1_kw),
                                          o.nproc))
     rej = run.run("rejection", lambda d: {"data": str(rejection.rejection_sample(
