@@ -2,8 +2,8 @@
 and which tasks a step draws from (--task-weighting).
 
 A group whose G rewards are all equal has advantage 0: it costs a full rollout and teaches nothing.
-Once the cold start solves a task nearly always (compare, max), most of its groups are such groups,
-while a task it solves some of the time (multi-digit add and sub) fills the batch with signal.
+Once the cold start solves a task nearly always (the speedrun's compare), most of its groups are such
+groups, while a task it solves some of the time (multi-digit add, sub, max) fills the batch with signal.
 
   even       the step's prompts come from the whole pool in a fixed shuffled order (every task in
              proportion to its share of the pool)
