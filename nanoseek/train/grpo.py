@@ -104,9 +104,8 @@ class GRPO:
         self.lr_at = lambda s: o.lr * lr_factor(s, o.steps, o.warmup_steps, "cosine", o.min_lr_ratio)
         self.optimizer_step = OptimizerStep(model, self.optimizer, o.grad_clip, all_reduce=all_reduce_sum)
         self.has_moe = bool(moe_layers(model))
+        # with --task-weighting learnable, the tasks' shares of each step's prompts follow their informative groups
         self.prompts = StepPrompts(o)
-        # --task-weighting learnable: the tasks' shares of each step's prompts follow their informative groups
-        self.weights = self.prompts.weights
         self.wants_engine_logprobs = o.log_mismatch or o.tis_cap > 0 or o.mask_offpolicy > 0
         # the rollout's top-k / top-p truncation, kept in the trainer's log-probs (None: the full distribution)
         self.sampling_mask = (o.top_k, o.top_p) if o.keep_sampling_mask and (o.top_k > 0 or o.top_p < 1) else None
@@ -128,7 +127,14 @@ class GRPO:
         return prompt_opens_think(self.tok, self.o.mode)
 
     def extra_state(self) -> dict:
-        return {"task_weights": self.weights.state_dict()} if self.weights is not None else {}
+        """What a checkpoint holds beside the weights and the optimizer: skipped steps and the task weights."""
+        weights = self.prompts.weights
+        return {"skipped": self.skipped, **({"task_weights": weights.state_dict()} if weights is not None else {})}
+
+    def load_extra_state(self, extra: dict) -> None:
+        self.optimizer_step.skipped = extra.get("skipped", 0)
+        if self.prompts.weights is not None:
+            self.prompts.weights.load_state_dict(extra.get("task_weights", {}))
 
     @property
     def skipped(self) -> int:
@@ -201,9 +207,9 @@ class GRPO:
         row = {"step": step + 1, **self._reward_stats(first.all_rewards, first.all_r, first.all_comps, first.zero_var),
                "adv_abs": first.all_adv.abs().mean().item(), **per_task_accuracy(first.all_tasks, first.all_rewards),
                "lr": self.optimizer.param_groups[0]["lr"]}
-        if self.weights is not None:  # the shares this step drew by, then this step's groups move them
-            row.update({f"task_share/{t}": v for t, v in self.weights.shares().items()})
-            self.weights.update(first.all_tasks[::G], (~first.zero_var).tolist())
+        if (weights := self.prompts.weights) is not None:  # the shares this step drew by, then its groups move them
+            row.update({f"task_share/{t}": v for t, v in weights.shares().items()})
+            weights.update(first.all_tasks[::G], (~first.zero_var).tolist())
         filtering = o.filter_zero_var or o.dynamic_sampling > 0
         trained = trained_groups(rounds, filtering, o.prompts_per_step if o.dynamic_sampling else None)
         row["trained_seqs"] = G * sum(trained)
@@ -437,9 +443,7 @@ def grpo(o: Options) -> Path:
     if o.resume and (ckpt := latest_checkpoint(out / "checkpoints")) is not None:
         state = load_checkpoint(ckpt, model, run.optimizer)
         start = resume_step = state["step"]
-        run.optimizer_step.skipped = state["extra"].get("skipped", 0)
-        if run.weights is not None:
-            run.weights.load_state_dict(state["extra"].get("task_weights", {}))
+        run.load_extra_state(state["extra"])
         print(f"grpo: resumed from {ckpt} (step {start})")
     log = MetricsLog(out / "metrics.jsonl", resume_step, tensorboard=False) if distributed.is_main() else NoLog()
     print(f"grpo ({o.mode}): {o.steps} steps x {o.prompts_per_step} prompts x G={o.group_size}, tasks {','.join(o.tasks)}, "
@@ -473,7 +477,7 @@ def grpo(o: Options) -> Path:
             eval_row(s + 1)
         if (o.save_every and (s + 1) % o.save_every == 0) or s + 1 == o.steps:
             (save_sharded_checkpoint if sharded else save_checkpoint)(out / "checkpoints", s + 1, model, run.optimizer, None, {"step": s + 1},
-                            {"skipped": run.skipped, **run.extra_state()}, keep_last=o.keep_last)
+                            run.extra_state(), keep_last=o.keep_last)
     if start < o.steps:
         eval_row(o.steps)
     log.close()
